@@ -1,0 +1,318 @@
+"""`FisherCallback`: the Fisher spectrum of sampled training batches in `fit`."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_fim import summaries
+from keras_fim.engine import gram_from_gradients
+from keras_fim.engine import per_example_gradients
+from keras_fim.measurements import spectrum_from_gram
+from keras_fim.state import FisherState
+from keras_fim.state import attach_state
+
+logger = logging.getLogger(__name__)
+
+
+def _check_int(name, value, minimum, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(
+            f"`{name}` must be {allowed}. Received: {name}={value!r}"
+        )
+
+
+def validate_options(
+    every_n_steps, dense_epochs, max_examples, zero_threshold, ema_decay, log_dir
+) -> None:
+    """Raises `ValueError` naming the first invalid option."""
+    _check_int("every_n_steps", every_n_steps, 1)
+    _check_int("dense_epochs", dense_epochs, 0)
+    _check_int("max_examples", max_examples, 2, allow_none=True)
+    if zero_threshold is not None and (
+        isinstance(zero_threshold, bool)
+        or not isinstance(zero_threshold, (int, float))
+        or not 0 <= zero_threshold < 1
+    ):
+        raise ValueError(
+            "`zero_threshold` must be None or a float in [0, 1). "
+            f"Received: zero_threshold={zero_threshold!r}"
+        )
+    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not (
+        0 <= ema_decay < 1
+    ):
+        raise ValueError(
+            f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}"
+        )
+    if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(
+        log_dir, "__fspath__"
+    ):
+        raise ValueError(
+            "`log_dir` must be None or a path. "
+            f"Received: log_dir={log_dir!r} of type {type(log_dir).__name__}"
+        )
+
+
+class FisherCallback(keras.callbacks.Callback):
+    """Measures the approximate Fisher information of training batches.
+
+    At the 0-based global training steps 0, N, 2N, ... (``N =
+    every_n_steps``), and at every step of the first `dense_epochs` epochs,
+    the actual training batch is measured before the weights are updated:
+    per-example gradient contributions, the eigenvalues of ``F = J^T J/|B|``
+    through the ``|B| x |B|`` Gram matrix, the truncated condition number
+    ``c_k`` and the energy ``||J||_F``. From them it keeps the paper's
+    running measurements (Liao et al., TPAMI 2020):
+
+    * ``C_K_bar``: the mean of ``c_k`` over the measured steps;
+    * ``L_K``: ``sum_k (lr_k / |B_k|) ||J_k||_F``, each measured step counting
+      for the steps it stands for (`every_n_steps`, or 1 when measuring
+      every step);
+    * the exponential average of ``c_k`` (weight `ema_decay`).
+
+    ``C_K_bar`` and ``L_K`` appear in the logs (progress bar, `History`). With
+    a `log_dir`, every measurement is written for TensorBoard under
+    ``<log_dir>/train`` (tags ``fisher/*``, a histogram of the log10
+    eigenvalues and a custom-scalars layout), on the same x-axis as
+    `keras.callbacks.TensorBoard`'s batch charts; both may share a `log_dir`.
+
+    Measuring never changes training: the update is Keras's own `train_step`,
+    BatchNorm statistics and random seeds are not touched, and the weights
+    after `fit` equal those of a run without the callback. A measurement that
+    cannot be built (an unsupported layer) is skipped with a warning; one
+    that is not finite is counted in ``fisher/skipped``.
+
+    The running state lives in `model.fisher_state` (Keras variables), so
+    `save_weights` and `BackupAndRestore` keep it.
+
+    Args:
+        log_dir: Path or `None`. Where to write TensorBoard event files;
+            `None` writes none. Defaults to `None`.
+        every_n_steps: Integer >= 1, the measurement cadence ``N``. Defaults
+            to `50`, as the paper's reference code.
+        dense_epochs: Integer >= 0. Measure every step during the first
+            `dense_epochs` epochs. Defaults to `0`.
+        max_examples: Integer >= 2 or `None`. Measure at most this many
+            examples of each batch (the first ones; the batch pass still uses
+            the whole batch). Defaults to `None` (all).
+        zero_threshold: Float in [0, 1) or `None`. Eigenvalues at most
+            ``zero_threshold * max eigenvalue`` count as zero for the rank and
+            the truncated condition number. `None` means ``|B| * eps`` of the
+            gradients' dtype. Defaults to `None`.
+        ema_decay: Float in [0, 1), the weight of the old value in the
+            exponential average of ``c_k``. Defaults to `0.9`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> history = model.fit(
+    ...     np.random.rand(64, 4), np.random.rand(64, 3), batch_size=16,
+    ...     epochs=2, verbose=0,
+    ...     callbacks=[keras_fim.FisherCallback(every_n_steps=2)])
+    >>> sorted(k for k in history.history if k != "loss")
+    ['C_K_bar', 'L_K']
+    """
+
+    def __init__(
+        self,
+        log_dir: str | None = None,
+        every_n_steps: int = 50,
+        dense_epochs: int = 0,
+        max_examples: int | None = None,
+        zero_threshold: float | None = None,
+        ema_decay: float = 0.9,
+    ):
+        super().__init__()
+        validate_options(
+            every_n_steps, dense_epochs, max_examples, zero_threshold, ema_decay, log_dir
+        )
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self.every_n_steps = every_n_steps
+        self.dense_epochs = dense_epochs
+        self.max_examples = max_examples
+        self.zero_threshold = zero_threshold
+        self.ema_decay = float(ema_decay)
+        self._state: FisherState | None = None
+        self._writer = None
+        self._functions: dict[str, Any] = {}
+        self._epoch = 0
+        self._warned = False
+
+    def get_config(self) -> dict:
+        """The constructor arguments."""
+        return {
+            "log_dir": self.log_dir,
+            "every_n_steps": self.every_n_steps,
+            "dense_epochs": self.dense_epochs,
+            "max_examples": self.max_examples,
+            "zero_threshold": self.zero_threshold,
+            "ema_decay": self.ema_decay,
+        }
+
+    @property
+    def state(self) -> FisherState | None:
+        """The model's `FisherState` (`None` before `set_model`)."""
+        return self._state
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        # Attached here, before any on_train_begin, so that BackupAndRestore
+        # (which loads weights in its on_train_begin) finds the variables.
+        self._state = attach_state(model)
+
+    def on_train_begin(self, logs=None) -> None:
+        model = self.model
+        if self.log_dir is not None:
+            try:
+                self._writer = summaries.create_writer(self.log_dir)
+            except Exception as error:  # writing logs must never stop training
+                raise ValueError(
+                    "`log_dir` must be a writable directory. "
+                    f"Received: log_dir={self.log_dir!r} ({error})"
+                ) from error
+        self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        self._functions = {
+            "plain": self._build_train_function(measure=False),
+            "measure": self._build_train_function(measure=True),
+        }
+        model.train_function = self._functions["measure"]
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._epoch = epoch
+        self._state.epoch.assign(epoch)
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        if self._steps_per_execution > 1:
+            return  # one function, the decision is taken per step in-graph
+        step = int(self._state.step.numpy())
+        name = "measure" if self._is_measured(step, self._epoch) else "plain"
+        self.model.train_function = self._functions[name]
+
+    def on_train_end(self, logs=None) -> None:
+        # Later fits (with or without this callback) rebuild a clean function.
+        self.model.train_function = None
+        self._functions = {}
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # -- schedule ----------------------------------------------------------
+
+    def _is_measured(self, step, epoch):
+        """Whether the 0-based global `step` is measured (Python or tensors)."""
+        return (epoch < self.dense_epochs) | (step % self.every_n_steps == 0)
+
+    def _steps_represented(self, epoch):
+        dense = tf.cast(epoch, tf.int64) < self.dense_epochs
+        return tf.where(dense, tf.constant(1, tf.int64), self.every_n_steps)
+
+    # -- the train step ----------------------------------------------------
+
+    def _build_train_function(self, measure: bool):
+        model = self.model
+        original_step = model.train_step
+
+        def train_step(data):
+            return self._train_step(original_step, data, measure)
+
+        # `make_train_function` compiles whatever `model.train_step` is when
+        # it runs; the instance attribute is removed right after.
+        object.__setattr__(model, "train_step", train_step)
+        try:
+            model.make_train_function(force=True)
+            return model.train_function
+        finally:
+            object.__delattr__(model, "train_step")
+
+    def _train_step(self, original_step, data, measure: bool):
+        state = self._state
+        if measure:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            if self._steps_per_execution == 1:
+                self._measure(x, y, sample_weight)
+            else:
+                should = self._is_measured(state.step, state.epoch)
+
+                def measured():
+                    self._measure(x, y, sample_weight)
+                    return tf.constant(True)
+
+                tf.cond(should, measured, lambda: tf.constant(False))
+        logs = original_step(data)
+        state.step.assign_add(1)
+        logs = dict(logs)
+        logs["C_K_bar"] = state.condition_mean
+        logs["L_K"] = tf.convert_to_tensor(state.energy_sum)
+        return logs
+
+    def _measure(self, x, y, sample_weight) -> None:
+        """Builds the measurement ops of one step (graph mode)."""
+        model = self.model
+        try:
+            gradients = per_example_gradients(
+                model, x, y, sample_weight, max_examples=self.max_examples
+            )
+            gram = gram_from_gradients(gradients)
+        except Exception as error:  # never let a measurement stop training
+            if not self._warned:
+                warnings.warn(
+                    "keras-fim could not build the Fisher measurement for "
+                    f"model {model.name!r}, so training continues without "
+                    f"it. Cause: {type(error).__name__}: {error}",
+                    stacklevel=2,
+                )
+                self._warned = True
+            return
+        state = self._state
+        finite = tf.reduce_all(tf.math.is_finite(gram))
+        # A non-finite Gram would make the eigen-solver fail; solve a
+        # harmless stand-in and discard the result instead.
+        gram = tf.where(finite, gram, tf.eye(tf.shape(gram)[0], dtype=gram.dtype))
+        measurement = spectrum_from_gram(gram, self.zero_threshold)
+        measurement = measurement._replace(
+            condition_number=tf.where(
+                finite, measurement.condition_number, tf.constant(float("nan"), tf.float64)
+            )
+        )
+        learning_rate = _current_learning_rate(model)
+        batch_size = tf.shape(keras.tree.flatten(x)[0])[0]
+        state.record(
+            measurement,
+            learning_rate,
+            batch_size,
+            self._steps_represented(state.epoch),
+            self.ema_decay,
+        )
+        if self._writer is not None:
+            summaries.write_measurement(
+                self._writer,
+                state.step + 1,
+                measurement,
+                {
+                    "C_K_bar": state.condition_mean,
+                    "L_K": state.energy_sum,
+                    "condition_number_ema": state.condition_ema,
+                    "skipped": state.skipped,
+                },
+                learning_rate,
+                batch_size,
+            )
+
+
+def _current_learning_rate(model) -> tf.Tensor:
+    optimizer = model.optimizer
+    if optimizer is None:
+        return tf.constant(float("nan"), tf.float64)
+    return tf.cast(optimizer.learning_rate, tf.float64)

@@ -1,0 +1,128 @@
+"""Per-example losses from a model's compiled loss.
+
+Keras reduces every compiled loss to one scalar. The Fisher engine needs the
+loss of each example instead: the value whose gradient is that example's
+contribution to the mini-batch gradient. For a loss reduced with
+``"sum_over_batch_size"`` (the Keras default) the compiled loss is
+``sum_i l_i / |B|``; we return the ``l_i``, so that ``sum_i l_i = |B| * loss``.
+Sample weights and masks enter exactly as Keras applies them, loss weights of
+several outputs multiply their terms, and regularisation losses
+(``model.losses``) are left out on purpose: they are not part of any
+example's loss (METHOD.md).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as loss_module
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+
+
+def _compile_loss(model: keras.Model):
+    compile_loss = getattr(model, "_compile_loss", None)
+    if not getattr(model, "compiled", False) or compile_loss is None:
+        raise ValueError(
+            "keras-fim measures the gradient of the model's compiled loss, "
+            "so the model must be compiled with a `loss`. Received: a model "
+            f"{model.name!r} that is "
+            + ("not compiled." if not model.compiled else "compiled with loss=None.")
+        )
+    return compile_loss
+
+
+def _resolve(path, structure):
+    for key in path:
+        structure = structure[key]
+    return structure
+
+
+def _align_y_true(y_true, y_pred):
+    """Gives `y_true` the structure of `y_pred` (lists vs dicts vs flat)."""
+    if not tf.nest.is_nested(y_pred):
+        return y_true
+    try:
+        keras.tree.assert_same_structure(y_true, y_pred)
+        return y_true
+    except (ValueError, TypeError):
+        return keras.tree.pack_sequence_as(y_pred, keras.tree.flatten(y_true))
+
+
+def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
+    """Per-example values of one Keras `Loss`, shaped `(batch,)`."""
+    in_mask = keras.backend.get_keras_mask(y_p) if hasattr(
+        keras.backend, "get_keras_mask"
+    ) else getattr(y_p, "_keras_mask", None)
+    y_p = keras.ops.convert_to_tensor(y_p, dtype=loss_fn.dtype)
+    y_t = keras.ops.convert_to_tensor(y_t, dtype=loss_fn.dtype)
+    values = loss_fn.call(y_t, y_p)
+    out_mask = getattr(values, "_keras_mask", None)
+    mask = in_mask
+    if in_mask is not None and out_mask is not None:
+        mask = tf.logical_and(tf.cast(in_mask, tf.bool), tf.cast(out_mask, tf.bool))
+    elif out_mask is not None:
+        mask = out_mask
+    values = tf.convert_to_tensor(values, dtype=loss_fn.dtype)
+    reduction = loss_fn.reduction
+    if reduction is None or reduction == "none":
+        raise ValueError(
+            "keras-fim needs a loss that Keras reduces over the batch. "
+            f"Received: a loss {loss_fn.name!r} with reduction={reduction!r}; "
+            "allowed: 'sum_over_batch_size', 'mean', 'sum', "
+            "'mean_with_sample_weight'."
+        )
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask, dtype=values.dtype)
+    weights = loss_module.apply_mask(
+        sample_weight, mask, dtype=values.dtype, reduction=reduction
+    )
+    if weights is not None:
+        weights = tf.cast(weights, values.dtype)
+        values, weights = loss_module.squeeze_or_expand_to_same_rank(
+            values, weights
+        )
+        values = values * weights
+    batch = tf.shape(values)[0]
+    per_example = tf.reshape(values, [batch, -1])
+    per_example = tf.reduce_sum(per_example, axis=1)
+    if reduction in _MEAN_REDUCTIONS:
+        # Keras divides the sum by the number of loss elements; an example's
+        # loss is its share times |B|, i.e. the mean over its own elements.
+        elements = tf.cast(tf.size(values), values.dtype)
+        per_example *= tf.cast(batch, values.dtype) / elements
+    elif reduction == "mean_with_sample_weight" and weights is not None:
+        per_example *= tf.cast(batch, values.dtype) / tf.reduce_sum(weights)
+    return per_example
+
+
+def per_example_losses(
+    model: keras.Model, y_true, y_pred, sample_weight=None
+) -> tf.Tensor:
+    """Returns each example's compiled loss, shaped `(batch,)`, in float32+.
+
+    The values sum to ``|B|`` times the compiled loss without its
+    regularisation terms (for mean-type reductions).
+    """
+    compile_loss = _compile_loss(model)
+    y_true = _align_y_true(y_true, y_pred)
+    if not compile_loss.built:
+        compile_loss.build(y_true, y_pred)
+    total = None
+    for path, loss_fn, loss_weight, _ in compile_loss._flat_losses:
+        y_t, y_p = _resolve(path, y_true), _resolve(path, y_pred)
+        if sample_weight is not None and tf.nest.is_nested(sample_weight):
+            weight = _resolve(path, sample_weight)
+        else:
+            weight = sample_weight
+        value = _one_loss(loss_fn, y_t, y_p, weight)
+        value = tf.cast(value, tf.float32) if value.dtype.size < 4 else value
+        if loss_weight is not None:
+            value = value * tf.cast(loss_weight, value.dtype)
+        total = value if total is None else total + tf.cast(value, total.dtype)
+    if total is None:
+        raise ValueError(
+            "keras-fim found no loss to differentiate: every output's loss is "
+            f"None. Received: loss={compile_loss._user_loss!r}."
+        )
+    return total

@@ -1,0 +1,146 @@
+"""Spectral measurements of the approximate Fisher, from its Gram matrix.
+
+Pure functions of tensors; no Keras state. Conventions (METHOD.md):
+
+* ``G = J J^T`` is the ``|B| x |B|`` Gram matrix of the per-example
+  contributions ``g_i`` (the rows of ``J``).
+* The non-zero eigenvalues of the approximate Fisher ``F = J^T J / |B|`` are
+  ``eig(G) / |B|``; they are reported as `eigenvalues`.
+* The paper's ``e`` are ``sqrt(max(eig(G), 0))``, the singular values of
+  ``J``; its truncated condition number ``c_k = max(e) / min(e > 0)`` is
+  therefore the square root of the condition number of ``F`` restricted to
+  its non-zero eigenvalues.
+* "Non-zero" means larger than ``zero_threshold * max(eig(G))``. The default
+  threshold is ``|B| * eps`` of the Gram's dtype, the convention
+  `numpy.linalg.matrix_rank` uses for singular values of a ``|B|``-row
+  matrix, here applied to the squared singular values the Gram holds.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+
+class FisherMeasurement(NamedTuple):
+    """One measured mini-batch. All values float64 tensors (rank: int32).
+
+    Attributes:
+        eigenvalues: Eigenvalues of ``F = J^T J / |B|``, descending, shaped
+            ``(|B|,)``; tiny negative round-off is clamped to 0.
+        singular_values: The paper's ``e = sqrt(eig(J J^T))``, descending.
+        condition_number: The paper's truncated ``c_k = max(e) / min(e)``
+            over the non-zero ``e``; NaN when every ``e`` is zero.
+        energy: ``||J||_F = sqrt(trace(J J^T))``, the spectrum's energy that
+            ``L_K`` accumulates.
+        trace: ``trace(F) = ||J||_F^2 / |B|``.
+        gradient_norm: Norm of the mini-batch gradient ``(1/|B|) sum_i g_i``.
+        gradient_noise_scale: McCandlish et al.'s ``B_simple``; NaN when its
+            denominator estimate is not positive or ``|B| = 1``.
+        rank: Number of non-zero eigenvalues.
+        batch_size: ``|B|``, the number of examples measured.
+    """
+
+    eigenvalues: tf.Tensor
+    singular_values: tf.Tensor
+    condition_number: tf.Tensor
+    energy: tf.Tensor
+    trace: tf.Tensor
+    gradient_norm: tf.Tensor
+    gradient_noise_scale: tf.Tensor
+    rank: tf.Tensor
+    batch_size: tf.Tensor
+
+    @property
+    def eigenvalue_min(self) -> tf.Tensor:
+        """The smallest non-zero eigenvalue of ``F`` (NaN if none)."""
+        return nonzero_min(self.eigenvalues, self.rank)
+
+
+def default_zero_threshold(batch_size, dtype) -> tf.Tensor:
+    """``|B| * eps(dtype)``: the default relative zero threshold."""
+    eps = np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps
+    return tf.cast(batch_size, tf.float64) * eps
+
+
+def nonzero_min(values_descending: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
+    """The smallest of the first `rank` values (NaN when rank is 0)."""
+    index = tf.maximum(rank - 1, 0)
+    nan = tf.constant(np.nan, values_descending.dtype)
+    return tf.where(rank > 0, tf.gather(values_descending, index), nan)
+
+
+def spectrum_from_gram(
+    gram: tf.Tensor, zero_threshold: float | None = None
+) -> FisherMeasurement:
+    """All measurements of one mini-batch from its Gram matrix ``J J^T``.
+
+    Args:
+        gram: Tensor ``(B, B)``, the Gram matrix of per-example gradients.
+        zero_threshold: Float or `None`. Eigenvalues of the Gram at most
+            ``zero_threshold * max(eig)`` count as zero. `None` means
+            ``B * eps`` of the Gram's dtype.
+
+    Returns:
+        A `FisherMeasurement`; eigenvalues are solved in float64.
+
+    Example:
+
+    >>> import numpy as np
+    >>> jac = np.array([[1.0, 0.0], [0.0, 2.0]])
+    >>> m = spectrum_from_gram(jac @ jac.T)
+    >>> m.eigenvalues.numpy(), float(m.condition_number)
+    (array([2. , 0.5]), 2.0)
+    """
+    gram = tf.convert_to_tensor(gram)
+    input_dtype = gram.dtype
+    gram = tf.cast(gram, tf.float64)
+    gram = 0.5 * (gram + tf.transpose(gram))
+    batch = tf.shape(gram)[0]
+    batch_f = tf.cast(batch, tf.float64)
+    gram_eigenvalues = tf.maximum(tf.reverse(tf.linalg.eigvalsh(gram), [0]), 0.0)
+    if zero_threshold is None:
+        zero_threshold = default_zero_threshold(batch, input_dtype)
+    largest = gram_eigenvalues[0]
+    nonzero = gram_eigenvalues > tf.cast(zero_threshold, tf.float64) * largest
+    rank = tf.reduce_sum(tf.cast(nonzero & (gram_eigenvalues > 0), tf.int32))
+    singular_values = tf.sqrt(gram_eigenvalues)
+    condition = singular_values[0] / nonzero_min(singular_values, rank)
+    squared_norms_sum = tf.linalg.trace(gram)  # sum_i ||g_i||^2
+    sum_gradient_sq = tf.reduce_sum(gram)  # ||sum_i g_i||^2
+    mean_sq_norm = squared_norms_sum / batch_f  # s
+    batch_gradient_sq = sum_gradient_sq / batch_f**2  # m
+    return FisherMeasurement(
+        eigenvalues=gram_eigenvalues / batch_f,
+        singular_values=singular_values,
+        condition_number=condition,
+        energy=tf.sqrt(squared_norms_sum),
+        trace=squared_norms_sum / batch_f,
+        gradient_norm=tf.sqrt(tf.maximum(batch_gradient_sq, 0.0)),
+        gradient_noise_scale=gradient_noise_scale(
+            mean_sq_norm, batch_gradient_sq, batch_f
+        ),
+        rank=rank,
+        batch_size=batch,
+    )
+
+
+def gradient_noise_scale(mean_sq_norm, batch_gradient_sq, batch_size) -> tf.Tensor:
+    """McCandlish et al. (2018) ``B_simple = tr(Sigma) / |G|^2``, one batch.
+
+    With ``s = mean_i ||g_i||^2`` and ``m = ||mean_i g_i||^2``:
+    ``tr(Sigma) ~ (s - m) B / (B - 1)`` and ``|G|^2 ~ (B m - s) / (B - 1)``,
+    both unbiased. NaN when ``B < 2`` or the ``|G|^2`` estimate is not
+    positive.
+    """
+    denominator = batch_size - 1.0
+    safe = tf.maximum(denominator, 1.0)
+    trace_sigma = (mean_sq_norm - batch_gradient_sq) * batch_size / safe
+    true_gradient_sq = (batch_size * batch_gradient_sq - mean_sq_norm) / safe
+    defined = (denominator > 0) & (true_gradient_sq > 0)
+    nan = tf.constant(np.nan, tf.float64)
+    return tf.where(
+        defined, trace_sigma / tf.where(defined, true_gradient_sq, 1.0), nan
+    )

@@ -1,0 +1,103 @@
+"""`FisherModel`: a `keras.Model` that measures its own training batches."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from keras_fim.callback import FisherCallback
+from keras_fim.state import FisherState
+
+_OPTIONS = (
+    "every_n_steps",
+    "dense_epochs",
+    "max_examples",
+    "zero_threshold",
+    "ema_decay",
+    "log_dir",
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_fim")
+class FisherModel(keras.Model):
+    """A `keras.Model` that measures the Fisher spectrum while it trains.
+
+    Use it like `keras.Model`, functionally (``FisherModel(inputs, outputs,
+    every_n_steps=50)``) or as the base class of a subclassed model. Every
+    `fit` measures the actual training batch before the update at the 0-based
+    global steps 0, N, 2N, ... exactly as `keras_fim.FisherCallback` does (it
+    runs one internally), and leaves the update to Keras's own `train_step`,
+    so the weights stay identical to a plain `keras.Model`. The options below
+    round-trip through `get_config` and `.keras` files; the running state
+    (``model.fisher_state``: C_K bar, L_K, counters) is saved with the
+    weights.
+
+    Args:
+        *args: Positional arguments of `keras.Model` (e.g. inputs, outputs).
+        every_n_steps: Integer >= 1, the measurement cadence. Defaults to 50.
+        dense_epochs: Integer >= 0, epochs measured at every step. Defaults
+            to 0.
+        max_examples: Integer >= 2 or `None`, examples measured per batch.
+        zero_threshold: Float in [0, 1) or `None`, the relative zero
+            threshold of the eigenvalues.
+        ema_decay: Float in [0, 1), weight of the old value in the EMA of c_k.
+        log_dir: Path or `None`, where TensorBoard event files go.
+        **kwargs: Keyword arguments of `keras.Model`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> inputs = keras.Input((4,))
+    >>> outputs = keras.layers.Dense(3)(inputs)
+    >>> model = keras_fim.FisherModel(inputs, outputs, every_n_steps=2)
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> _ = model.fit(np.random.rand(32, 4), np.random.rand(32, 3),
+    ...               batch_size=8, verbose=0)
+    >>> int(model.fisher_state.measurements)
+    2
+    """
+
+    def __init__(
+        self,
+        *args,
+        every_n_steps: int = 50,
+        dense_epochs: int = 0,
+        max_examples: int | None = None,
+        zero_threshold: float | None = None,
+        ema_decay: float = 0.9,
+        log_dir: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        # Validates the options and holds them.
+        self._fisher = FisherCallback(
+            log_dir=log_dir,
+            every_n_steps=every_n_steps,
+            dense_epochs=dense_epochs,
+            max_examples=max_examples,
+            zero_threshold=zero_threshold,
+            ema_decay=ema_decay,
+        )
+        self.fisher_state = FisherState()
+
+    @property
+    def fisher_options(self) -> dict:
+        """The measurement options, as given to the constructor."""
+        return self._fisher.get_config()
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, with the Fisher measurement added.
+
+        Takes exactly the arguments of `keras.Model.fit`.
+        """
+        bound = inspect.signature(keras.Model.fit).bind(self, *args, **kwargs)
+        callbacks = bound.arguments.get("callbacks") or []
+        if not isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks = [*callbacks, self._fisher]
+        bound.arguments["callbacks"] = callbacks
+        return super().fit(*bound.args[1:], **bound.kwargs)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        return {**config, **self.fisher_options}

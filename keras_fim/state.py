@@ -1,0 +1,100 @@
+"""Running measurements kept in Keras variables: C_K bar, L_K, the EMA of c_k.
+
+The state is a small layer attached to the model (`model.fisher_state`), so
+its variables are tracked by the model: `.keras` saving, `save_weights` and
+`keras.callbacks.BackupAndRestore` keep them with the weights.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from keras_fim.measurements import FisherMeasurement
+
+
+@keras.saving.register_keras_serializable(package="keras_fim")
+class FisherState(keras.layers.Layer):
+    """Counters and running sums of the Fisher measurements.
+
+    Variables (all non-trainable):
+        step: int64, training steps taken so far (over all `fit` calls).
+        epoch: int64, the epoch being trained.
+        measurements: int64, ``K``, measured steps that entered C_K bar.
+        skipped: int64, measured steps whose measurement was not finite.
+        condition_sum: float64, ``sum_k c_k``.
+        condition_ema: float64, exponential average of ``c_k``.
+        energy_sum: float64, ``L_K``.
+    """
+
+    def __init__(self, name: str = "fisher_state", **kwargs):
+        super().__init__(name=name, trainable=False, **kwargs)
+
+        def counter(name, dtype):
+            return self.add_weight(
+                name=name,
+                shape=(),
+                dtype=dtype,
+                initializer="zeros",
+                trainable=False,
+                aggregation="only_first_replica",
+            )
+
+        self.step = counter("step", "int64")
+        self.epoch = counter("epoch", "int64")
+        self.measurements = counter("measurements", "int64")
+        self.skipped = counter("skipped", "int64")
+        self.condition_sum = counter("condition_sum", "float64")
+        self.condition_ema = counter("condition_ema", "float64")
+        self.energy_sum = counter("energy_sum", "float64")
+        self.built = True
+
+    @property
+    def condition_mean(self) -> tf.Tensor:
+        """``C_K bar = (1/K) sum_k c_k`` (0 before the first measurement)."""
+        count = tf.cast(self.measurements, tf.float64)
+        return tf.math.divide_no_nan(tf.convert_to_tensor(self.condition_sum), count)
+
+    def record(
+        self,
+        measurement: FisherMeasurement,
+        learning_rate: tf.Tensor,
+        batch_size: tf.Tensor,
+        steps_represented: tf.Tensor,
+        ema_decay: float,
+    ) -> tf.Tensor:
+        """Adds one measured step; returns whether it was finite (kept).
+
+        ``L_K`` grows by ``steps_represented * lr / |B| * ||J||_F``, with
+        ``||J||_F`` scaled up by ``sqrt(|B| / measured)`` when only some
+        examples of the batch were measured.
+        """
+        c = measurement.condition_number
+        energy = measurement.energy
+        batch = tf.cast(batch_size, tf.float64)
+        measured = tf.cast(measurement.batch_size, tf.float64)
+        term = (
+            tf.cast(steps_represented, tf.float64)
+            * tf.cast(learning_rate, tf.float64)
+            / batch
+            * energy
+            * tf.sqrt(batch / measured)
+        )
+        ok = tf.math.is_finite(c) & tf.math.is_finite(term)
+        first = tf.equal(self.measurements, 0)
+        ema = tf.where(first, c, ema_decay * self.condition_ema + (1 - ema_decay) * c)
+        self.condition_sum.assign_add(tf.where(ok, c, 0.0))
+        self.condition_ema.assign(tf.where(ok, ema, self.condition_ema))
+        self.energy_sum.assign_add(tf.where(ok, term, 0.0))
+        self.measurements.assign_add(tf.where(ok, 1, 0))
+        self.skipped.assign_add(tf.where(ok, 0, 1))
+        return ok
+
+
+def attach_state(model: keras.Model) -> FisherState:
+    """The model's `fisher_state`, created and attached on first use."""
+    state = getattr(model, "fisher_state", None)
+    if state is None:
+        state = FisherState()
+        model.fisher_state = state  # tracked: saved with the model's weights
+    return state
