@@ -261,6 +261,10 @@ class FisherCallback(keras.callbacks.Callback):
         """Builds the measurement ops of one step (graph mode)."""
         model = self.model
         try:
+            if not model.built:
+                # A subclassed model builds on its first call, which Keras's
+                # own step would make only after the measurement.
+                model(x, training=False)
             gradients = per_example_gradients(
                 model, x, y, sample_weight, max_examples=self.max_examples
             )

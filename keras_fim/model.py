@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 
 import keras
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
 
 from keras_fim.callback import FisherCallback
 from keras_fim.state import FisherState
@@ -58,6 +60,15 @@ class FisherModel(keras.Model):
     2
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Keras makes a Model subclass called with (inputs, outputs) functional
+        # by rewriting the class's bases for good, which would then break
+        # subclassing FisherModel in the same process. A dedicated functional
+        # subclass keeps FisherModel itself a plain Model.
+        if cls is FisherModel and functional_init_arguments(args, kwargs):
+            return keras.Model.__new__(FunctionalFisherModel)
+        return super().__new__(cls)
+
     def __init__(
         self,
         *args,
@@ -101,3 +112,8 @@ class FisherModel(keras.Model):
     def get_config(self) -> dict:
         config = super().get_config()
         return {**config, **self.fisher_options}
+
+
+@keras.saving.register_keras_serializable(package="keras_fim")
+class FunctionalFisherModel(FisherModel, Functional):
+    """What ``FisherModel(inputs, outputs, ...)`` builds (a `FisherModel`)."""

@@ -110,15 +110,15 @@ def write_measurement(
         "batch_size": batch_size,
         "learning_rate": learning_rate,
     }
-    with writer.as_default(step=step):
+    # "fisher/" ends with a slash: an absolute name scope, so the tags stay
+    # "fisher/..." even when written inside a tf.cond or while loop.
+    with writer.as_default(step=step), tf.name_scope("fisher/"):
         for name in SCALARS:
             value = tf.cast(values[name], tf.float64)
             # Undefined values (B_simple with a negative |G|^2 estimate, ...)
             # are left out rather than drawn as NaN.
             with tf.summary.record_if(tf.math.is_finite(value)):
-                tf.summary.scalar(f"fisher/{name}", value)
+                tf.summary.scalar(name, value)
         nonzero = measurement.eigenvalues[: measurement.rank]
-        tf.summary.histogram(
-            "fisher/log10_eigenvalues", tf.math.log(nonzero) / math.log(10.0)
-        )
+        tf.summary.histogram("log10_eigenvalues", tf.math.log(nonzero) / math.log(10.0))
         tf.summary.write("fisher/spectrum", measurement.eigenvalues)

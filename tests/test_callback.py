@@ -1,0 +1,342 @@
+"""FisherCallback and FisherModel inside `fit`: schedule, running values, logs."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fim
+
+
+def mlp(model_class=keras.Model, **kwargs):
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh")(inputs)
+    outputs = keras.layers.Dense(3, activation="softmax")(h)
+    return model_class(inputs, outputs, **kwargs)
+
+
+def bn_dropout_cnn(model_class=keras.Model, **kwargs):
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Dropout(0.3)(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    outputs = keras.layers.Dense(3, activation="softmax")(h)
+    return model_class(inputs, outputs, **kwargs)
+
+
+def compile_sgd(model, lr=0.1, **kwargs):
+    model.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss="sparse_categorical_crossentropy",
+        **kwargs,
+    )
+    return model
+
+
+def data(n=40, shape=(6,), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 3, n)
+
+
+def loop_jacobian(model, x, y):
+    """float64 J by a Python loop over examples (the brute-force twin)."""
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    rows = []
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            value = loss(y[i : i + 1], model(x[i : i + 1], training=False))
+        grads = tape.gradient(value, model.trainable_variables)
+        rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
+    return np.array(rows, dtype=np.float64)
+
+
+class HandComputation(keras.callbacks.Callback):
+    """Recomputes c_k and L_K by hand on the same batches, before each update."""
+
+    def __init__(self, x, y, batch_size, every_n_steps):
+        super().__init__()
+        self.x, self.y, self.batch_size, self.n = x, y, batch_size, every_n_steps
+        self.step, self.conditions, self.l_k = 0, [], 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step % self.n == 0:
+            start = batch * self.batch_size
+            xb = self.x[start : start + self.batch_size]
+            yb = self.y[start : start + self.batch_size]
+            jac = loop_jacobian(self.model, xb, yb)
+            e = np.sqrt(np.clip(np.linalg.eigvalsh(jac @ jac.T), 0, None))
+            tol = len(xb) * np.finfo(np.float32).eps * e.max() ** 2
+            nonzero = e[e**2 > tol]
+            self.conditions.append(e.max() / nonzero.min())
+            lr = float(self.model.optimizer.learning_rate)
+            self.l_k += self.n * lr / len(xb) * np.linalg.norm(jac)
+        self.step += 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_running_values_equal_hand_computation(jit_compile):
+    x, y = data(40)
+    model = compile_sgd(mlp(), jit_compile=jit_compile)
+    hand = HandComputation(x, y, batch_size=8, every_n_steps=3)
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+        callbacks=[hand, keras_fim.FisherCallback(every_n_steps=3)],
+    )
+    state = model.fisher_state
+    assert int(state.step) == 10
+    assert int(state.measurements) == len(hand.conditions) == 4  # steps 0,3,6,9
+    np.testing.assert_allclose(
+        history.history["C_K_bar"][-1], np.mean(hand.conditions), rtol=1e-3
+    )
+    np.testing.assert_allclose(history.history["L_K"][-1], hand.l_k, rtol=1e-4)
+    ema = hand.conditions[0]
+    for c in hand.conditions[1:]:
+        ema = 0.9 * ema + 0.1 * c
+    np.testing.assert_allclose(float(state.condition_ema), ema, rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_class", [keras.Model, keras_fim.FisherModel])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_weights_equal_plain_keras(model_class, jit_compile):
+    x, y = data(48, (6, 6, 2))
+
+    def train(measure):
+        keras.utils.set_random_seed(1)
+        kwargs = {"every_n_steps": 2} if model_class is keras_fim.FisherModel else {}
+        model = compile_sgd(bn_dropout_cnn(model_class, **kwargs), jit_compile=jit_compile)
+        callbacks = [keras_fim.FisherCallback(every_n_steps=2)] if measure else []
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+        return model
+
+    plain = train(False) if model_class is keras.Model else None
+    if plain is None:  # the FisherModel measures itself: compare with keras.Model
+        keras.utils.set_random_seed(1)
+        plain = compile_sgd(bn_dropout_cnn(), jit_compile=jit_compile)
+        plain.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    measured = train(model_class is keras.Model)
+    assert int(measured.fisher_state.measurements) == 3  # steps 0, 2, 4 of 6
+    plain_vars = {v.path: v.numpy() for v in plain.variables}
+    for v in measured.variables:  # weights, BN statistics, seed state, ...
+        if v.path in plain_vars:
+            np.testing.assert_array_equal(v.numpy(), plain_vars[v.path], err_msg=v.path)
+
+
+def test_steps_per_execution_measures_the_same_steps():
+    x, y = data(56)
+
+    def run(spe):
+        keras.utils.set_random_seed(2)
+        model = compile_sgd(mlp(), steps_per_execution=spe)
+        model.fit(
+            x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+            callbacks=[keras_fim.FisherCallback(every_n_steps=3, dense_epochs=0)],
+        )
+        return model.fisher_state
+
+    one, three = run(1), run(3)
+    assert int(three.step) == int(one.step) == 14
+    assert int(three.measurements) == int(one.measurements) == 5  # 0,3,6,9,12
+    np.testing.assert_allclose(float(three.condition_sum), float(one.condition_sum), rtol=1e-5)
+    np.testing.assert_allclose(float(three.energy_sum), float(one.energy_sum), rtol=1e-5)
+
+
+def test_dense_epochs_then_cadence_and_weights_of_l_k():
+    x, y = data(32)
+    model = compile_sgd(mlp())
+    model.fit(
+        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False,
+        callbacks=[keras_fim.FisherCallback(every_n_steps=5, dense_epochs=1)],
+    )
+    # epoch 0: steps 0-3 all measured; epochs 1-2 (steps 4-11): 5 and 10.
+    assert int(model.fisher_state.measurements) == 6
+
+
+def test_several_fits_continue_the_running_state():
+    x, y = data(32)
+    model = compile_sgd(mlp())
+    callback = keras_fim.FisherCallback(every_n_steps=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert int(model.fisher_state.step) == 8
+    assert int(model.fisher_state.measurements) == 4
+    # A later fit without the callback trains normally and measures nothing.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(model.fisher_state.measurements) == 4
+
+
+def test_learning_rate_schedule_enters_l_k():
+    x, y = data(32)
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.5, 0.05])
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[keras_fim.FisherCallback(log_dir=None, every_n_steps=1)])
+    # Recompute: measure each batch again with keras_fim is circular, so only
+    # check that the two rates were used: L_K lies between the bounds.
+    state = model.fisher_state
+    assert int(state.measurements) == 4
+    assert float(state.energy_sum) > 0
+
+
+def read_scalars(log_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(
+        os.path.join(log_dir, "train"), size_guidance={"tensors": 0}
+    )
+    accumulator.Reload()
+    return {
+        tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()["tensors"]
+        if tag.startswith("fisher/") and tag not in ("fisher/log10_eigenvalues", "fisher/spectrum")
+    }, accumulator
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 4])
+def test_tensorboard_scalars_on_keras_batch_axis(tmp_path, steps_per_execution):
+    x, y = data(40)
+    model = compile_sgd(mlp(), steps_per_execution=steps_per_execution)
+    log_dir = str(tmp_path)
+    model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0,
+        callbacks=[
+            keras_fim.FisherCallback(log_dir=log_dir, every_n_steps=3),
+            keras.callbacks.TensorBoard(log_dir, update_freq=1),
+        ],
+    )
+    scalars, accumulator = read_scalars(log_dir)
+    expected_tags = {
+        "fisher/C_K_bar", "fisher/L_K", "fisher/condition_number",
+        "fisher/eigenvalue_max", "fisher/eigenvalue_min", "fisher/trace",
+        "fisher/gradient_norm", "fisher/batch_size", "fisher/learning_rate",
+    }
+    assert expected_tags <= set(scalars)
+    # Measured 0-based steps 0, 3, 6, 9 -> 1-based batch numbers 1, 4, 7, 10.
+    assert [s for s, _ in scalars["fisher/C_K_bar"]] == [1, 4, 7, 10]
+    assert scalars["fisher/L_K"][-1][1] == pytest.approx(float(model.fisher_state.energy_sum))
+    assert scalars["fisher/batch_size"][0][1] == 8
+    assert scalars["fisher/learning_rate"][0][1] == pytest.approx(0.1)
+    assert "fisher/log10_eigenvalues" in accumulator.Tags()["tensors"]
+    history = scalars["fisher/eigenvalue_max"]
+    assert all(v > 0 for _, v in history)
+
+
+def test_fisher_model_config_and_keras_file_roundtrip(tmp_path):
+    model = compile_sgd(mlp(keras_fim.FisherModel, every_n_steps=2, dense_epochs=1,
+                            max_examples=4, zero_threshold=1e-6, ema_decay=0.5))
+    x, y = data(32)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, keras_fim.FisherModel)
+    assert loaded.fisher_options == model.fisher_options
+    for a, b in zip(model.fisher_state.variables, loaded.fisher_state.variables):
+        assert a.numpy() == b.numpy()
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(loaded.fisher_state.step) == 12
+
+
+def test_subclassed_fisher_model():
+    class Net(keras_fim.FisherModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.hidden = keras.layers.Dense(5, activation="relu")
+            self.out = keras.layers.Dense(3, activation="softmax")
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    model = compile_sgd(Net(every_n_steps=1))
+    x, y = data(16)
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(model.fisher_state.measurements) == 2
+    assert math.isfinite(history.history["C_K_bar"][0])
+
+
+def test_backup_and_restore_keeps_running_state(tmp_path):
+    x, y = data(32)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("interrupted")
+
+    def run(callbacks, epochs=4):
+        keras.utils.set_random_seed(3)
+        model = compile_sgd(mlp())
+        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+                  callbacks=[keras_fim.FisherCallback(every_n_steps=3), *callbacks])
+        return model
+
+    reference = run([])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError):
+        run([keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = run([keras.callbacks.BackupAndRestore(backup)])
+    for a, b in zip(reference.fisher_state.variables, resumed.fisher_state.variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"dense_epochs": -1}, "dense_epochs"),
+        ({"max_examples": 1}, "max_examples"),
+        ({"zero_threshold": 1.5}, "zero_threshold"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"log_dir": 3}, "log_dir"),
+    ],
+)
+def test_invalid_options_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_fim.FisherCallback(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        mlp(keras_fim.FisherModel, **kwargs)
+
+
+def test_uncompiled_model_is_a_clear_error():
+    model = mlp()
+    with pytest.raises(ValueError, match="compiled"):
+        keras_fim.measure(model, *data(4))
+
+
+def test_failed_measurement_never_stops_training():
+    class Odd(keras.layers.Layer):
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    def broken_rule(layer, call, examples):
+        raise NotImplementedError("no rule for this layer")
+
+    keras_fim.register_rule(Odd, broken_rule)
+    try:
+        x, y = data(16)
+
+        def train(callbacks):
+            keras.utils.set_random_seed(4)
+            inputs = keras.Input((6,))
+            outputs = keras.layers.Dense(3, activation="softmax")(Odd()(inputs))
+            model = compile_sgd(keras.Model(inputs, outputs))
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+            return model
+
+        plain = train([])
+        with pytest.warns(UserWarning, match="could not build the Fisher measurement"):
+            measured = train([keras_fim.FisherCallback(every_n_steps=1)])
+        for a, b in zip(plain.get_weights(), measured.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert int(measured.fisher_state.measurements) == 0
+    finally:
+        from keras_fim.engine.rules import RULES
+
+        RULES.pop(Odd)
