@@ -95,10 +95,15 @@ def loop_per_example_gradients(
             value = example_loss(
                 loss, _slice(y, i), y_pred, sample_weight, i, loss_weights
             )
-        grads = tape.gradient(
-            value, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        grads = tape.gradient(value, variables)
+        rows.append(
+            [
+                np.zeros(v.shape, np.float64)
+                if g is None
+                else np.asarray(tf.convert_to_tensor(g), np.float64)
+                for v, g in zip(variables, grads)
+            ]
         )
-        rows.append([np.asarray(tf.convert_to_tensor(g), np.float64) for g in grads])
     return [np.stack([r[k] for r in rows]) for k in range(len(variables))]
 
 

@@ -140,6 +140,7 @@ CONV2D_CASES = {
     "valid_dilated": dict(kernel_size=2, padding="valid", dilation_rate=(2, 1)),
     "no_bias_relu": dict(kernel_size=3, padding="same", use_bias=False,
                          activation="relu"),
+    "groups": dict(kernel_size=3, padding="same", groups=2, filters=4),
 }
 
 
@@ -149,7 +150,7 @@ def test_conv2d_matches_loop(case):
         keras.Sequential(
             [
                 keras.Input((7, 6, 2)),
-                keras.layers.Conv2D(3, **CONV2D_CASES[case]),
+                keras.layers.Conv2D(**{"filters": 3, **CONV2D_CASES[case]}),
                 keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
                 keras.layers.Flatten(),
                 keras.layers.Dense(3, activation="softmax"),
@@ -167,6 +168,8 @@ CONV1D_CASES = {
     "valid_dilated": dict(kernel_size=3, padding="valid", dilation_rate=2),
     "causal": dict(kernel_size=3, padding="causal", activation="relu"),
     "valid_s3": dict(kernel_size=2, padding="valid", strides=3),
+    "same_dilated": dict(kernel_size=3, padding="same", dilation_rate=3),
+    "groups": dict(kernel_size=3, padding="same", groups=3, use_bias=False),
 }
 
 
@@ -212,6 +215,78 @@ def test_depthwise_and_separable_match_loop(layer):
     x, y = classification_data(4, (6, 6, 2))
     actual = fim_grads(model, x, y)
     expected = ref.loop_per_example_gradients(model, x, y)
+    assert_grads_close(actual, expected, model, **TOL["float32"])
+
+
+MISC_MODELS = {
+    "conv2d_transpose": lambda: [
+        keras.Input((4, 4, 2)),
+        keras.layers.Conv2DTranspose(3, 3, strides=2, padding="same"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ],
+    "group_norm": lambda: [
+        keras.Input((5, 5, 2)),
+        keras.layers.Conv2D(4, 3, padding="same"),
+        keras.layers.GroupNormalization(groups=2),
+        keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, activation="softmax"),
+    ],
+    "bidirectional_lstm": lambda: [
+        keras.Input((5, 3)),
+        keras.layers.Bidirectional(keras.layers.LSTM(3)),
+        keras.layers.Dense(3, activation="softmax"),
+    ],
+    "time_distributed": lambda: [
+        keras.Input((4, 3)),
+        keras.layers.TimeDistributed(keras.layers.Dense(5, activation="relu")),
+        keras.layers.LayerNormalization(axis=(1, 2)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ],
+    "unnormalised_logits": lambda: [
+        keras.Input((5,)),
+        keras.layers.Dense(6, activation="gelu"),
+        keras.layers.Dense(3),
+    ],
+}
+MISC_SHAPES = {
+    "conv2d_transpose": (4, 4, 2), "group_norm": (5, 5, 2),
+    "bidirectional_lstm": (5, 3), "time_distributed": (4, 3),
+    "unnormalised_logits": (5,),
+}
+
+
+@pytest.mark.parametrize("name", list(MISC_MODELS))
+def test_misc_layers_match_loop(name):
+    model = keras.Sequential(MISC_MODELS[name]())
+    if name == "unnormalised_logits":
+        compiled(model, loss=SCCE(from_logits=True))
+        loss = SCCE(from_logits=True, reduction=None)
+    else:
+        compiled(model)
+        loss = None
+    x, y = classification_data(4, MISC_SHAPES[name])
+    actual = fim_grads(model, x, y)
+    expected = ref.loop_per_example_gradients(model, x, y, loss=loss)
+    assert_grads_close(actual, expected, model, **TOL["float32"])
+
+
+def test_sigmoid_binary_crossentropy_matches_loop():
+    model = keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(6, activation="relu"),
+        keras.layers.Dense(2, activation="sigmoid"),
+    ])
+    compiled(model, loss="binary_crossentropy")
+    x, _ = classification_data(5, (5,))
+    y = np.random.default_rng(1).integers(0, 2, size=(5, 2)).astype("float32")
+    sw = np.array([1.0, 0.0, 2.0, 0.5, 1.0], "float32")
+    actual = fim_grads(model, x, y, sw)
+    expected = ref.loop_per_example_gradients(
+        model, x, y, sw, loss=keras.losses.BinaryCrossentropy(reduction=None)
+    )
     assert_grads_close(actual, expected, model, **TOL["float32"])
 
 
@@ -274,8 +349,30 @@ def test_shared_layer_called_twice_matches_loop():
     assert_grads_close(actual, expected, model, **TOL["float32"])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_multi_output_dict_losses_match_loop(dtype):
+LOSS_WEIGHT_BUG = (
+    "keras_fim/engine/losses.py per_example_losses multiplies by "
+    "`tf.cast(loss_weight, value.dtype)`; tf.cast of a Python float first "
+    "makes a float32 tensor, so a loss weight such as 0.3 becomes "
+    "0.30000001192092896 in a float64 model (Keras's compiled loss uses the "
+    "exact value): contributions off by ~4e-8 relative"
+)
+
+
+@pytest.mark.parametrize(
+    "dtype, loss_weights",
+    [
+        ("float32", {"cls": 1.0, "reg": 0.3}),
+        # Loss weights exactly representable in float32.
+        ("float64", {"cls": 2.0, "reg": 0.25}),
+        pytest.param(
+            "float64",
+            {"cls": 1.0, "reg": 0.3},
+            marks=pytest.mark.xfail(strict=True, reason=LOSS_WEIGHT_BUG),
+        ),
+    ],
+    ids=["float32", "float64-exact-weights", "float64-weight-0.3"],
+)
+def test_multi_output_dict_losses_match_loop(dtype, loss_weights):
     with use_floatx(dtype):
         keras.utils.set_random_seed(2)
         inputs = {"img": keras.Input((5, 5, 1), name="img"),
@@ -291,7 +388,7 @@ def test_multi_output_dict_losses_match_loop(dtype):
         compiled(
             model,
             loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
-            loss_weights={"cls": 1.0, "reg": 0.3},
+            loss_weights=loss_weights,
         )
         rng = np.random.default_rng(3)
         batch = 5
@@ -314,7 +411,7 @@ def test_multi_output_dict_losses_match_loop(dtype):
         loss = {"cls": SCCE(reduction=None),
                 "reg": keras.losses.MeanSquaredError(reduction=None)}
         expected = ref.loop_per_example_gradients(
-            model, x, y, sw, loss=loss, loss_weights={"cls": 1.0, "reg": 0.3}
+            model, x, y, sw, loss=loss, loss_weights=loss_weights
         )
     assert_grads_close(actual, expected, model, **TOL[dtype])
     assert_sums_to_batch_gradient(
@@ -464,7 +561,6 @@ def test_resnet_block_sums_to_batch_gradient_and_measures():
     assert_measurement_matches(keras_fim.measure(model, x, y), ref.numpy_measurements(jac))
 
 
-@pytest.mark.slow
 def test_mobilenet_v2_sums_to_batch_gradient():
     keras.utils.set_random_seed(6)
     model = keras.applications.MobileNetV2(

@@ -1,0 +1,79 @@
+"""Overhead of FisherCallback on `fit`, side by side in one run.
+
+The CIFAR-shaped ResNet-style network of the peer tables (conv 16 -> three
+stages 16/32/64 with one residual block each -> pooling -> dense 10, ~78k
+parameters), with and without BatchNormalization, at batch 32 and 128, on
+random CIFAR-shaped data. For each configuration it times epochs of plain
+`fit`, `fit` measuring every 50 steps and `fit` measuring every step,
+interleaved and repeated, and prints the median time per step and the ratios
+to plain `fit`.
+
+    python benchmarks/fit_overhead.py            # full run (~10 min, 2 cores)
+    python benchmarks/fit_overhead.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import keras
+import numpy as np
+
+import keras_fim
+from keras_fim.models import cifar_resnet
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def seconds_per_step(batch_norm, batch_size, every, steps, repeats, data):
+    """Median seconds per step over `repeats` timed epochs (after a warm-up)."""
+    keras.utils.set_random_seed(0)
+    model = cifar_resnet((32, 32, 3), 10, batch_norm=batch_norm)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    x, y = data
+    timer = EpochTimer()
+    callbacks = [timer]
+    if every is not None:
+        callbacks.append(keras_fim.FisherCallback(every_n_steps=every))
+    n = steps * batch_size
+    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1 + repeats, verbose=0, shuffle=False, callbacks=callbacks)
+    return statistics.median(timer.seconds[1:]) / steps, model.count_params()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, one repeat")
+    args = parser.parse_args(argv)
+    steps = {32: 50, 128: 50} if not args.quick else {32: 10, 128: 4}
+    repeats = 1 if args.quick else 2
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(128 * 100, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 128 * 100))
+    print(f"{'network':<14}{'batch':>6}{'params':>8}{'plain ms':>10}{'every50 ms':>12}"
+          f"{'every1 ms':>11}{'every50/plain':>15}{'every1/plain':>14}")
+    for batch_norm in (False, True):
+        for batch_size in (32, 128):
+            s = steps[batch_size]
+            # Interleave: the machine's speed drifts, pairs compare fairly.
+            plain, params = seconds_per_step(batch_norm, batch_size, None, s, repeats, data)
+            every50, _ = seconds_per_step(batch_norm, batch_size, 50, s, repeats, data)
+            every1, _ = seconds_per_step(batch_norm, batch_size, 1, s, repeats, data)
+            name = "resnet8+BN" if batch_norm else "resnet8"
+            print(f"{name:<14}{batch_size:>6}{params:>8}{plain * 1e3:>10.1f}{every50 * 1e3:>12.1f}"
+                  f"{every1 * 1e3:>11.1f}{every50 / plain:>15.3f}{every1 / plain:>14.3f}", flush=True)
+    print("targets (issue 2): every1/plain <= 3, every50/plain <= 1.05")
+
+
+if __name__ == "__main__":
+    main()
