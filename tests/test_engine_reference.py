@@ -129,6 +129,10 @@ def test_mlp_matches_loop(dtype, weighted):
     assert_grads_close(actual, expected, model, **TOL[dtype])
 
 
+def _conv_cases(cases):
+    return list(cases)
+
+
 CONV2D_CASES = {
     "same_s1": dict(kernel_size=3, padding="same"),
     "same_s2": dict(kernel_size=3, padding="same", strides=2),
@@ -144,7 +148,7 @@ CONV2D_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONV2D_CASES))
+@pytest.mark.parametrize("case", _conv_cases(CONV2D_CASES))
 def test_conv2d_matches_loop(case):
     model = compiled(
         keras.Sequential(
@@ -169,17 +173,18 @@ CONV1D_CASES = {
     "causal": dict(kernel_size=3, padding="causal", activation="relu"),
     "valid_s3": dict(kernel_size=2, padding="valid", strides=3),
     "same_dilated": dict(kernel_size=3, padding="same", dilation_rate=3),
-    "groups": dict(kernel_size=3, padding="same", groups=3, use_bias=False),
+    "groups": dict(kernel_size=3, padding="same", groups=3, filters=6,
+                   use_bias=False),
 }
 
 
-@pytest.mark.parametrize("case", list(CONV1D_CASES))
+@pytest.mark.parametrize("case", _conv_cases(CONV1D_CASES))
 def test_conv1d_matches_loop(case):
     model = compiled(
         keras.Sequential(
             [
                 keras.Input((9, 3)),
-                keras.layers.Conv1D(4, **CONV1D_CASES[case]),
+                keras.layers.Conv1D(**{"filters": 4, **CONV1D_CASES[case]}),
                 keras.layers.GlobalAveragePooling1D(),
                 keras.layers.Dense(3, activation="softmax"),
             ]
@@ -349,26 +354,13 @@ def test_shared_layer_called_twice_matches_loop():
     assert_grads_close(actual, expected, model, **TOL["float32"])
 
 
-LOSS_WEIGHT_BUG = (
-    "keras_fim/engine/losses.py per_example_losses multiplies by "
-    "`tf.cast(loss_weight, value.dtype)`; tf.cast of a Python float first "
-    "makes a float32 tensor, so a loss weight such as 0.3 becomes "
-    "0.30000001192092896 in a float64 model (Keras's compiled loss uses the "
-    "exact value): contributions off by ~4e-8 relative"
-)
-
-
 @pytest.mark.parametrize(
     "dtype, loss_weights",
     [
         ("float32", {"cls": 1.0, "reg": 0.3}),
         # Loss weights exactly representable in float32.
         ("float64", {"cls": 2.0, "reg": 0.25}),
-        pytest.param(
-            "float64",
-            {"cls": 1.0, "reg": 0.3},
-            marks=pytest.mark.xfail(strict=True, reason=LOSS_WEIGHT_BUG),
-        ),
+        ("float64", {"cls": 1.0, "reg": 0.3}),
     ],
     ids=["float32", "float64-exact-weights", "float64-weight-0.3"],
 )
@@ -708,3 +700,20 @@ def test_max_examples(k):
     jac = ref.flatten_gradients(ref.loop_per_example_gradients(model, x, y))
     m = keras_fim.measure(model, x, y, max_examples=k)
     assert_measurement_matches(m, ref.numpy_measurements(jac[:kept]))
+
+
+def test_batchnorm_inference_mode_matches_loop():
+    """training=False: BN uses its moving statistics, examples independent."""
+    keras.utils.set_random_seed(9)
+    model = compiled(bn_conv_model())
+    _perturb_bn(model, 12)
+    x, y = classification_data(4, (5, 5, 2), seed=13)
+    before = _bn_state(model)
+    actual = fim_grads(model, x, y, training=False)
+    for b, a in zip(before, _bn_state(model)):
+        np.testing.assert_array_equal(a, b)
+    expected = ref.loop_per_example_gradients(model, x, y)  # training=False
+    assert_grads_close(actual, expected, model, **TOL["float32"])
+    # ... and differs from the training-mode contributions.
+    train = fim_grads(model, x, y)
+    assert not np.allclose(train[0], actual[0], rtol=1e-2, atol=1e-3)

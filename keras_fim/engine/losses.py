@@ -118,7 +118,7 @@ def per_example_losses(
         value = _one_loss(loss_fn, y_t, y_p, weight)
         value = tf.cast(value, tf.float32) if value.dtype.size < 4 else value
         if loss_weight is not None:
-            value = value * tf.cast(loss_weight, value.dtype)
+            value = keras.ops.multiply(value, loss_weight)  # as Keras: exact in float64
         total = value if total is None else total + tf.cast(value, total.dtype)
     if total is None:
         raise ValueError(

@@ -42,16 +42,19 @@ def _output_share(outputs, cotangents, examples):
     return total
 
 
-def generic_rule(layer, call: LayerCall, examples: int) -> list:
+def generic_rule(
+    layer, call: LayerCall, examples: int, vectorize: bool = True
+) -> list:
     """Exact for any layer: a Jacobian of per-example output shares.
 
     Re-runs the layer on the recorded batch (same inputs, same state, hence the
     same batch statistics and dropout masks) and takes the Jacobian of
     ``s_i = <y_i, dy_i>`` with respect to the layer's weights. Costs one
-    vectorised backward pass per example over the layer's whole batch.
+    vectorised backward pass per example over the layer's whole batch
+    (a `tf.while_loop` over examples when `vectorize` is False).
     """
     variables = _values(layer.trainable_variables)
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=not vectorize) as tape:
         tape.watch(variables)
         outputs, _ = layer.stateless_call(
             variables, call.state, *call.args, **call.kwargs
@@ -63,7 +66,7 @@ def generic_rule(layer, call: LayerCall, examples: int) -> list:
         shares,
         variables,
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        experimental_use_pfor=True,
+        experimental_use_pfor=vectorize,
     )
     return list(jacobians)
 
@@ -126,57 +129,16 @@ def dense_rule(layer, call: LayerCall, examples: int) -> list:
     return [grads[id(v)] for v in layer.trainable_variables]
 
 
-def conv_rule(layer, call: LayerCall, examples: int) -> list:
-    """Conv1D/Conv2D (channels_last, one group): im2col, then one einsum.
-
-    The kernel gradient of example i is ``patches_i^T dz_i`` over output
-    positions, with the patches extracted exactly as the convolution reads
-    them (strides, dilation, padding).
+def convolution_rule(layer, call: LayerCall, examples: int) -> list:
+    """Convolutions: the per-example rule, whose vectorised backprop-filter
+    runs about as fast as one batch backward pass on CPU (3x faster than
+    im2col and an einsum, measured). Grouped convolutions cannot be
+    vectorised (pfor rejects their filter shape), so they take the exact
+    generic rule, looping over examples.
     """
-    rank = layer.rank
-    supported = (
-        rank in (1, 2)
-        and layer.data_format == "channels_last"
-        and layer.groups == 1
-        and layer.padding in ("same", "valid")
-        and (max(layer.strides) == 1 or max(layer.dilation_rate) == 1)
-        and not getattr(layer, "lora_enabled", False)
-    )
-    if not supported:
-        return per_example_rule(layer, call, examples)
-    x = call.args[0][:examples]
-    kernel = layer.kernel
-    # Pre-activation of the convolution, recomputed from the kernel.
-    conv_inputs = tf.cast(x, kernel.dtype)
-    x4 = conv_inputs if rank == 2 else conv_inputs[:, None, :, :]
-    sizes = [1, *((1,) if rank == 1 else ()), *layer.kernel_size, 1]
-    strides = [1, *((1,) if rank == 1 else ()), *layer.strides, 1]
-    rates = [1, *((1,) if rank == 1 else ()), *layer.dilation_rate, 1]
-    patches = tf.image.extract_patches(
-        x4, sizes=sizes, strides=strides, rates=rates, padding=layer.padding.upper()
-    )
-    batch = tf.shape(x)[0]
-    patches = tf.reshape(patches, [batch, -1, patches.shape[-1]])
-    kernel_matrix = tf.reshape(kernel.value, [-1, kernel.shape[-1]])
-    with tf.GradientTape() as tape:
-        z = tf.matmul(patches, kernel_matrix)
-        if layer.use_bias:
-            z = z + layer.bias.value
-        tape.watch(z)
-        y = layer.activation(z) if layer.activation is not None else z
-    dy, dlogits = (
-        tf.reshape(tf.cast(c[:examples], y.dtype), tf.shape(y))
-        for c in call.cotangents[:2]
-    )
-    dz = tape.gradient(y, z, output_gradients=dy) + dlogits
-    grads = {
-        id(layer.kernel): tf.reshape(
-            tf.einsum("bpk,bpo->bko", patches, dz), [batch, *kernel.shape]
-        )
-    }
-    if layer.use_bias:
-        grads[id(layer.bias)] = tf.reduce_sum(dz, axis=1)
-    return [grads[id(v)] for v in layer.trainable_variables]
+    if getattr(layer, "groups", 1) > 1:
+        return generic_rule(layer, call, examples, vectorize=False)
+    return per_example_rule(layer, call, examples)
 
 
 def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
@@ -217,21 +179,21 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
 # The rule table. Looked up along the MRO: the first class found wins.
 RULES: dict[type, Rule] = {
     keras.layers.Dense: dense_rule,
-    keras.layers.Conv1D: conv_rule,
-    keras.layers.Conv2D: conv_rule,
+    keras.layers.Conv1D: convolution_rule,
+    keras.layers.Conv2D: convolution_rule,
     keras.layers.BatchNormalization: affine_normalization_rule,
     keras.layers.LayerNormalization: affine_normalization_rule,
     keras.layers.GroupNormalization: affine_normalization_rule,
     keras.layers.EinsumDense: per_example_rule,
     keras.layers.Embedding: per_example_rule,
-    keras.layers.Conv3D: per_example_rule,
-    keras.layers.DepthwiseConv1D: per_example_rule,
-    keras.layers.DepthwiseConv2D: per_example_rule,
-    keras.layers.SeparableConv1D: per_example_rule,
-    keras.layers.SeparableConv2D: per_example_rule,
-    keras.layers.Conv1DTranspose: per_example_rule,
-    keras.layers.Conv2DTranspose: per_example_rule,
-    keras.layers.Conv3DTranspose: per_example_rule,
+    keras.layers.Conv3D: convolution_rule,
+    keras.layers.DepthwiseConv1D: convolution_rule,
+    keras.layers.DepthwiseConv2D: convolution_rule,
+    keras.layers.SeparableConv1D: convolution_rule,
+    keras.layers.SeparableConv2D: convolution_rule,
+    keras.layers.Conv1DTranspose: convolution_rule,
+    keras.layers.Conv2DTranspose: convolution_rule,
+    keras.layers.Conv3DTranspose: convolution_rule,
     # Layers that call their sublayers inside loops or `vectorized_map`
     # (the recorded tensors would live in the loop's graph): one exact rule
     # for the whole layer.
