@@ -340,3 +340,30 @@ def test_failed_measurement_never_stops_training():
         from keras_fim.engine.rules import RULES
 
         RULES.pop(Odd)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_masked_gru_trains_identically_with_and_without_xla(jit_compile):
+    rng = np.random.default_rng(5)
+    x = rng.integers(1, 20, (32, 7))
+    x[:, 5:] = 0  # padding, masked by the Embedding
+    y = rng.integers(0, 3, 32)
+
+    def train(callbacks):
+        keras.utils.set_random_seed(6)
+        model = keras.Sequential([
+            keras.Input((7,), dtype="int32"),
+            keras.layers.Embedding(20, 4, mask_zero=True),
+            keras.layers.GRU(5),
+            keras.layers.Dense(3, activation="softmax"),
+        ])
+        compile_sgd(model, jit_compile=jit_compile)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+        return model
+
+    plain = train([])
+    measured = train([keras_fim.FisherCallback(every_n_steps=1)])
+    assert int(measured.fisher_state.measurements) == 4
+    assert int(measured.fisher_state.skipped) == 0
+    for a, b in zip(plain.get_weights(), measured.get_weights()):
+        np.testing.assert_array_equal(a, b)

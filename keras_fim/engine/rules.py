@@ -101,6 +101,48 @@ def per_example_rule(layer, call: LayerCall, examples: int) -> list:
     return list(tf.vectorized_map(one, (inputs, cotangents)))
 
 
+def sequence_rule(layer, call: LayerCall, examples: int) -> list:
+    """Recurrent layers (RNN, LSTM, GRU, Bidirectional, TimeDistributed).
+
+    One example at a time in a `tf.map_fn`: vectorising the gradient of a
+    `tf.while_loop` RNN is rejected by pfor (without `unroll=True`) and its
+    Jacobian is rejected by XLA, while this loop compiles with and without
+    `jit_compile`. The sequences, their mask and any initial state are sliced
+    per example. Recurrent dropout masks are drawn per example, so with
+    `dropout`/`recurrent_dropout` active the contributions are those of
+    freshly drawn masks.
+    """
+    variables = _values(layer.trainable_variables)
+
+    def rows(structure, i):
+        return keras.tree.map_structure(
+            lambda t: t[i : i + 1] if tf.is_tensor(t) else t, structure
+        )
+
+    batched = ("mask", "initial_state")
+
+    def one(i):
+        kwargs = {
+            k: rows(v, i) if k in batched else v for k, v in call.kwargs.items()
+        }
+        with tf.GradientTape() as tape:
+            tape.watch(variables)
+            out, _ = layer.stateless_call(
+                variables, call.state, rows(call.args[0], i), *call.args[1:], **kwargs
+            )
+            share = _output_share(
+                differentiable_outputs(out), rows(call.cotangents, i), 1
+            )
+        return tape.gradient(
+            share, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+    return list(
+        tf.map_fn(one, tf.range(examples), fn_output_signature=signature)
+    )
+
+
 def dense_rule(layer, call: LayerCall, examples: int) -> list:
     """Dense: ``g_W,i = sum_t x_it^T dz_it``, ``g_b,i = sum_t dz_it``.
 
@@ -194,12 +236,11 @@ RULES: dict[type, Rule] = {
     keras.layers.Conv1DTranspose: convolution_rule,
     keras.layers.Conv2DTranspose: convolution_rule,
     keras.layers.Conv3DTranspose: convolution_rule,
-    # Layers that call their sublayers inside loops or `vectorized_map`
-    # (the recorded tensors would live in the loop's graph): one exact rule
-    # for the whole layer.
-    keras.layers.RNN: generic_rule,
-    keras.layers.Bidirectional: generic_rule,
-    keras.layers.TimeDistributed: generic_rule,
+    # Layers that call their sublayers inside loops (the recorded tensors
+    # would live in the loop's graph): one rule for the whole layer.
+    keras.layers.RNN: sequence_rule,
+    keras.layers.Bidirectional: sequence_rule,
+    keras.layers.TimeDistributed: sequence_rule,
 }
 
 
