@@ -49,7 +49,8 @@ def seconds_per_step(batch_norm, batch_size, every, steps, repeats, data):
         callbacks.append(keras_fim.FisherCallback(every_n_steps=every))
     n = steps * batch_size
     model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1 + repeats, verbose=0, shuffle=False, callbacks=callbacks)
-    return statistics.median(timer.seconds[1:]) / steps, model.count_params()
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    return statistics.median(timer.seconds[1:]) / steps, trainable
 
 
 def main(argv=None):

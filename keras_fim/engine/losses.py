@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras.src.backend import get_keras_mask
 from keras.src.losses import loss as loss_module
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
@@ -51,13 +52,11 @@ def _align_y_true(y_true, y_pred):
 
 def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
     """Per-example values of one Keras `Loss`, shaped `(batch,)`."""
-    in_mask = keras.backend.get_keras_mask(y_p) if hasattr(
-        keras.backend, "get_keras_mask"
-    ) else getattr(y_p, "_keras_mask", None)
+    in_mask = get_keras_mask(y_p)
     y_p = keras.ops.convert_to_tensor(y_p, dtype=loss_fn.dtype)
     y_t = keras.ops.convert_to_tensor(y_t, dtype=loss_fn.dtype)
     values = loss_fn.call(y_t, y_p)
-    out_mask = getattr(values, "_keras_mask", None)
+    out_mask = get_keras_mask(values)
     mask = in_mask
     if in_mask is not None and out_mask is not None:
         mask = tf.logical_and(tf.cast(in_mask, tf.bool), tf.cast(out_mask, tf.bool))
