@@ -133,6 +133,24 @@ def _conv_cases(cases):
     return list(cases)
 
 
+def assert_image_model_matches_loop(input_shape, *layers):
+    """Layers -> Flatten -> softmax Dense, compared to the loop in float32."""
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input(input_shape),
+                *layers,
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+    )
+    x, y = classification_data(4, input_shape)
+    actual = fim_grads(model, x, y)
+    expected = ref.loop_per_example_gradients(model, x, y)
+    assert_grads_close(actual, expected, model, **TOL["float32"])
+
+
 CONV2D_CASES = {
     "same_s1": dict(kernel_size=3, padding="same"),
     "same_s2": dict(kernel_size=3, padding="same", strides=2),
@@ -150,21 +168,11 @@ CONV2D_CASES = {
 
 @pytest.mark.parametrize("case", _conv_cases(CONV2D_CASES))
 def test_conv2d_matches_loop(case):
-    model = compiled(
-        keras.Sequential(
-            [
-                keras.Input((7, 6, 2)),
-                keras.layers.Conv2D(**{"filters": 3, **CONV2D_CASES[case]}),
-                keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
-                keras.layers.Flatten(),
-                keras.layers.Dense(3, activation="softmax"),
-            ]
-        )
+    assert_image_model_matches_loop(
+        (7, 6, 2),
+        keras.layers.Conv2D(**{"filters": 3, **CONV2D_CASES[case]}),
+        keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
     )
-    x, y = classification_data(4, (7, 6, 2))
-    actual = fim_grads(model, x, y)
-    expected = ref.loop_per_example_gradients(model, x, y)
-    assert_grads_close(actual, expected, model, **TOL["float32"])
 
 
 CONV1D_CASES = {
@@ -207,20 +215,7 @@ def test_conv1d_matches_loop(case):
     ids=["depthwise_same", "depthwise_s2", "separable_same", "separable_s2"],
 )
 def test_depthwise_and_separable_match_loop(layer):
-    model = compiled(
-        keras.Sequential(
-            [
-                keras.Input((6, 6, 2)),
-                layer(),
-                keras.layers.Flatten(),
-                keras.layers.Dense(3, activation="softmax"),
-            ]
-        )
-    )
-    x, y = classification_data(4, (6, 6, 2))
-    actual = fim_grads(model, x, y)
-    expected = ref.loop_per_example_gradients(model, x, y)
-    assert_grads_close(actual, expected, model, **TOL["float32"])
+    assert_image_model_matches_loop((6, 6, 2), layer())
 
 
 MISC_MODELS = {
