@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
@@ -15,9 +14,6 @@ from keras_fim.engine import per_example_gradients
 from keras_fim.measurements import spectrum_from_gram
 from keras_fim.state import FisherState
 from keras_fim.state import attach_state
-
-logger = logging.getLogger(__name__)
-
 
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:
@@ -187,6 +183,10 @@ class FisherCallback(keras.callbacks.Callback):
             "measure": self._build_train_function(measure=True),
         }
         model.train_function = self._functions["measure"]
+        # A Python mirror of state.step, read at the first batch (after every
+        # on_train_begin, so after BackupAndRestore has restored it): choosing
+        # the function per batch then needs no read from the device.
+        self._step = None
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         self._epoch = epoch
@@ -195,9 +195,14 @@ class FisherCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch, logs=None) -> None:
         if self._steps_per_execution > 1:
             return  # one function, the decision is taken per step in-graph
-        step = int(self._state.step.numpy())
-        name = "measure" if self._is_measured(step, self._epoch) else "plain"
+        if self._step is None:
+            self._step = int(self._state.step.numpy())
+        name = "measure" if self._is_measured(self._step, self._epoch) else "plain"
         self.model.train_function = self._functions[name]
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        if self._step is not None:
+            self._step += 1
 
     def on_train_end(self, logs=None) -> None:
         # Later fits (with or without this callback) rebuild a clean function.

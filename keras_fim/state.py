@@ -1,8 +1,9 @@
 """Running measurements kept in Keras variables: C_K bar, L_K, the EMA of c_k.
 
-The state is a small layer attached to the model (`model.fisher_state`), so
-its variables are tracked by the model: `.keras` saving, `save_weights` and
-`keras.callbacks.BackupAndRestore` keep them with the weights.
+The state is a small layer attached to the model (`model.fisher_state`). Keras
+saves the layers it finds among a model's attributes, so `save_weights`,
+`keras.callbacks.BackupAndRestore` and (for `FisherModel`) `.keras` files keep
+its variables with the weights.
 """
 
 from __future__ import annotations
@@ -96,5 +97,9 @@ def attach_state(model: keras.Model) -> FisherState:
     state = getattr(model, "fisher_state", None)
     if state is None:
         state = FisherState()
-        model.fisher_state = state  # tracked: saved with the model's weights
+        # Untracked on purpose: `model.weights`, `get_weights()` and
+        # `summary()` stay those of the user's model (a Sequential would not
+        # track it anyway). Keras's weight saving walks the model's
+        # attributes, so `save_weights`/`BackupAndRestore` still keep it.
+        object.__setattr__(model, "fisher_state", state)
     return state

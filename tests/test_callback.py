@@ -236,7 +236,7 @@ def test_fisher_model_config_and_keras_file_roundtrip(tmp_path):
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, keras_fim.FisherModel)
     assert loaded.fisher_options == model.fisher_options
-    for a, b in zip(model.fisher_state.variables, loaded.fisher_state.variables):
+    for a, b in zip(model.fisher_state.variables, loaded.fisher_state.variables, strict=True):
         assert a.numpy() == b.numpy()
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert int(loaded.fisher_state.step) == 12
@@ -279,7 +279,7 @@ def test_backup_and_restore_keeps_running_state(tmp_path):
     with pytest.raises(RuntimeError):
         run([keras.callbacks.BackupAndRestore(backup), Interrupt()])
     resumed = run([keras.callbacks.BackupAndRestore(backup)])
-    for a, b in zip(reference.fisher_state.variables, resumed.fisher_state.variables):
+    for a, b in zip(reference.fisher_state.variables, resumed.fisher_state.variables, strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
 
 
@@ -334,7 +334,7 @@ def test_failed_measurement_never_stops_training():
         plain = train([])
         with pytest.warns(UserWarning, match="could not build the Fisher measurement"):
             measured = train([keras_fim.FisherCallback(every_n_steps=1)])
-        for a, b in zip(plain.get_weights(), measured.get_weights()):
+        for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
         assert int(measured.fisher_state.measurements) == 0
     finally:
@@ -366,5 +366,21 @@ def test_masked_gru_trains_identically_with_and_without_xla(jit_compile):
     measured = train([keras_fim.FisherCallback(every_n_steps=1)])
     assert int(measured.fisher_state.measurements) == 4
     assert int(measured.fisher_state.skipped) == 0
-    for a, b in zip(plain.get_weights(), measured.get_weights()):
+    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_plain_model_weights_list_is_unchanged_but_state_is_saved(tmp_path):
+    x, y = data(16)
+    model = compile_sgd(mlp())
+    before = [v.path for v in model.weights]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
+              callbacks=[keras_fim.FisherCallback(every_n_steps=1)])
+    assert [v.path for v in model.weights] == before
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    fresh = compile_sgd(mlp())
+    state = keras_fim.state.attach_state(fresh)
+    fresh.load_weights(path)
+    assert int(state.measurements) == 2 and int(state.step) == 2
+    assert float(state.energy_sum) == float(model.fisher_state.energy_sum)
