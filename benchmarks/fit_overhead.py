@@ -80,7 +80,7 @@ def main(argv=None):
                     t, params = seconds_per_step(batch_norm, batch_size, every, s, 1, data)
                     times[name].append(t)
             ratio = {
-                name: statistics.median(a / b for a, b in zip(times[name], times["plain"]))
+                name: statistics.median(a / b for a, b in zip(times[name], times["plain"], strict=True))
                 for name in times
             }
             ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0):

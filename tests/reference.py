@@ -101,7 +101,7 @@ def loop_per_example_gradients(
                 np.zeros(v.shape, np.float64)
                 if g is None
                 else np.asarray(tf.convert_to_tensor(g), np.float64)
-                for v, g in zip(variables, grads)
+                for v, g in zip(variables, grads, strict=True)
             ]
         )
     return [np.stack([r[k] for r in rows]) for k in range(len(variables))]

@@ -57,7 +57,7 @@ def fim_grads(model, x, y, sample_weight=None, **kwargs):
 def assert_grads_close(actual, expected, model, rtol, atol):
     variables = model.trainable_variables
     assert len(actual) == len(expected) == len(variables)
-    for a, e, v in zip(actual, expected, variables):
+    for a, e, v in zip(actual, expected, variables, strict=True):
         assert a.shape == e.shape, (v.path, a.shape, e.shape)
         scale = max(1.0, float(np.max(np.abs(e))))
         np.testing.assert_allclose(
@@ -88,7 +88,7 @@ def tape_batch_gradient(model, x, y, sample_weight=None, loss=None):
 
 
 def assert_sums_to_batch_gradient(contributions, batch_gradient, batch, rtol):
-    for c, g in zip(contributions, batch_gradient):
+    for c, g in zip(contributions, batch_gradient, strict=True):
         total = c.sum(axis=0)
         expected = batch * g
         err = np.linalg.norm(total - expected)
@@ -493,7 +493,7 @@ def test_batchnorm_matches_weight_copies(arch, dtype, weighted):
         after = _bn_state(model)
         expected = ref.copies_per_example_gradients(model, x, y, sw)
         batch_gradient = tape_batch_gradient(model, x, y, sw)
-    for b, a in zip(before, after):  # moving statistics untouched
+    for b, a in zip(before, after, strict=True):  # moving statistics untouched
         np.testing.assert_array_equal(a, b)
     tol = TOL[dtype] if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
     assert_grads_close(actual, expected, model, **tol)
@@ -509,7 +509,7 @@ def test_batchnorm_max_examples_keeps_whole_batch_statistics():
     x, y = classification_data(6, (5,), seed=7)
     full = fim_grads(model, x, y)
     first = fim_grads(model, x, y, max_examples=4)
-    for f, k in zip(full, first):
+    for f, k in zip(full, first, strict=True):
         assert k.shape == (4, *f.shape[1:])
         np.testing.assert_allclose(k, f[:4], rtol=1e-5, atol=1e-7)
 
@@ -534,7 +534,7 @@ def test_resnet_block_sums_to_batch_gradient_and_measures():
     x, y = classification_data(6, (6, 6, 2), seed=8)
     before = _bn_state(model)
     contributions = fim_grads(model, x, y)
-    for b, a in zip(before, _bn_state(model)):
+    for b, a in zip(before, _bn_state(model), strict=True):
         np.testing.assert_array_equal(a, b)
     # Explicit mean loss, and the compiled loss (no regulariser in the model).
     assert_sums_to_batch_gradient(
@@ -557,10 +557,10 @@ def test_mobilenet_v2_sums_to_batch_gradient():
     x, y = classification_data(3, (32, 32, 3), seed=9)
     before = _bn_state(model)
     contributions = fim_grads(model, x, y)
-    for b, a in zip(before, _bn_state(model)):
+    for b, a in zip(before, _bn_state(model), strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(contributions) == len(model.trainable_variables)
-    for c, v in zip(contributions, model.trainable_variables):
+    for c, v in zip(contributions, model.trainable_variables, strict=True):
         assert c.shape == (3, *v.shape)
     assert_sums_to_batch_gradient(
         contributions, tape_batch_gradient(model, x, y), 3, rtol=2e-3
@@ -690,7 +690,7 @@ def test_max_examples(k):
                                atol=1e-7 * np.abs(full_gram).max())
     grads = fim_grads(model, x, y, max_examples=k)
     full = fim_grads(model, x, y)
-    for g, f in zip(grads, full):
+    for g, f in zip(grads, full, strict=True):
         np.testing.assert_allclose(g, f[:kept], rtol=1e-6, atol=1e-8)
     jac = ref.flatten_gradients(ref.loop_per_example_gradients(model, x, y))
     m = keras_fim.measure(model, x, y, max_examples=k)
@@ -705,7 +705,7 @@ def test_batchnorm_inference_mode_matches_loop():
     x, y = classification_data(4, (5, 5, 2), seed=13)
     before = _bn_state(model)
     actual = fim_grads(model, x, y, training=False)
-    for b, a in zip(before, _bn_state(model)):
+    for b, a in zip(before, _bn_state(model), strict=True):
         np.testing.assert_array_equal(a, b)
     expected = ref.loop_per_example_gradients(model, x, y)  # training=False
     assert_grads_close(actual, expected, model, **TOL["float32"])

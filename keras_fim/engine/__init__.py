@@ -106,7 +106,7 @@ def per_example_gradients(
     by_variable = {}
     for layer, rule in units:
         for call in batch_pass.calls[id(layer)]:
-            for v, g in zip(layer.trainable_variables, rule(layer, call, examples)):
+            for v, g in zip(layer.trainable_variables, rule(layer, call, examples), strict=True):
                 g = tf.cast(g, v.dtype)
                 by_variable[id(v)] = by_variable[id(v)] + g if id(v) in by_variable else g
     return [

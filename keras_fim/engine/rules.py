@@ -34,7 +34,7 @@ def _values(variables):
 def _output_share(outputs, cotangents, examples):
     """Each example's <output rows, cotangent rows>, summed over outputs."""
     total = 0.0
-    for out, cot in zip(outputs, cotangents):
+    for out, cot in zip(outputs, cotangents, strict=True):
         product = tf.cast(out[:examples], cot.dtype) * cot[:examples]
         total += tf.reduce_sum(
             tf.reshape(product, [tf.shape(product)[0], -1]), axis=1
