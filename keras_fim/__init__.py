@@ -2,9 +2,11 @@
 
 Measures, during `model.fit`, the spectrum of the approximate Fisher
 information matrix of sampled mini-batches and the running measurements of
-Liao, Drummond, Reid and Carneiro (TPAMI 2020), and logs them to TensorBoard.
+Liao, Drummond, Reid and Carneiro (TPAMI 2020), and logs them to TensorBoard; `DynamicSampling` grows the mini-batch inside
+one `fit`, by schedule or from those measurements.
 """
 
+from keras_fim import schedules
 from keras_fim.callback import FisherCallback
 from keras_fim.engine import fisher_gram
 from keras_fim.engine import measure
@@ -12,17 +14,24 @@ from keras_fim.engine import per_example_gradients
 from keras_fim.engine.rules import register_rule
 from keras_fim.measurements import FisherMeasurement
 from keras_fim.model import FisherModel
+from keras_fim.sampling import DynamicSampling
+from keras_fim.schedules import SamplingContext
 from keras_fim.state import FisherState
+from keras_fim.state import SamplingState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicSampling",
     "FisherCallback",
     "FisherMeasurement",
     "FisherModel",
     "FisherState",
+    "SamplingContext",
+    "SamplingState",
     "fisher_gram",
     "measure",
     "per_example_gradients",
     "register_rule",
+    "schedules",
 ]

@@ -14,6 +14,7 @@ from keras_fim.engine import per_example_gradients
 from keras_fim.measurements import spectrum_from_gram
 from keras_fim.state import FisherState
 from keras_fim.state import attach_state
+from keras_fim.train_step import compile_train_function
 
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:
@@ -194,7 +195,10 @@ class FisherCallback(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         if self._steps_per_execution > 1:
-            return  # one function, the decision is taken per step in-graph
+            # One function, the decision is taken per step in-graph. Set at
+            # every batch: another keras-fim callback may have set its own.
+            self.model.train_function = self._functions["measure"]
+            return
         if self._step is None:
             self._step = int(self._state.step.numpy())
         name = "measure" if self._is_measured(self._step, self._epoch) else "plain"
@@ -226,20 +230,10 @@ class FisherCallback(keras.callbacks.Callback):
     # -- the train step ----------------------------------------------------
 
     def _build_train_function(self, measure: bool):
-        model = self.model
-        original_step = model.train_step
+        def wrap(original_step):
+            return lambda data: self._train_step(original_step, data, measure)
 
-        def train_step(data):
-            return self._train_step(original_step, data, measure)
-
-        # `make_train_function` compiles whatever `model.train_step` is when
-        # it runs; the instance attribute is removed right after.
-        object.__setattr__(model, "train_step", train_step)
-        try:
-            model.make_train_function(force=True)
-            return model.train_function
-        finally:
-            object.__delattr__(model, "train_step")
+        return compile_train_function(self.model, inner=wrap)
 
     def _train_step(self, original_step, data, measure: bool):
         state = self._state

@@ -26,6 +26,10 @@ class FisherState(keras.layers.Layer):
         condition_sum: float64, ``sum_k c_k``.
         condition_ema: float64, exponential average of ``c_k``.
         energy_sum: float64, ``L_K``.
+        trace_sigma_ema, true_gradient_sq_ema: float64, exponential averages
+            of the unbiased estimates of ``tr(Sigma)`` and ``|G|^2``, whose
+            ratio is the smoothed gradient noise scale `noise_scale`
+            (McCandlish et al. 2018 average the two separately, as here).
     """
 
     def __init__(self, name: str = "fisher_state", **kwargs):
@@ -48,6 +52,8 @@ class FisherState(keras.layers.Layer):
         self.condition_sum = counter("condition_sum", "float64")
         self.condition_ema = counter("condition_ema", "float64")
         self.energy_sum = counter("energy_sum", "float64")
+        self.trace_sigma_ema = counter("trace_sigma_ema", "float64")
+        self.true_gradient_sq_ema = counter("true_gradient_sq_ema", "float64")
         self.built = True
 
     @property
@@ -55,6 +61,17 @@ class FisherState(keras.layers.Layer):
         """``C_K bar = (1/K) sum_k c_k`` (0 before the first measurement)."""
         count = tf.cast(self.measurements, tf.float64)
         return tf.math.divide_no_nan(tf.convert_to_tensor(self.condition_sum), count)
+
+    @property
+    def noise_scale(self) -> tf.Tensor:
+        """Smoothed ``B_simple = tr(Sigma) / |G|^2``; 0 while undefined."""
+        denominator = tf.convert_to_tensor(self.true_gradient_sq_ema)
+        defined = denominator > 0
+        return tf.where(
+            defined,
+            tf.convert_to_tensor(self.trace_sigma_ema) / tf.where(defined, denominator, 1.0),
+            tf.constant(0.0, tf.float64),
+        )
 
     def record(
         self,
@@ -89,17 +106,82 @@ class FisherState(keras.layers.Layer):
         self.energy_sum.assign_add(tf.where(ok, term, 0.0))
         self.measurements.assign_add(tf.where(ok, 1, 0))
         self.skipped.assign_add(tf.where(ok, 0, 1))
+        # The two halves of B_simple from the measured examples (the same
+        # estimates as `measurements.gradient_noise_scale`).
+        measured_f = tf.maximum(measured, 2.0)
+        mean_sq_norm = tf.cast(measurement.trace, tf.float64)
+        batch_gradient_sq = tf.cast(measurement.gradient_norm, tf.float64) ** 2
+        trace_sigma = (mean_sq_norm - batch_gradient_sq) * measured_f / (measured_f - 1)
+        true_gradient_sq = (measured_f * batch_gradient_sq - mean_sq_norm) / (measured_f - 1)
+        usable = ok & (measured > 1) & tf.math.is_finite(trace_sigma + true_gradient_sq)
+        unset = tf.equal(self.trace_sigma_ema, 0.0) & tf.equal(self.true_gradient_sq_ema, 0.0)
+        for average, value in (
+            (self.trace_sigma_ema, trace_sigma),
+            (self.true_gradient_sq_ema, true_gradient_sq),
+        ):
+            updated = tf.where(unset, value, ema_decay * average + (1 - ema_decay) * value)
+            average.assign(tf.where(usable, updated, average))
         return ok
 
 
-def attach_state(model: keras.Model) -> FisherState:
-    """The model's `fisher_state`, created and attached on first use."""
-    state = getattr(model, "fisher_state", None)
+@keras.saving.register_keras_serializable(package="keras_fim")
+class SamplingState(keras.layers.Layer):
+    """Where `DynamicSampling` stands, so that a resumed run continues it.
+
+    Variables (int64, non-trainable): `step` (training steps taken under
+    dynamic sampling), `data_pass` and `position` (the pass over the data
+    and the examples of it already trained), `examples_seen`, `batch_size`
+    (the current size, 0 before the first step), `last_change_step`,
+    `measurements_at_change` (Fisher measurements when the size last
+    changed) and `reference_batch_size` (the size the learning rate is
+    given for).
+    """
+
+    NAMES = (
+        "step",
+        "data_pass",
+        "position",
+        "examples_seen",
+        "batch_size",
+        "last_change_step",
+        "measurements_at_change",
+        "reference_batch_size",
+    )
+
+    def __init__(self, name: str = "sampling_state", **kwargs):
+        super().__init__(name=name, trainable=False, **kwargs)
+        for variable_name in self.NAMES:
+            setattr(
+                self,
+                variable_name,
+                self.add_weight(
+                    name=variable_name,
+                    shape=(),
+                    dtype="int64",
+                    initializer="zeros",
+                    trainable=False,
+                    aggregation="only_first_replica",
+                ),
+            )
+        self.built = True
+
+    def read(self) -> dict:
+        """All counters as Python integers (one device read each)."""
+        return {name: int(getattr(self, name).numpy()) for name in self.NAMES}
+
+    def write(self, values: dict) -> None:
+        for name, value in values.items():
+            getattr(self, name).assign(value)
+
+
+def attach_state(model: keras.Model, attribute: str = "fisher_state", factory=FisherState):
+    """`model.<attribute>`, created with `factory()` and attached on first use."""
+    state = getattr(model, attribute, None)
     if state is None:
-        state = FisherState()
+        state = factory()
         # Untracked on purpose: `model.weights`, `get_weights()` and
         # `summary()` stay those of the user's model (a Sequential would not
         # track it anyway). Keras's weight saving walks the model's
         # attributes, so `save_weights`/`BackupAndRestore` still keep it.
-        object.__setattr__(model, "fisher_state", state)
+        object.__setattr__(model, attribute, state)
     return state

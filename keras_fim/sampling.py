@@ -1,0 +1,600 @@
+"""`DynamicSampling`: a mini-batch size that changes inside one `model.fit`.
+
+How it works, and why this way (see docs/sampling.md):
+
+* The examples are held in memory (in `tf.Variable`s) and the batches are
+  gathered from a per-pass permutation. Which examples the next batches hold
+  is decided in Python before every execution of the train function and
+  handed to the pipeline through small variables; the pipeline has no
+  prefetch, so the batch trained is always the batch decided (prefetch would
+  make the size change a timing-dependent number of steps later, and a
+  resumed run could not repeat it).
+* An epoch is one pass over the data. The callback ends it by raising
+  `OutOfRangeError` before the first step of the next pass, the signal Keras
+  itself uses for a dataset that ran out, so no phantom step is run. The
+  dataset declares a large cardinality, which keeps Keras from fixing the
+  number of steps per epoch after the first one.
+* The callback is Keras's progress bar too (a `ProgbarLogger`, which `fit`
+  then does not add a second time), so the bar counts this epoch's steps.
+* The learning-rate coupling multiplies whatever rate the optimizer gives
+  (a float, a schedule, one changed by other callbacks) by a gain computed
+  inside the compiled step from the size of the batch actually trained.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_fim import summaries
+from keras_fim.schedules import Automatic
+from keras_fim.schedules import BatchSizeSchedule
+from keras_fim.schedules import SamplingContext
+from keras_fim.schedules import check_size
+from keras_fim.state import SamplingState
+from keras_fim.state import attach_state
+from keras_fim.train_step import add_step_wrapper
+from keras_fim.train_step import compile_train_function
+from keras_fim.train_step import remove_step_wrapper
+
+LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
+
+# What the dataset tells Keras its cardinality is: any number larger than the
+# steps of one epoch keeps Keras from learning a fixed epoch length.
+_DECLARED_CARDINALITY = 2**62
+_RAN_OUT_WARNING = "Your input ran out of data"
+
+
+class _DeclaredCardinality(tf.data.Dataset):
+    """`dataset`, reporting `cardinality` instead of "unknown"."""
+
+    def __init__(self, dataset: tf.data.Dataset, cardinality: int):
+        self._dataset = dataset
+        self._declared = cardinality
+        super().__init__(dataset._variant_tensor)
+
+    def _inputs(self):
+        return [self._dataset]
+
+    @property
+    def element_spec(self):
+        return self._dataset.element_spec
+
+    def cardinality(self):
+        return tf.constant(self._declared, tf.int64)
+
+
+def _materialize(data, batched: bool | None):
+    """The examples of `data` as a structure of numpy arrays."""
+    if isinstance(data, tf.data.Dataset):
+        leaves = keras.tree.flatten(data.element_spec)
+        for leaf in leaves:
+            if not isinstance(leaf, tf.TensorSpec):
+                raise ValueError(
+                    "`data` must hold dense tensors only; "
+                    f"received an element with {type(leaf).__name__} {leaf}."
+                )
+        if batched is None:
+            # A `.batch()` without drop_remainder leaves the leading
+            # dimension unknown; any other dataset is taken as unbatched.
+            batched = all(leaf.shape.rank and leaf.shape[0] is None for leaf in leaves)
+        if batched:
+            data = data.unbatch()
+        chunks = [element for element in data.batch(4096).as_numpy_iterator()]
+        if not chunks:
+            raise ValueError("`data` must hold at least one example; the dataset is empty.")
+        return keras.tree.map_structure(
+            lambda *parts: np.concatenate(parts, axis=0), *chunks
+        )
+    if isinstance(data, list):
+        data = tuple(data)
+    try:
+        arrays = keras.tree.map_structure(np.asarray, data)
+    except Exception as error:
+        raise ValueError(
+            "`data` must be a tf.data.Dataset or (nested tuples/dicts of) arrays. "
+            f"Received: {type(data).__name__} ({error})"
+        ) from error
+    # As Keras's own array adapter: floating arrays in the float type.
+    arrays = keras.tree.map_structure(
+        lambda a: a.astype(keras.config.floatx()) if np.issubdtype(a.dtype, np.floating) else a,
+        arrays,
+    )
+    for array in keras.tree.flatten(arrays):
+        if array.ndim == 0 or array.dtype == object:
+            raise ValueError(
+                "`data` must hold arrays with a leading example dimension. "
+                f"Received an array of shape {array.shape} and dtype {array.dtype}."
+            )
+    return arrays
+
+
+def _count_examples(arrays) -> int:
+    counts = {int(a.shape[0]) for a in keras.tree.flatten(arrays)}
+    if len(counts) != 1:
+        raise ValueError(
+            "Every array in `data` must have the same number of examples "
+            f"(leading dimension). Received: {sorted(counts)}"
+        )
+    return counts.pop()
+
+
+class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The optimizer's own rate times `gain`; installed only while a step is
+    being traced, so nothing outside the compiled step changes."""
+
+    def __init__(self, base, gain):
+        self.base = base
+        self.gain = gain
+
+    def __call__(self, step):
+        base = self.base
+        if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
+            rate = base(step)
+        elif isinstance(base, keras.Variable):
+            rate = base.value
+        elif callable(base):
+            rate = base()
+        else:
+            rate = base
+        rate = tf.convert_to_tensor(rate)
+        return rate * tf.cast(self.gain, rate.dtype)
+
+    def get_config(self):  # never serialised: it lives inside one trace
+        return {}
+
+
+def _innermost_optimizer(optimizer):
+    # LossScaleOptimizer (mixed precision) delegates to `inner_optimizer`.
+    while hasattr(optimizer, "inner_optimizer"):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+class DynamicSampling(keras.callbacks.ProgbarLogger):
+    """Trains with a mini-batch size that changes inside one `model.fit`.
+
+    Give it the training data and a batch-size schedule, pass its `dataset`
+    to `fit` and the object itself as a callback. An epoch is one pass over
+    the data whatever the batch size: every example is trained on exactly
+    once per epoch (a final partial batch is trained, or dropped with
+    `drop_remainder`), so `epochs`, the progress bar (drawn by this callback,
+    with this epoch's number of steps), validation, other callbacks and
+    learning-rate schedules keep their meaning.
+
+    The schedule is asked for the size before every execution of the train
+    function (every step; every `steps_per_execution` steps when that is
+    larger). It may be one of `keras_fim.schedules` (`Staged`, the paper's;
+    `Geometric`; `Linear`; `Automatic`, which grows the batch from the
+    measurements of a `FisherCallback` in the same `fit`) or any function
+    ``f(context) -> int`` of a `SamplingContext`.
+
+    The learning rate can follow the batch size. The optimizer's rate (a
+    float, a schedule, or one set by other callbacks) is multiplied, inside
+    the compiled step, by a gain computed from the size ``B`` of the batch
+    actually trained, relative to `reference_batch_size` ``B0``:
+    ``"none"`` (1, the paper), ``"linear"`` (``B/B0``), ``"sqrt"``
+    (``sqrt(B/B0)``), or ``"adascale"`` (``(1 + b/B0) / (1 + b/B)`` with
+    ``b`` the gradient noise scale measured by a `FisherCallback`; AdaScale's
+    gain, between 1 and ``B/B0``).
+
+    Where the sampling stands lives in `model.sampling_state` (Keras
+    variables), so `BackupAndRestore` resumes the same sequence of batch
+    sizes and learning rates after an interruption, and a later `fit`
+    continues it. With `log_dir`, every step's ``sampling/batch_size``,
+    ``sampling/learning_rate`` and ``sampling/learning_rate_gain`` are
+    written for TensorBoard under ``<log_dir>/train`` (the x-axis of
+    `keras.callbacks.TensorBoard`'s batch charts), and for `Automatic` the
+    signal and its threshold at every decision (``sampling/signal``,
+    ``sampling/threshold``).
+
+    Args:
+        data: the training examples: a `tf.data.Dataset` (unbatched or
+            batched) or arrays, as ``x``, ``(x, y)`` or
+            ``(x, y, sample_weight)``, each of which may be a dict or tuple.
+            The structure is kept. The examples are held in memory.
+        schedule: a `keras_fim.schedules` schedule, a function
+            ``f(SamplingContext) -> int``, or an integer (a fixed size).
+        shuffle: draw a new permutation of the examples for every pass.
+            Defaults to `True`.
+        seed: integer seed of the permutations. Defaults to `0`.
+        drop_remainder: drop a pass's final batch when it is smaller than
+            the scheduled size. Defaults to `False`.
+        allow_shrink: allow the schedule to decrease the size. Defaults to
+            `False` (a decrease raises `ValueError`).
+        learning_rate_scaling: one of ``"none"``, ``"linear"``, ``"sqrt"``,
+            ``"adascale"``. Defaults to ``"none"``.
+        reference_batch_size: ``B0``, the size the optimizer's rate is meant
+            for. Defaults to the first size trained.
+        batched: whether a `tf.data.Dataset` `data` is batched. `None`
+            guesses from its element spec (a leading dimension of unknown
+            size means batched). Defaults to `None`.
+        preprocess: a function applied to every batch in the pipeline
+            (augmentation, for instance). Defaults to `None`.
+        log_dir: path for TensorBoard event files, or `None`. Defaults to
+            `None`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> x, y = np.random.rand(100, 4), np.random.rand(100, 1)
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> sampling = keras_fim.DynamicSampling(
+    ...     (x, y), schedule=keras_fim.schedules.Staged([10, 20, 50]))
+    >>> history = model.fit(sampling.dataset, epochs=3, callbacks=[sampling],
+    ...                     verbose=0)
+    >>> sampling.batch_sizes_per_epoch
+    [[10, 10, 10, 10, 10, 10, 10, 10, 10, 10], [20, 20, 20, 20, 20], [50, 50]]
+    """
+
+    def __init__(
+        self,
+        data,
+        schedule: BatchSizeSchedule | Callable[[SamplingContext], int] | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_remainder: bool = False,
+        allow_shrink: bool = False,
+        learning_rate_scaling: str = "none",
+        reference_batch_size: int | None = None,
+        batched: bool | None = None,
+        preprocess: Callable | None = None,
+        log_dir: str | None = None,
+    ):
+        super().__init__()
+        if isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool):
+            size = check_size("schedule", schedule)
+            schedule = lambda context: size  # noqa: E731 (a fixed size)
+        if not callable(schedule):
+            raise ValueError(
+                "`schedule` must be a keras_fim.schedules schedule, a function "
+                f"of a SamplingContext, or an integer. Received: schedule={schedule!r}"
+            )
+        if learning_rate_scaling not in LEARNING_RATE_SCALINGS:
+            raise ValueError(
+                f"`learning_rate_scaling` must be one of {LEARNING_RATE_SCALINGS}. "
+                f"Received: learning_rate_scaling={learning_rate_scaling!r}"
+            )
+        for name, value in (("shuffle", shuffle), ("drop_remainder", drop_remainder),
+                            ("allow_shrink", allow_shrink)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
+        if batched is not None and not isinstance(batched, bool):
+            raise ValueError(f"`batched` must be None or a bool. Received: batched={batched!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer. Received: seed={seed!r}")
+        if preprocess is not None and not callable(preprocess):
+            raise ValueError(f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}")
+
+        arrays = _materialize(data, batched)
+        self.num_examples = _count_examples(arrays)
+        self.schedule = schedule
+        known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
+        for i, size in enumerate(known):
+            check_size(f"schedule size {i}", size, self.num_examples)
+        if not allow_shrink and any(b < a for a, b in zip(known, known[1:])):
+            raise ValueError(
+                f"`schedule` shrinks the batch ({known}) but allow_shrink=False. "
+                "Pass allow_shrink=True to allow it."
+            )
+        self.reference_batch_size = (
+            None if reference_batch_size is None
+            else check_size("reference_batch_size", reference_batch_size)
+        )
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_remainder = drop_remainder
+        self.allow_shrink = allow_shrink
+        self.learning_rate_scaling = learning_rate_scaling
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self.batch_sizes_per_epoch: list[list[int]] = []
+
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self._examples = keras.tree.map_structure(
+                lambda a: tf.Variable(a, trainable=False), arrays
+            )
+            self._order = tf.Variable(tf.range(self.num_examples, dtype=tf.int64), trainable=False)
+            self._starts = tf.Variable(tf.zeros([0], tf.int64), shape=[None], trainable=False)
+            self._sizes = tf.Variable(tf.zeros([0], tf.int64), shape=[None], trainable=False)
+            self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._preprocess = preprocess
+        self.dataset = self._make_dataset()
+        self._state: SamplingState | None = None
+        self._writer = None
+        self._mirror: dict | None = None
+        self._planned: list[int] = []
+        self._ended_by_sampling = False
+
+    # -- the pipeline ------------------------------------------------------
+
+    def _make_dataset(self) -> tf.data.Dataset:
+        def planned(_):
+            return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
+
+        def gather(_):
+            slot = self._slot.assign_add(1) - 1
+            start, size = self._starts[slot], self._sizes[slot]
+            indices = self._order[start : start + size]
+            return keras.tree.map_structure(lambda v: tf.gather(v, indices), self._examples)
+
+        dataset = tf.data.Dataset.range(_DECLARED_CARDINALITY).take_while(planned).map(gather)
+        if self._preprocess is not None:
+            dataset = dataset.map(self._preprocess)
+        options = tf.data.Options()
+        # No prefetch anywhere: the batch trained must be the batch planned.
+        options.autotune.enabled = False
+        options.experimental_optimization.inject_prefetch = False
+        options.deterministic = True
+        return _DeclaredCardinality(dataset.with_options(options), _DECLARED_CARDINALITY)
+
+    def _set_order(self, data_pass: int) -> None:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, data_pass]).permutation(self.num_examples)
+        else:
+            order = np.arange(self.num_examples)
+        self._order.assign(order.astype(np.int64))
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def set_params(self, params) -> None:
+        # ProgbarLogger keeps only what it draws; keep all of `params` too.
+        keras.callbacks.Callback.set_params(self, params)
+        super().set_params(params)
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        self._state = attach_state(model, "sampling_state", SamplingState)
+        add_step_wrapper(model, "dynamic_sampling", self._wrap_step)
+
+    def on_train_begin(self, logs=None) -> None:
+        super().on_train_begin(logs)
+        model = self.model
+        if self._needs_fisher() and getattr(model, "fisher_state", None) is None:
+            raise ValueError(
+                f"{self._needs_fisher()} needs the Fisher measurements: add a "
+                "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
+            )
+        self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        if self.log_dir is not None:
+            self._writer = summaries.create_writer(self.log_dir)
+        # A FisherCallback in the same fit replaces it at every batch with
+        # its own functions, which include this callback's step wrapper.
+        model.train_function = compile_train_function(model)
+        # Keras warns when an epoch ends on OutOfRangeError; here that is
+        # how every epoch ends.
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message=_RAN_OUT_WARNING)
+        # Read at the first epoch, after BackupAndRestore restored the state.
+        self._mirror = None
+
+    def on_train_end(self, logs=None) -> None:
+        super().on_train_end(logs)
+        model = self.model
+        remove_step_wrapper(model, "dynamic_sampling")
+        model.train_function = None
+        self._warnings.__exit__(None, None, None)
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        if self._mirror is None:
+            self._mirror = self._state.read()
+        mirror = self._mirror
+        if mirror["position"] >= self.num_examples:  # the last pass is done
+            mirror["data_pass"] += 1
+            mirror["position"] = 0
+            self._state.write({"data_pass": mirror["data_pass"], "position": 0})
+        self._set_order(mirror["data_pass"])
+        self._epoch = epoch
+        self._epoch_steps = 0
+        self._ended_by_sampling = False
+        self.batch_sizes_per_epoch.append([])
+        # The progress bar's target, from the size the schedule asks for now
+        # (updated if it changes during the epoch).
+        self.target = self._steps_left(self._peek_size(epoch))
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        mirror = self._mirror
+        if mirror["position"] >= self.num_examples:
+            self._ended_by_sampling = True
+            # Keras's own signal that the data ran out: the epoch ends here,
+            # before this step's train function is called.
+            raise tf.errors.OutOfRangeError(None, None, "keras-fim: end of a pass over the data")
+        size = self._decide(self._context())
+        remaining = self.num_examples - mirror["position"]
+        if self.drop_remainder and remaining < size:
+            mirror["position"] = self.num_examples
+            self._state.position.assign(self.num_examples)
+            self._ended_by_sampling = True
+            raise tf.errors.OutOfRangeError(None, None, "keras-fim: remainder dropped")
+        starts, sizes, position = [], [], mirror["position"]
+        for _ in range(self._steps_per_execution):
+            if position >= self.num_examples or (
+                self.drop_remainder and self.num_examples - position < size
+            ):
+                break
+            take = min(size, self.num_examples - position)
+            starts.append(position)
+            sizes.append(take)
+            position += take
+        self._starts.assign(starts)
+        self._sizes.assign(sizes)
+        self._slot.assign(0)
+        self._planned = sizes
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        mirror = self._mirror
+        trained = sum(self._planned)
+        mirror["position"] += trained
+        mirror["examples_seen"] += trained
+        mirror["step"] += len(self._planned)
+        self._epoch_steps += len(self._planned)
+        self.batch_sizes_per_epoch[-1].extend(self._planned)
+        if (
+            self.drop_remainder
+            and mirror["position"] < self.num_examples
+            and self.num_examples - mirror["position"] < mirror["batch_size"]
+            and len(self._planned) < self._steps_per_execution
+        ):
+            # The execution stopped at a remainder that will be dropped.
+            mirror["position"] = self.num_examples
+            self._state.position.assign(self.num_examples)
+        self._planned = []
+        # Keras numbers a short last execution as if it were full; the bar
+        # counts the steps actually taken.
+        self._update_progbar(self._epoch_steps - 1, logs)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        if (
+            not self._ended_by_sampling
+            and self._mirror["position"] < self.num_examples
+            and not self.model.stop_training
+        ):
+            raise RuntimeError(
+                "The DynamicSampling dataset ended before the pass over the "
+                "data did. Pass `sampling.dataset` to fit as it is (do not "
+                "map, prefetch or repeat it) and do not set `steps_per_epoch`."
+            )
+        super().on_epoch_end(epoch, logs)
+
+    # -- deciding the size -------------------------------------------------
+
+    def _needs_fisher(self) -> str | None:
+        if isinstance(self.schedule, Automatic):
+            return "schedule=Automatic(...)"
+        if self.learning_rate_scaling == "adascale":
+            return "learning_rate_scaling='adascale'"
+        return None
+
+    def _context(self) -> SamplingContext:
+        mirror = self._mirror
+        fisher = {}
+        fisher_state = getattr(self.model, "fisher_state", None)
+        measurements = 0
+        if fisher_state is not None:
+            measurements = int(fisher_state.measurements.numpy())
+            if measurements:
+                noise = float(fisher_state.noise_scale.numpy())
+                fisher = {
+                    "noise_scale": noise if noise > 0 else None,
+                    "condition_number": float(fisher_state.condition_ema.numpy()),
+                    "condition_mean": float(fisher_state.condition_mean.numpy()),
+                    "energy": float(fisher_state.energy_sum.numpy()),
+                }
+        return SamplingContext(
+            epoch=self._epoch,
+            epochs=int(self.params.get("epochs") or 1),
+            step=mirror["step"],
+            data_pass=mirror["data_pass"],
+            position=mirror["position"],
+            examples_seen=mirror["examples_seen"],
+            num_examples=self.num_examples,
+            batch_size=mirror["batch_size"] or None,
+            steps_since_change=mirror["step"] - mirror["last_change_step"],
+            measurements=measurements,
+            measurements_since_change=measurements - mirror["measurements_at_change"],
+            **fisher,
+        )
+
+    def _peek_size(self, epoch: int) -> int:
+        """The first size, for the first epoch's progress bar."""
+        self._epoch = epoch
+        return self._checked(self.schedule(self._context()), None)
+
+    def _checked(self, size, current: int | None) -> int:
+        size = check_size(f"the size returned by schedule {self.schedule!r}", size, self.num_examples)
+        if current is not None and size < current and not self.allow_shrink:
+            raise ValueError(
+                f"schedule {self.schedule!r} shrank the batch from {current} to "
+                f"{size} but allow_shrink=False. Pass allow_shrink=True to allow it."
+            )
+        return size
+
+    def _decide(self, context: SamplingContext) -> int:
+        mirror = self._mirror
+        current = mirror["batch_size"] or None
+        size = self._checked(self.schedule(context), current)
+        if isinstance(self.schedule, Automatic) and self._writer is not None:
+            signal = self.schedule.signal_value(context)
+            if signal is not None and context.measurements_since_change:
+                with self._writer.as_default(step=context.step + 1):
+                    tf.summary.scalar("sampling/signal", signal)
+                    tf.summary.scalar("sampling/threshold", self.schedule.threshold)
+        if size != current:
+            mirror["batch_size"] = size
+            mirror["last_change_step"] = context.step
+            mirror["measurements_at_change"] = context.measurements
+            if not mirror["reference_batch_size"]:
+                mirror["reference_batch_size"] = self.reference_batch_size or size
+            self._state.write({
+                name: mirror[name]
+                for name in ("batch_size", "last_change_step", "measurements_at_change",
+                             "reference_batch_size")
+            })
+            if current is not None:
+                self.target = self._epoch_steps + self._steps_left(size)
+                if self.progbar is not None:
+                    self.progbar.target = self.target
+        return size
+
+    def _steps_left(self, size: int) -> int:
+        remaining = self.num_examples - self._mirror["position"]
+        if self.drop_remainder:
+            return remaining // size
+        return math.ceil(remaining / size)
+
+    # -- the train step ----------------------------------------------------
+
+    def _wrap_step(self, step):
+        def sampled_step(data):
+            x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
+            gain = self._gain(batch)
+            optimizer = _innermost_optimizer(self.model.optimizer)
+            base = optimizer._learning_rate
+            scaled = _ScaledLearningRate(base, gain)
+            learning_rate = scaled(optimizer.iterations)
+            if self.learning_rate_scaling != "none":
+                optimizer._learning_rate = scaled
+            try:
+                logs = step(data)
+            finally:
+                optimizer._learning_rate = base
+            state = self._state
+            state.step.assign_add(1)
+            state.position.assign_add(batch)
+            state.examples_seen.assign_add(batch)
+            if self._writer is not None:
+                with self._writer.as_default(step=state.step), tf.name_scope("sampling/"):
+                    tf.summary.scalar("batch_size", batch)
+                    tf.summary.scalar("learning_rate", learning_rate)
+                    tf.summary.scalar("learning_rate_gain", gain)
+            return logs
+
+        return sampled_step
+
+    def _gain(self, batch: tf.Tensor) -> tf.Tensor:
+        ratio = tf.cast(batch, tf.float64) / tf.cast(
+            tf.maximum(self._state.reference_batch_size, 1), tf.float64
+        )
+        if self.learning_rate_scaling == "linear":
+            return ratio
+        if self.learning_rate_scaling == "sqrt":
+            return tf.sqrt(ratio)
+        if self.learning_rate_scaling == "adascale":
+            noise = self.model.fisher_state.noise_scale
+            reference = tf.cast(tf.maximum(self._state.reference_batch_size, 1), tf.float64)
+            return (1.0 + noise / reference) / (1.0 + noise / tf.cast(batch, tf.float64))
+        return tf.constant(1.0, tf.float64)
+
