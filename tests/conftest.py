@@ -1,6 +1,16 @@
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# tests/reference.py as the module `fim_reference` (tests import it by that
+# name; pytest's importlib mode puts nothing of tests/ on sys.path).
+_spec = importlib.util.spec_from_file_location(
+    "fim_reference", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py")
+)
+sys.modules["fim_reference"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sys.modules["fim_reference"])
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -16,6 +16,8 @@ Nothing here imports `keras_fim`. Three references:
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -264,3 +266,20 @@ def numpy_measurements(jac, zero_threshold=None, eps=np.finfo(np.float32).eps):
         rank=rank,
         batch_size=batch,
     )
+
+
+def read_scalars(log_dir, prefix="fisher/"):
+    """{tag: [(step, value)]} of the scalars under ``<log_dir>/train`` whose
+    tag starts with `prefix`, and the accumulator (TensorBoard's own reader:
+    after a restart it keeps the last run's values of each step)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(
+        os.path.join(log_dir, "train"), size_guidance={"tensors": 0}
+    )
+    accumulator.Reload()
+    return {
+        tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
+        for tag in accumulator.Tags()["tensors"]
+        if tag.startswith(prefix) and tag not in ("fisher/log10_eigenvalues", "fisher/spectrum")
+    }, accumulator

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fim
+from fim_reference import read_scalars
 
 
 def mlp(model_class=keras.Model, **kwargs):
@@ -181,20 +182,6 @@ def test_learning_rate_schedule_enters_l_k():
     # The hand computation reads the scheduled rate (0.5, 0.5, 0.5, 0.05:
     # the boundary is on iterations > 2) before each update.
     np.testing.assert_allclose(float(state.energy_sum), hand.l_k, rtol=1e-4)
-
-
-def read_scalars(log_dir):
-    from tensorboard.backend.event_processing import event_accumulator
-
-    accumulator = event_accumulator.EventAccumulator(
-        os.path.join(log_dir, "train"), size_guidance={"tensors": 0}
-    )
-    accumulator.Reload()
-    return {
-        tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-        for tag in accumulator.Tags()["tensors"]
-        if tag.startswith("fisher/") and tag not in ("fisher/log10_eigenvalues", "fisher/spectrum")
-    }, accumulator
 
 
 @pytest.mark.parametrize("steps_per_execution", [1, 4])

@@ -15,18 +15,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fim_reference as ref
 import keras_fim
 
 
-def _load_reference():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py")
-    spec = importlib.util.spec_from_file_location("fim_test_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _load_reference()
 
 TOL = {
     "float32": dict(rtol=1e-4, atol=1e-5),

@@ -1,0 +1,71 @@
+"""A training job for the resume test: run as a separate process, killable.
+
+python tests/sampling_job.py OUT_DIR [KILL_AT_STEP]
+
+Trains a small classifier on digits with `DynamicSampling` (automatic mode,
+AdaScale learning rate), a `FisherCallback` and `BackupAndRestore` in
+OUT_DIR/backup; at the end writes OUT_DIR/result.npz. With KILL_AT_STEP the
+process kills itself (SIGKILL, no clean-up) before that 0-based step.
+"""
+
+import os
+import signal
+import sys
+
+
+def main(out_dir: str, kill_at_step: int | None) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_fim
+    from keras_fim.datasets import load_digits
+
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(0)
+    (x, y), _ = load_digits()
+    x, y = x[:600], y[:600]
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    sampling = keras_fim.DynamicSampling(
+        (x, y),
+        schedule=keras_fim.schedules.Automatic(8, 128, min_steps=8),
+        learning_rate_scaling="adascale",
+        log_dir=os.path.join(out_dir, "logs"),
+    )
+
+    class Kill(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if int(model.optimizer.iterations.numpy()) == kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [
+        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        sampling,
+        keras_fim.FisherCallback(every_n_steps=4),
+    ]
+    if kill_at_step is not None:
+        callbacks.append(Kill())
+    model.fit(sampling.dataset, epochs=5, callbacks=callbacks, verbose=0)
+    np.savez(
+        os.path.join(out_dir, "result.npz"),
+        weights=np.concatenate([w.ravel() for w in model.get_weights()]),
+        C_K_bar=float(model.fisher_state.condition_mean),
+        L_K=float(model.fisher_state.energy_sum),
+        measurements=int(model.fisher_state.measurements),
+        iterations=int(model.optimizer.iterations),
+        **{f"sampling_{k}": v for k, v in model.sampling_state.read().items()},
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)

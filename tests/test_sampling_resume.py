@@ -1,0 +1,67 @@
+"""A run killed mid-training and resumed by BackupAndRestore continues the
+dynamic sampling exactly: same batch sizes and learning rates at every step,
+same C_K bar / L_K and weights as a run that was never interrupted.
+
+The job (tests/sampling_job.py) runs in separate processes; the interrupted
+one is killed with SIGKILL, so nothing is saved on the way out.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fim_reference import read_scalars
+
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampling_job.py")
+
+
+def run_job(out_dir, kill_at_step=None):
+    command = [sys.executable, JOB, str(out_dir)]
+    if kill_at_step is not None:
+        command.append(str(kill_at_step))
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    done = run_job(whole)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Step 50 lies in the fourth epoch of 67 steps: three epochs are backed up.
+    killed = run_job(interrupted, kill_at_step=50)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (interrupted / "result.npz").exists()
+    resumed = run_job(interrupted)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = np.load(whole / "result.npz")
+    b = np.load(interrupted / "result.npz")
+    assert int(a["iterations"]) == int(b["iterations"]) == 67
+    for key in a.files:
+        if key != "weights":
+            assert a[key] == pytest.approx(b[key], rel=1e-12), key
+    np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-6, atol=1e-7)
+    # The batch size really changed during training.
+    assert int(a["sampling_batch_size"]) > 8
+
+    # Every step's batch size and learning rate, as TensorBoard shows them
+    # (for the interrupted run, the resumed process's values replace the
+    # steps it repeated).
+    whole_scalars, _ = read_scalars(whole / "logs", prefix="sampling/")
+    resumed_scalars, _ = read_scalars(interrupted / "logs", prefix="sampling/")
+    for tag in ("sampling/batch_size", "sampling/learning_rate"):
+        assert [s for s, _ in whole_scalars[tag]] == list(range(1, 68)), tag
+        # Events come oldest file first: the last value of a step wins.
+        last = dict(resumed_scalars[tag])
+        assert sorted(last) == list(range(1, 68)), tag
+        np.testing.assert_allclose(
+            [last[s] for s in range(1, 68)], [v for _, v in whole_scalars[tag]],
+            rtol=1e-6, err_msg=tag,
+        )
+    sizes = [v for _, v in whole_scalars["sampling/batch_size"]]
+    assert sizes[0] == 8 and len(set(sizes)) > 2
