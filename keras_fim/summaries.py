@@ -35,7 +35,8 @@ SCALARS = (
 
 
 def create_writer(log_dir: str):
-    """A summary writer for ``<log_dir>/train``, with its chart layout."""
+    """A summary writer for ``<log_dir>/train``, with the chart layout of
+    every keras-fim tag (`FisherCallback`'s and `DynamicSampling`'s)."""
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
     with writer.as_default(step=0):
         _write_layout()
@@ -52,7 +53,7 @@ def _write_layout() -> None:
         return layout_pb2.Chart(
             title=title,
             multiline=layout_pb2.MultilineChartContent(
-                tag=[f"^fisher/{t}$" for t in tags]
+                tag=[f"^{t}$" if "/" in t else f"^fisher/{t}$" for t in tags]
             ),
         )
 
@@ -80,6 +81,15 @@ def _write_layout() -> None:
                     chart("mini-batch gradient norm", "gradient_norm"),
                     chart("gradient noise scale B_simple", "gradient_noise_scale"),
                     chart("batch size and learning rate", "batch_size", "learning_rate"),
+                ],
+            ),
+            layout_pb2.Category(
+                title="keras-fim: dynamic sampling",
+                chart=[
+                    chart("batch size trained", "sampling/batch_size"),
+                    chart("learning rate applied", "sampling/learning_rate"),
+                    chart("learning-rate gain", "sampling/learning_rate_gain"),
+                    chart("automatic mode: signal and threshold", "sampling/signal", "sampling/threshold"),
                 ],
             ),
         ]

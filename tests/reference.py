@@ -278,8 +278,11 @@ def read_scalars(log_dir, prefix="fisher/"):
         os.path.join(log_dir, "train"), size_guidance={"tensors": 0}
     )
     accumulator.Reload()
-    return {
-        tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-        for tag in accumulator.Tags()["tensors"]
-        if tag.startswith(prefix) and tag not in ("fisher/log10_eigenvalues", "fisher/spectrum")
-    }, accumulator
+    scalars = {}
+    for tag in accumulator.Tags()["tensors"]:
+        values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
+        if tag.startswith(prefix) and all(
+            v.ndim == 0 and v.dtype.kind in "fiu" for _, v in values
+        ):
+            scalars[tag] = [(step, float(v)) for step, v in values]
+    return scalars, accumulator

@@ -1,0 +1,149 @@
+"""The automatic mode: `Automatic`'s decisions on synthetic measurement
+streams, and the controller inside `fit` with a `FisherCallback`."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_fim
+from fim_reference import read_scalars
+from keras_fim.schedules import Automatic
+from keras_fim.schedules import SamplingContext
+
+
+def simulate(schedule, noise_scales, measure_every=5, steps=None):
+    """Runs `schedule` over a synthetic stream: at step t the smoothed
+    B_simple is noise_scales[t] and a measurement arrives every
+    `measure_every` steps. Returns the size used at each step."""
+    size, last_change, measured_at_change, sizes = None, 0, 0, []
+    for step in range(steps or len(noise_scales)):
+        measurements = step // measure_every
+        context = SamplingContext(
+            epoch=0, epochs=1, step=step, data_pass=0, position=0,
+            examples_seen=0, num_examples=10_000, batch_size=size,
+            steps_since_change=step - last_change, measurements=measurements,
+            measurements_since_change=measurements - measured_at_change,
+            noise_scale=noise_scales[step] if measurements else None,
+        )
+        new = schedule(context)
+        if new != size:
+            size, last_change, measured_at_change = new, step, measurements
+        sizes.append(size)
+    return sizes
+
+
+def test_grows_while_noise_scale_exceeds_the_batch_then_holds():
+    # B_simple = 100: 16 -> 32 -> 64 -> 128 (100/64 > 1), then 100/128 < 1.
+    sizes = simulate(Automatic(16, maximum=1024, min_steps=10), [100.0] * 200)
+    changes = [(t, s) for t, s in enumerate(sizes) if t == 0 or s != sizes[t - 1]]
+    assert changes == [(0, 16), (10, 32), (20, 64), (30, 128)]
+
+
+def test_min_steps_and_fresh_measurements_gate_each_change():
+    # Measurements every 25 steps: each change waits for one at the new size.
+    sizes = simulate(Automatic(8, maximum=64, min_steps=5), [1e6] * 200, measure_every=25)
+    changes = [t for t in range(1, 200) if sizes[t] != sizes[t - 1]]
+    assert changes == [25, 50, 75]
+    assert sizes[-1] == 64  # bounded by maximum
+
+
+def test_powers_of_two_and_factor():
+    assert simulate(Automatic(12, maximum=100, min_steps=1, factor=1.5), [1e6] * 40)[-1] == 100
+    sizes = simulate(Automatic(12, maximum=100, min_steps=1, factor=1.5), [1e6] * 40)
+    assert sorted(set(sizes)) == [12, 32, 64, 100]  # ceil(12*1.5)=18 -> 32
+    sizes = simulate(
+        Automatic(12, maximum=100, min_steps=1, factor=1.5, powers_of_two=False), [1e6] * 40
+    )
+    assert sorted(set(sizes)) == [12, 18, 27, 41, 62, 93, 100]
+
+
+def test_no_measurement_no_change_and_falling_signal_stops_growth():
+    assert set(simulate(Automatic(16, 256, min_steps=1), [None] * 50)) == {16}
+    stream = [1000.0] * 30 + [10.0] * 100
+    sizes = simulate(Automatic(16, 256, min_steps=10), stream)
+    assert sizes[-1] == sizes[40] == 64
+
+
+def test_condition_number_and_custom_signals():
+    context = SamplingContext(
+        epoch=0, epochs=1, step=99, data_pass=0, position=0, examples_seen=0,
+        num_examples=1000, batch_size=16, steps_since_change=99, measurements=9,
+        measurements_since_change=9, condition_number=500.0,
+    )
+    assert Automatic(16, 64, signal="condition_number", threshold=100.0)(context) == 32
+    assert Automatic(16, 64, signal="condition_number", threshold=1000.0)(context) == 16
+    custom = Automatic(16, 64, signal=lambda c: c.step / 10, threshold=5.0)
+    assert custom.signal_value(context) == pytest.approx(9.9)
+    assert custom(context) == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(initial=0, maximum=8), "initial"),
+        (dict(initial=16, maximum=8), "maximum"),
+        (dict(initial=8, maximum=16, signal="loss"), "signal"),
+        (dict(initial=8, maximum=16, factor=1.0), "factor"),
+        (dict(initial=8, maximum=16, threshold=float("nan")), "threshold"),
+        (dict(initial=8, maximum=16, min_steps=0), "min_steps"),
+        (dict(initial=8, maximum=16, min_measurements=-1), "min_measurements"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Automatic(**kwargs)
+
+
+def classifier():
+    model = keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(3),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def data(n=240):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0.5)  # learnable
+    return x, y
+
+
+def test_automatic_in_fit_logs_decisions_and_fisher_sees_the_coupled_rate(tmp_path):
+    x, y = data()
+    model = classifier()
+    sampling = keras_fim.DynamicSampling(
+        (x, y), schedule=Automatic(8, 64, min_steps=4), learning_rate_scaling="linear",
+        log_dir=str(tmp_path),
+    )
+    fisher = keras_fim.FisherCallback(every_n_steps=2, log_dir=str(tmp_path))
+    model.fit(sampling.dataset, epochs=3, callbacks=[fisher, sampling], verbose=0)
+
+    trained = [b for epoch in sampling.batch_sizes_per_epoch for b in epoch]
+    assert all(sum(epoch) == len(x) for epoch in sampling.batch_sizes_per_epoch)
+    assert trained[0] == 8 and max(trained) > 8  # B_simple ~ 24 here
+
+    scalars, _ = read_scalars(str(tmp_path), prefix="")
+    sizes = dict(scalars["sampling/batch_size"])
+    rates = dict(scalars["sampling/learning_rate"])
+    assert [sizes[s] for s in range(1, len(trained) + 1)] == trained
+    for step, size in sizes.items():  # linear coupling, B0 = 8
+        assert rates[step] == pytest.approx(0.05 * size / 8, rel=1e-6)
+    # The Fisher measurement's L_K uses the rate actually applied.
+    for step, rate in scalars["fisher/learning_rate"]:
+        assert rate == pytest.approx(rates[step], rel=1e-6)
+    # Every decision shows its signal (B_simple / B) and the threshold.
+    assert scalars["sampling/signal"] and {v for _, v in scalars["sampling/threshold"]} == {1.0}
+
+
+def test_automatic_without_fisher_callback_is_refused():
+    x, y = data()
+    model = classifier()
+    sampling = keras_fim.DynamicSampling((x, y), schedule=Automatic(8, 64))
+    with pytest.raises(ValueError, match="FisherCallback"):
+        model.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
