@@ -482,7 +482,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         fisher = {}
         fisher_state = getattr(self.model, "fisher_state", None)
         measurements = 0
-        if fisher_state is not None:
+        # A user function may read the measurements; the built-in schedules
+        # say whether they do.
+        wanted = getattr(self.schedule, "uses_measurements", True)
+        if fisher_state is not None and wanted:
             measurements = int(fisher_state.measurements.numpy())
             if measurements:
                 noise = float(fisher_state.noise_scale.numpy())

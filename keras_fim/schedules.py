@@ -85,6 +85,10 @@ def check_size(name: str, value, num_examples: int | None = None) -> int:
 class BatchSizeSchedule:
     """Base class: `__call__(context) -> int` and `sizes()` to validate."""
 
+    # Whether the schedule reads the Fisher measurements of the context
+    # (reading them costs a few device reads per step).
+    uses_measurements = False
+
     def __call__(self, context: SamplingContext) -> int:
         raise NotImplementedError
 
@@ -290,6 +294,8 @@ class Automatic(BatchSizeSchedule):
     >>> grow(context), grow.signal_value(context)
     (32, 2.5)
     """
+
+    uses_measurements = True
 
     def __init__(self, initial: int, maximum: int, signal: str | Callable = "noise_scale",
                  threshold: float = 1.0, factor: float = 2.0, min_steps: int = 50,

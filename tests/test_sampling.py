@@ -238,12 +238,11 @@ def as_float32(tree):
 def test_structure_and_rows_of_every_batch(source):
     x, y, sw = structured_data()
     n = len(sw)
+    kwargs = {}
     if source == "arrays":
         data = (x, y, sw)  # float64: cast to float32
-        kwargs = {}
     else:
         data = tf.data.Dataset.from_tensor_slices(as_float32((x, y, sw)))
-        kwargs = {}
         if source == "batched_dataset":
             data = data.batch(7)  # unknown leading dim: detected as batched
         elif source == "batched_dataset_explicit":
@@ -258,9 +257,9 @@ def test_structure_and_rows_of_every_batch(source):
     assert len(model._seen) == len(batches)
     expected_full = as_float32((x, y, sw))
     for seen, index in zip(model._seen, batches):
-        sx, sy, ssw = seen
+        sx, sy, _ = seen
         assert set(sx) == {"a", "b"} and set(sy) == {"out1", "out2"}
-        expected = keras.tree.map_structure(lambda a: a[index], expected_full)
+        expected = keras.tree.map_structure(lambda a, i=index: a[i], expected_full)
         for got, want in zip(keras.tree.flatten(seen), keras.tree.flatten(expected)):
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, want)
@@ -407,7 +406,7 @@ def test_learning_rate_gain_on_a_learning_rate_schedule():
 def test_learning_rate_gain_with_steps_per_execution():
     x, y = linear_problem()
     model = linear_model(0.05, steps_per_execution=2)
-    schedule = lambda c: 4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)  # noqa: E731
+    schedule = lambda c: 4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)
     sampling = keras_fim.DynamicSampling((x, y), schedule, seed=5,
                                          learning_rate_scaling="sqrt")
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
@@ -424,7 +423,7 @@ def test_learning_rate_scheduler_callback_still_sets_the_base_rate():
     model = linear_model(0.05)
     sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
                                          learning_rate_scaling="linear")
-    rates = lambda epoch: 0.05 * 0.5**epoch  # noqa: E731
+    rates = lambda epoch: 0.05 * 0.5**epoch
     model.fit(sampling.dataset, epochs=3, verbose=0,
               callbacks=[keras.callbacks.LearningRateScheduler(rates), sampling])
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
@@ -498,6 +497,14 @@ def test_integer_schedule_larger_than_data_raises_at_construction():
         keras_fim.DynamicSampling(small_xy(20), schedule=21)
 
 
+def test_integer_schedule_larger_than_data_raises_by_fit_start():
+    model = plain_model()
+    sampling = keras_fim.DynamicSampling(small_xy(20), schedule=21)
+    with pytest.raises(ValueError, match="schedule"):
+        model.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
+    assert model.sampling_state.read()["step"] == 0
+
+
 def test_bad_schedule_arguments_raise_value_error():
     with pytest.raises(ValueError, match="sizes"):
         Staged([0, 4])
@@ -540,7 +547,7 @@ def test_bad_callable_schedule_raises_during_fit(schedule, match):
 
 def test_shrinking_callable_allowed_with_allow_shrink():
     model = plain_model()
-    schedule = lambda c: 8 if c.step < 2 else 4  # noqa: E731
+    schedule = lambda c: 8 if c.step < 2 else 4
     sampling = keras_fim.DynamicSampling(small_xy(), schedule, allow_shrink=True,
                                          shuffle=False)
     model.fit(sampling.dataset, epochs=2, callbacks=[sampling], verbose=0)
@@ -562,6 +569,37 @@ def test_fisher_dependent_options_need_a_fisher_callback(kwargs, match):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "sampling.py registers its step wrapper in set_model and installs the wrapped "
+    "train_function in on_train_begin, but only undoes both in on_train_end, which "
+    "Keras does not call when fit raises: later fits of the model keep the wrapper "
+    "(learning-rate gain applied, sampling_state counters advanced)"))
+@pytest.mark.parametrize("case", ["schedule_error_during_fit", "adascale_error_at_fit_start"])
+def test_a_failed_fit_does_not_change_later_fits(case):
+    x, y = linear_problem(20)
+    failed, fresh = linear_model(0.05), linear_model(0.05)
+    start = fresh.get_weights()
+    if case == "schedule_error_during_fit":
+        schedule = lambda c: 4 if c.step < 2 else 2  # shrinks: ValueError
+        sampling = keras_fim.DynamicSampling((x, y), schedule, learning_rate_scaling="linear")
+        callbacks = list
+    else:
+        sampling = keras_fim.DynamicSampling((x, y), 4, learning_rate_scaling="adascale")
+        # The leftover wrapper is compiled into the FisherCallback's functions.
+        callbacks = lambda: [keras_fim.FisherCallback(every_n_steps=1)]
+    with pytest.raises(ValueError):
+        failed.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
+    state = failed.sampling_state.read()
+    # The same later fit, without DynamicSampling, from the same weights.
+    failed.set_weights(start)
+    for model in (failed, fresh):
+        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0,
+                  callbacks=callbacks())
+    assert failed.sampling_state.read() == state  # a plain fit does not sample
+    for a, b in zip(failed.get_weights(), fresh.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 # -- 7. XLA ------------------------------------------------------------------------
 
 
@@ -579,6 +617,10 @@ def test_jit_compile_gives_the_same_weights():
     assert sizes == xla_sizes
     for a, b in zip(plain, xla):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # And both follow the replay (XLA compiled one step per batch shape).
+    plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
+    for got, want in zip(xla, replay_sgd(x, y, plan, lambda t: 0.05, "sqrt")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # -- 8. validation data and history ------------------------------------------------
