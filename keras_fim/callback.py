@@ -14,7 +14,9 @@ from keras_fim.engine import per_example_gradients
 from keras_fim.measurements import spectrum_from_gram
 from keras_fim.state import FisherState
 from keras_fim.state import attach_state
+from keras_fim.train_step import begin_fit
 from keras_fim.train_step import compile_train_function
+from keras_fim.train_step import end_fit
 
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:
@@ -179,11 +181,10 @@ class FisherCallback(keras.callbacks.Callback):
                     f"Received: log_dir={self.log_dir!r} ({error})"
                 ) from error
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        self._functions = {
-            "plain": self._build_train_function(measure=False),
-            "measure": self._build_train_function(measure=True),
-        }
-        model.train_function = self._functions["measure"]
+        # Built at the first batch, after every on_train_begin, so that the
+        # step wrappers of other keras-fim callbacks are included.
+        self._functions = {}
+        begin_fit(model, "fisher", self._end_fit)
         # A Python mirror of state.step, read at the first batch (after every
         # on_train_begin, so after BackupAndRestore has restored it): choosing
         # the function per batch then needs no read from the device.
@@ -194,6 +195,11 @@ class FisherCallback(keras.callbacks.Callback):
         self._state.epoch.assign(epoch)
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
+        if not self._functions:
+            self._functions = {
+                "plain": self._build_train_function(measure=False),
+                "measure": self._build_train_function(measure=True),
+            }
         if self._steps_per_execution > 1:
             # One function, the decision is taken per step in-graph. Set at
             # every batch: another keras-fim callback may have set its own.
@@ -209,6 +215,9 @@ class FisherCallback(keras.callbacks.Callback):
             self._step += 1
 
     def on_train_end(self, logs=None) -> None:
+        end_fit(self.model, "fisher")
+
+    def _end_fit(self) -> None:
         # Later fits (with or without this callback) rebuild a clean function.
         self.model.train_function = None
         self._functions = {}

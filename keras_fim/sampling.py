@@ -35,12 +35,14 @@ from keras_fim import summaries
 from keras_fim.schedules import Automatic
 from keras_fim.schedules import BatchSizeSchedule
 from keras_fim.schedules import SamplingContext
+from keras_fim.schedules import Staged
 from keras_fim.schedules import check_size
 from keras_fim.state import SamplingState
 from keras_fim.state import attach_state
 from keras_fim.train_step import add_step_wrapper
+from keras_fim.train_step import begin_fit
 from keras_fim.train_step import compile_train_function
-from keras_fim.train_step import remove_step_wrapper
+from keras_fim.train_step import end_fit
 
 LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
 
@@ -249,10 +251,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         log_dir: str | None = None,
     ):
         super().__init__()
-        if isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool):
-            size = check_size("schedule", schedule)
-            schedule = lambda context: size  # noqa: E731 (a fixed size)
-        if not callable(schedule):
+        fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool)
+        if not fixed_size and not callable(schedule):
             raise ValueError(
                 "`schedule` must be a keras_fim.schedules schedule, a function "
                 f"of a SamplingContext, or an integer. Received: schedule={schedule!r}"
@@ -275,6 +275,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
         arrays = _materialize(data, batched)
         self.num_examples = _count_examples(arrays)
+        if fixed_size:
+            size = check_size("schedule", schedule, self.num_examples)
+            schedule = Staged([size])
         self.schedule = schedule
         known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
         for i, size in enumerate(known):
@@ -351,7 +354,6 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
         self._state = attach_state(model, "sampling_state", SamplingState)
-        add_step_wrapper(model, "dynamic_sampling", self._wrap_step)
 
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
@@ -364,22 +366,25 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         if self.log_dir is not None:
             self._writer = summaries.create_writer(self.log_dir)
-        # A FisherCallback in the same fit replaces it at every batch with
-        # its own functions, which include this callback's step wrapper.
-        model.train_function = compile_train_function(model)
         # Keras warns when an epoch ends on OutOfRangeError; here that is
         # how every epoch ends.
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.filterwarnings("ignore", message=_RAN_OUT_WARNING)
+        begin_fit(model, "dynamic_sampling", self._end_fit)
+        add_step_wrapper(model, "dynamic_sampling", self._wrap_step)
+        # A FisherCallback in the same fit replaces it at every batch with
+        # its own functions, which include this callback's step wrapper.
+        model.train_function = compile_train_function(model)
         # Read at the first epoch, after BackupAndRestore restored the state.
         self._mirror = None
 
     def on_train_end(self, logs=None) -> None:
         super().on_train_end(logs)
-        model = self.model
-        remove_step_wrapper(model, "dynamic_sampling")
-        model.train_function = None
+        end_fit(self.model, "dynamic_sampling")
+
+    def _end_fit(self) -> None:
+        self.model.train_function = None
         self._warnings.__exit__(None, None, None)
         if self._writer is not None:
             self._writer.flush()

@@ -4,10 +4,12 @@ Keras compiles whatever `model.train_step` is when `make_train_function`
 runs, and `fit` calls `model.train_function` afresh at every step. keras-fim's
 callbacks change the step without touching the user's model class: each one
 registers a *step wrapper* (a function from a step function to a step
-function) in `set_model`, and the train function is compiled from Keras's own
-step with every registered wrapper around it. `FisherCallback` compiles its
-own functions with the other wrappers included and sets one at every batch,
-so the callbacks compose in any order in the `callbacks` list.
+function) in `on_train_begin`, and the train function is compiled from Keras's
+own step with every registered wrapper around it. `FisherCallback` compiles
+its own functions at the first batch (after every `on_train_begin`) with the
+other wrappers included, and sets one at every batch, so the callbacks compose
+in any order in the `callbacks` list. Each callback also registers how to undo
+its changes; see `begin_fit`.
 """
 
 from __future__ import annotations
@@ -20,24 +22,57 @@ StepFunction = Callable[[object], dict]
 StepWrapper = Callable[[StepFunction], StepFunction]
 
 _WRAPPERS = "_keras_fim_step_wrappers"
+_CLEANUPS = "_keras_fim_cleanups"
 
 
-def _wrappers(model: keras.Model) -> dict:
-    wrappers = model.__dict__.get(_WRAPPERS)
-    if wrappers is None:
-        wrappers = {}
+def _model_dict(model: keras.Model, name: str) -> dict:
+    value = model.__dict__.get(name)
+    if value is None:
+        value = {}
         # object.__setattr__: keep Keras's attribute tracking out of it.
-        object.__setattr__(model, _WRAPPERS, wrappers)
-    return wrappers
+        object.__setattr__(model, name, value)
+    return value
 
 
 def add_step_wrapper(model: keras.Model, key: str, wrapper: StepWrapper) -> None:
     """Registers `wrapper` under `key` (replacing an earlier one)."""
-    _wrappers(model)[key] = wrapper
+    _model_dict(model, _WRAPPERS)[key] = wrapper
 
 
-def remove_step_wrapper(model: keras.Model, key: str) -> None:
-    _wrappers(model).pop(key, None)
+def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None:
+    """Registers what undoes a callback's changes to `model` for this fit.
+
+    The callback calls `end_fit` from `on_train_end`. Keras calls no hook when
+    `fit` raises, so the model's next `fit` (or `train_on_batch`) runs the
+    cleanups left over first: a failed fit never changes later ones.
+    """
+    _guard(model)
+    _model_dict(model, _CLEANUPS)[key] = cleanup
+
+
+def end_fit(model: keras.Model, key: str) -> None:
+    """Runs and forgets `key`'s cleanup and step wrapper."""
+    _model_dict(model, _WRAPPERS).pop(key, None)
+    cleanup = _model_dict(model, _CLEANUPS).pop(key, None)
+    if cleanup is not None:
+        cleanup()
+
+
+def _guard(model: keras.Model) -> None:
+    if "make_train_function" in model.__dict__:
+        return
+    original = type(model).make_train_function
+
+    def make_train_function(force=False):
+        # Keras asks for the function (without force) when a fit starts,
+        # before any callback runs: whatever a keras-fim callback left on
+        # the model is then stale.
+        if not force:
+            for key in list(_model_dict(model, _CLEANUPS)):
+                end_fit(model, key)
+        return original(model, force=force)
+
+    object.__setattr__(model, "make_train_function", make_train_function)
 
 
 def compile_train_function(model: keras.Model, inner: StepWrapper | None = None):
@@ -46,7 +81,7 @@ def compile_train_function(model: keras.Model, inner: StepWrapper | None = None)
     step = model.train_step
     if inner is not None:
         step = inner(step)
-    for wrapper in list(_wrappers(model).values()):
+    for wrapper in list(_model_dict(model, _WRAPPERS).values()):
         step = wrapper(step)
     # `make_train_function` compiles whatever `model.train_step` is when it
     # runs; the instance attribute is removed right after.
