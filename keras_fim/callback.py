@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
+from keras_fim.engine import gradient_noise_components
 from keras_fim.engine import gram_from_gradients
 from keras_fim.engine import per_example_gradients
 from keras_fim.measurements import spectrum_from_gram
@@ -277,6 +278,7 @@ class FisherCallback(keras.callbacks.Callback):
                 model, x, y, sample_weight, max_examples=self.max_examples
             )
             gram = gram_from_gradients(gradients)
+            noise_components = gradient_noise_components(model, x, y, sample_weight)
         except Exception as error:  # never let a measurement stop training
             if not self._warned:
                 warnings.warn(
@@ -306,6 +308,7 @@ class FisherCallback(keras.callbacks.Callback):
             batch_size,
             self._steps_represented(state.epoch),
             self.ema_decay,
+            noise_components,
         )
         if self._writer is not None:
             summaries.write_measurement(

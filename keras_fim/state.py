@@ -27,9 +27,10 @@ class FisherState(keras.layers.Layer):
         condition_ema: float64, exponential average of ``c_k``.
         energy_sum: float64, ``L_K``.
         trace_sigma_ema, true_gradient_sq_ema: float64, exponential averages
-            of the unbiased estimates of ``tr(Sigma)`` and ``|G|^2``, whose
-            ratio is the smoothed gradient noise scale `noise_scale`
-            (McCandlish et al. 2018 average the two separately, as here).
+            of the unbiased estimates of ``tr(Sigma)`` and ``|G|^2`` from the
+            gradients of each measured batch and of its halves, whose ratio
+            is the smoothed gradient noise scale `noise_scale` (McCandlish
+            et al. 2018 average the two separately, as here).
     """
 
     def __init__(self, name: str = "fisher_state", **kwargs):
@@ -80,10 +81,13 @@ class FisherState(keras.layers.Layer):
         batch_size: tf.Tensor,
         steps_represented: tf.Tensor,
         ema_decay: float,
+        noise_components: tuple = (float("nan"), float("nan")),
     ) -> tf.Tensor:
         """Adds one measured step; returns whether it was finite (kept).
 
-        ``L_K`` grows by ``steps_represented * lr / |B| * ||J||_F``, with
+        `noise_components` are the step's estimates of ``tr(Sigma)`` and
+        ``|G|^2`` (`engine.gradient_noise_components`); their averages give
+        `noise_scale`. ``L_K`` grows by ``steps_represented * lr / |B| * ||J||_F``, with
         ``||J||_F`` scaled up by ``sqrt(|B| / measured)`` when only some
         examples of the batch were measured.
         """
@@ -106,14 +110,8 @@ class FisherState(keras.layers.Layer):
         self.energy_sum.assign_add(tf.where(ok, term, 0.0))
         self.measurements.assign_add(tf.where(ok, 1, 0))
         self.skipped.assign_add(tf.where(ok, 0, 1))
-        # The two halves of B_simple from the measured examples (the same
-        # estimates as `measurements.gradient_noise_scale`).
-        measured_f = tf.maximum(measured, 2.0)
-        mean_sq_norm = tf.cast(measurement.trace, tf.float64)
-        batch_gradient_sq = tf.cast(measurement.gradient_norm, tf.float64) ** 2
-        trace_sigma = (mean_sq_norm - batch_gradient_sq) * measured_f / (measured_f - 1)
-        true_gradient_sq = (measured_f * batch_gradient_sq - mean_sq_norm) / (measured_f - 1)
-        usable = ok & (measured > 1) & tf.math.is_finite(trace_sigma + true_gradient_sq)
+        trace_sigma, true_gradient_sq = (tf.cast(v, tf.float64) for v in noise_components)
+        usable = ok & tf.math.is_finite(trace_sigma + true_gradient_sq)
         unset = tf.equal(self.trace_sigma_ema, 0.0) & tf.equal(self.true_gradient_sq_ema, 0.0)
         for average, value in (
             (self.trace_sigma_ema, trace_sigma),

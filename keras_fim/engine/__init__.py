@@ -146,6 +146,56 @@ def _record(model, x, y, sample_weight, max_examples, training):
     return batch_pass, units, examples
 
 
+def gradient_noise_components(
+    model: keras.Model, x: Any, y: Any, sample_weight: Any = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Estimates ``tr(Sigma)`` and ``|G|^2`` from mini-batch gradients.
+
+    McCandlish et al. (2018, appendix A): with ``|g_B|^2`` the squared norm
+    of the gradient of the whole batch (size ``B``) and ``|g_b|^2`` the mean
+    over its two halves (size ``b = B // 2``),
+
+    ``|G|^2 = (B |g_B|^2 - b |g_b|^2) / (B - b)`` and
+    ``tr(Sigma) = (|g_b|^2 - |g_B|^2) / (1/b - 1/B)``,
+
+    both unbiased; their ratio is the gradient noise scale ``B_simple``.
+    Each gradient is that of a real batch (a stateless pass in training mode,
+    the compiled loss without regularisation), so this holds for
+    batch-coupled layers too, where the per-example contributions of
+    BatchNorm in training mode are negatively correlated and the
+    per-example estimate of `measure` is undefined. Returns float64 NaNs for
+    a batch of fewer than 2 examples.
+    """
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    kwargs = {"training": True} if model._call_has_training_arg else {}
+
+    def squared_norm(start, stop):
+        def part(t):
+            return None if t is None else t[start:stop]
+
+        xs, ys, ws = (keras.tree.map_structure(part, t) for t in (x, y, sample_weight))
+        with tf.GradientTape() as tape:
+            tape.watch(trainable)
+            y_pred, _ = model.stateless_call(trainable, non_trainable, xs, **kwargs)
+            losses = per_example_losses(model, ys, y_pred, ws)
+            loss = tf.reduce_sum(losses) / tf.cast(stop - start, losses.dtype)
+        grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])
+
+    batch = _batch_size(x)
+    half = tf.maximum(batch // 2, 1)
+    big = squared_norm(0, batch)
+    small = 0.5 * (squared_norm(0, half) + squared_norm(half, 2 * half))
+    batch_f, half_f = tf.cast(batch, tf.float64), tf.cast(half, tf.float64)
+    defined = batch >= 2
+    safe = tf.where(defined, batch_f - half_f, 1.0)
+    true_gradient_sq = (batch_f * big - half_f * small) / safe
+    trace_sigma = (small - big) / tf.where(defined, 1.0 / half_f - 1.0 / batch_f, 1.0)
+    nan = tf.constant(float("nan"), tf.float64)
+    return tf.where(defined, trace_sigma, nan), tf.where(defined, true_gradient_sq, nan)
+
+
 def gram_from_gradients(gradients: list) -> tf.Tensor:
     """The Gram matrix ``J J^T`` of per-example gradients, summed per variable."""
     gram = None
