@@ -8,6 +8,7 @@ schedule (SGD momentum 0.9, rate 0.05, x0.1 at 50% and 75% of the epochs):
 * ``fixed-16`` and ``fixed-256``: plain `model.fit(x, y, batch_size=...)`;
 * ``staged``: `DynamicSampling` with the paper's schedule 16 -> 32 -> 64 ->
   128 -> 256 in five equal stages, learning rate unchanged by the growth;
+* ``staged-sqrt``: the same, the learning rate scaled by sqrt(B / 16);
 * ``automatic``: `DynamicSampling(schedule=Automatic(16, 256))` driven by a
   `FisherCallback` measuring every 10 steps (its cost included).
 
@@ -32,14 +33,17 @@ import keras
 import keras_fim
 from keras_fim.datasets import load_digits
 from keras_fim.models import cifar_resnet
-from keras_fim.schedules import Automatic
-from keras_fim.schedules import Staged
+from keras_fim.schedules import Automatic, Staged
 
-CONFIGS = ("fixed-16", "fixed-256", "staged", "automatic")
+CONFIGS = ("fixed-16", "fixed-256", "staged", "staged-sqrt", "automatic")
 
 
 def learning_rate(epoch: int, epochs: int, base: float = 0.05) -> float:
-    return base * (0.1 if epoch >= epochs // 2 else 1.0) * (0.1 if epoch >= 3 * epochs // 4 else 1.0)
+    return (
+        base
+        * (0.1 if epoch >= epochs // 2 else 1.0)
+        * (0.1 if epoch >= 3 * epochs // 4 else 1.0)
+    )
 
 
 def train(config: str, seed: int, epochs: int, data) -> tuple[float, float]:
@@ -52,20 +56,30 @@ def train(config: str, seed: int, epochs: int, data) -> tuple[float, float]:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    callbacks = [keras.callbacks.LearningRateScheduler(lambda e: learning_rate(e, epochs))]
+    callbacks = [
+        keras.callbacks.LearningRateScheduler(lambda e: learning_rate(e, epochs))
+    ]
     start = time.perf_counter()
     if config.startswith("fixed-"):
         batch = int(config.split("-")[1])
         model.fit(x, y, batch_size=batch, epochs=epochs, callbacks=callbacks, verbose=0)
     else:
-        if config == "staged":
+        scaling = "sqrt" if config == "staged-sqrt" else "none"
+        if config.startswith("staged"):
             schedule = Staged([16, 32, 64, 128, 256])
         else:
             schedule = Automatic(16, 256, min_steps=20)
             callbacks.append(keras_fim.FisherCallback(every_n_steps=10))
-        sampling = keras_fim.DynamicSampling((x, y), schedule=schedule, seed=seed)
-        model.fit(sampling.dataset, epochs=epochs, callbacks=[*callbacks, sampling],
-                  verbose=0, shuffle=False)
+        sampling = keras_fim.DynamicSampling(
+            (x, y), schedule=schedule, seed=seed, learning_rate_scaling=scaling
+        )
+        model.fit(
+            sampling.dataset,
+            epochs=epochs,
+            callbacks=[*callbacks, sampling],
+            verbose=0,
+            shuffle=False,
+        )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, batch_size=256, verbose=0)
     return seconds, 100.0 * accuracy
@@ -85,10 +99,15 @@ def main(argv=None) -> None:
         for config in CONFIGS:
             results[config].append(train(config, seed, args.epochs, data))
             seconds, accuracy = results[config][-1]
-            print(f"seed {seed} {config:10s} {seconds:7.1f} s  accuracy {accuracy:5.1f}%", flush=True)
+            print(
+                f"seed {seed} {config:10s} {seconds:7.1f} s  accuracy {accuracy:5.1f}%",
+                flush=True,
+            )
 
     def mean_spread(values):
-        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+        return statistics.mean(values), (
+            statistics.stdev(values) if len(values) > 1 else 0.0
+        )
 
     summary = {
         config: (mean_spread([s for s, _ in runs]), mean_spread([a for _, a in runs]))
@@ -96,12 +115,18 @@ def main(argv=None) -> None:
     }
     small_time = summary["fixed-16"][0][0]
     best_fixed = max(summary[c][1][0] for c in CONFIGS if c.startswith("fixed-"))
-    print(f"\n{args.epochs} epochs, {args.seeds} seeds, digits, ResNet-8 + BN "
-          "(mean +- standard deviation over seeds)")
-    print(f"{'config':10s} {'seconds':>15s} {'accuracy %':>14s} {'time/fixed-16':>14s} {'acc - best fixed':>17s}")
+    print(
+        f"\n{args.epochs} epochs, {args.seeds} seeds, digits, ResNet-8 + BN "
+        "(mean +- standard deviation over seeds)"
+    )
+    print(
+        f"{'config':10s} {'seconds':>15s} {'accuracy %':>14s} {'time/fixed-16':>14s} {'acc - best fixed':>17s}"
+    )
     for config, ((time_mean, time_sd), (acc_mean, acc_sd)) in summary.items():
-        print(f"{config:10s} {time_mean:8.1f} +-{time_sd:5.1f} {acc_mean:7.2f} +-{acc_sd:4.2f} "
-              f"{time_mean / small_time:14.3f} {acc_mean - best_fixed:+17.2f}")
+        print(
+            f"{config:10s} {time_mean:8.1f} +-{time_sd:5.1f} {acc_mean:7.2f} +-{acc_sd:4.2f} "
+            f"{time_mean / small_time:14.3f} {acc_mean - best_fixed:+17.2f}"
+        )
     print("target: time/fixed-16 <= 0.7 with accuracy >= best fixed - 0.5")
 
 

@@ -35,8 +35,7 @@ import keras
 import keras_fim
 from keras_fim.datasets import load_digits
 from keras_fim.models import cifar_resnet
-from keras_fim.schedules import Automatic
-from keras_fim.schedules import Staged
+from keras_fim.schedules import Automatic, Staged
 
 
 def main(argv=None) -> None:
@@ -60,14 +59,19 @@ def main(argv=None) -> None:
     callbacks = [keras.callbacks.TensorBoard(log_dir)]
     if args.mode == "staged":
         sampling = keras_fim.DynamicSampling(
-            (x_train, y_train), schedule=Staged([16, 32, 64, 128, 256]),
-            seed=args.seed, log_dir=log_dir,
+            (x_train, y_train),
+            schedule=Staged([16, 32, 64, 128, 256]),
+            seed=args.seed,
+            log_dir=log_dir,
         )
         callbacks.append(keras_fim.FisherCallback(log_dir=log_dir, every_n_steps=10))
     else:
         sampling = keras_fim.DynamicSampling(
-            (x_train, y_train), schedule=Automatic(16, maximum=256, min_steps=20),
-            learning_rate_scaling="adascale", seed=args.seed, log_dir=log_dir,
+            (x_train, y_train),
+            schedule=Automatic(16, maximum=256, min_steps=20),
+            learning_rate_scaling="adascale",
+            seed=args.seed,
+            log_dir=log_dir,
         )
         callbacks.append(keras_fim.FisherCallback(log_dir=log_dir, every_n_steps=5))
     model.fit(

@@ -8,16 +8,13 @@ one `fit`, by schedule or from those measurements.
 
 from keras_fim import schedules
 from keras_fim.callback import FisherCallback
-from keras_fim.engine import fisher_gram
-from keras_fim.engine import measure
-from keras_fim.engine import per_example_gradients
+from keras_fim.engine import fisher_gram, measure, per_example_gradients
 from keras_fim.engine.rules import register_rule
 from keras_fim.measurements import FisherMeasurement
 from keras_fim.model import FisherModel
 from keras_fim.sampling import DynamicSampling
 from keras_fim.schedules import SamplingContext
-from keras_fim.state import FisherState
-from keras_fim.state import SamplingState
+from keras_fim.state import FisherState, SamplingState
 
 __version__ = "0.1.0"
 

@@ -9,15 +9,15 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim.engine import gradient_noise_components
-from keras_fim.engine import gram_from_gradients
-from keras_fim.engine import per_example_gradients
+from keras_fim.engine import (
+    gradient_noise_components,
+    gram_from_gradients,
+    per_example_gradients,
+)
 from keras_fim.measurements import spectrum_from_gram
-from keras_fim.state import FisherState
-from keras_fim.state import attach_state
-from keras_fim.train_step import begin_fit
-from keras_fim.train_step import compile_train_function
-from keras_fim.train_step import end_fit
+from keras_fim.state import FisherState, attach_state
+from keras_fim.train_step import begin_fit, compile_train_function, end_fit
+
 
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:

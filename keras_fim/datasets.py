@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def load_digits(test_fraction: float = 0.25, seed: int = 0):
     """scikit-learn's 1,797 8x8 digit images, as images in [0, 1].
 

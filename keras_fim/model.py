@@ -10,6 +10,7 @@ from keras.src.models.model import functional_init_arguments
 
 from keras_fim.callback import FisherCallback
 from keras_fim.state import FisherState
+from keras_fim.state import SamplingState
 
 _OPTIONS = (
     "every_n_steps",
@@ -32,8 +33,8 @@ class FisherModel(keras.Model):
     runs one internally), and leaves the update to Keras's own `train_step`,
     so the weights stay identical to a plain `keras.Model`. The options below
     round-trip through `get_config` and `.keras` files; the running state
-    (``model.fisher_state``: C_K bar, L_K, counters) is saved with the
-    weights.
+    (``model.fisher_state``: C_K bar, L_K, counters; ``model.sampling_state``:
+    where a `DynamicSampling` stands) is saved with the weights.
 
     Args:
         *args: Positional arguments of `keras.Model` (e.g. inputs, outputs).
@@ -91,6 +92,9 @@ class FisherModel(keras.Model):
             ema_decay=ema_decay,
         )
         self.fisher_state = FisherState()
+        # Tracked here (a plain model gets it untracked from DynamicSampling),
+        # so that `.keras` files keep where dynamic sampling stands too.
+        self.sampling_state = SamplingState()
 
     @property
     def fisher_options(self) -> dict:

@@ -25,24 +25,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim.schedules import Automatic
-from keras_fim.schedules import BatchSizeSchedule
-from keras_fim.schedules import SamplingContext
-from keras_fim.schedules import Staged
-from keras_fim.schedules import check_size
-from keras_fim.state import SamplingState
-from keras_fim.state import attach_state
-from keras_fim.train_step import add_step_wrapper
-from keras_fim.train_step import begin_fit
-from keras_fim.train_step import compile_train_function
-from keras_fim.train_step import end_fit
+from keras_fim.schedules import (
+    Automatic,
+    BatchSizeSchedule,
+    SamplingContext,
+    Staged,
+    check_size,
+)
+from keras_fim.state import SamplingState, attach_state
+from keras_fim.train_step import (
+    add_step_wrapper,
+    begin_fit,
+    compile_train_function,
+    end_fit,
+)
 
 LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
 
@@ -89,7 +92,9 @@ def _materialize(data, batched: bool | None):
             data = data.unbatch()
         chunks = [element for element in data.batch(4096).as_numpy_iterator()]
         if not chunks:
-            raise ValueError("`data` must hold at least one example; the dataset is empty.")
+            raise ValueError(
+                "`data` must hold at least one example; the dataset is empty."
+            )
         return keras.tree.map_structure(
             lambda *parts: np.concatenate(parts, axis=0), *chunks
         )
@@ -104,7 +109,11 @@ def _materialize(data, batched: bool | None):
         ) from error
     # As Keras's own array adapter: floating arrays in the float type.
     arrays = keras.tree.map_structure(
-        lambda a: a.astype(keras.config.floatx()) if np.issubdtype(a.dtype, np.floating) else a,
+        lambda a: (
+            a.astype(keras.config.floatx())
+            if np.issubdtype(a.dtype, np.floating)
+            else a
+        ),
         arrays,
     )
     for array in keras.tree.flatten(arrays):
@@ -251,7 +260,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         log_dir: str | None = None,
     ):
         super().__init__()
-        fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool)
+        fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(
+            schedule, bool
+        )
         if not fixed_size and not callable(schedule):
             raise ValueError(
                 "`schedule` must be a keras_fim.schedules schedule, a function "
@@ -262,16 +273,29 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 f"`learning_rate_scaling` must be one of {LEARNING_RATE_SCALINGS}. "
                 f"Received: learning_rate_scaling={learning_rate_scaling!r}"
             )
-        for name, value in (("shuffle", shuffle), ("drop_remainder", drop_remainder),
-                            ("allow_shrink", allow_shrink)):
+        for name, value in (
+            ("shuffle", shuffle),
+            ("drop_remainder", drop_remainder),
+            ("allow_shrink", allow_shrink),
+        ):
             if not isinstance(value, bool):
                 raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
         if batched is not None and not isinstance(batched, bool):
-            raise ValueError(f"`batched` must be None or a bool. Received: batched={batched!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"`seed` must be a non-negative integer. Received: seed={seed!r}")
+            raise ValueError(
+                f"`batched` must be None or a bool. Received: batched={batched!r}"
+            )
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, np.integer))
+            or seed < 0
+        ):
+            raise ValueError(
+                f"`seed` must be a non-negative integer. Received: seed={seed!r}"
+            )
         if preprocess is not None and not callable(preprocess):
-            raise ValueError(f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}")
+            raise ValueError(
+                f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}"
+            )
 
         arrays = _materialize(data, batched)
         self.num_examples = _count_examples(arrays)
@@ -288,7 +312,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "Pass allow_shrink=True to allow it."
             )
         self.reference_batch_size = (
-            None if reference_batch_size is None
+            None
+            if reference_batch_size is None
             else check_size("reference_batch_size", reference_batch_size)
         )
         self.shuffle = shuffle
@@ -303,9 +328,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._examples = keras.tree.map_structure(
                 lambda a: tf.Variable(a, trainable=False), arrays
             )
-            self._order = tf.Variable(tf.range(self.num_examples, dtype=tf.int64), trainable=False)
-            self._starts = tf.Variable(tf.zeros([0], tf.int64), shape=[None], trainable=False)
-            self._sizes = tf.Variable(tf.zeros([0], tf.int64), shape=[None], trainable=False)
+            self._order = tf.Variable(
+                tf.range(self.num_examples, dtype=tf.int64), trainable=False
+            )
+            self._starts = tf.Variable(
+                tf.zeros([0], tf.int64), shape=[None], trainable=False
+            )
+            self._sizes = tf.Variable(
+                tf.zeros([0], tf.int64), shape=[None], trainable=False
+            )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
         self._preprocess = preprocess
         self.dataset = self._make_dataset()
@@ -318,16 +349,23 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     # -- the pipeline ------------------------------------------------------
 
     def _make_dataset(self) -> tf.data.Dataset:
+        # Plain tensor code: nothing for autograph to convert.
+        @tf.autograph.experimental.do_not_convert
         def planned(_):
             return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
 
+        @tf.autograph.experimental.do_not_convert
         def gather(_):
             slot = self._slot.assign_add(1) - 1
             start, size = self._starts[slot], self._sizes[slot]
             indices = self._order[start : start + size]
-            return keras.tree.map_structure(lambda v: tf.gather(v, indices), self._examples)
+            return keras.tree.map_structure(
+                lambda v: tf.gather(v, indices), self._examples
+            )
 
-        dataset = tf.data.Dataset.range(_DECLARED_CARDINALITY).take_while(planned).map(gather)
+        dataset = (
+            tf.data.Dataset.range(_DECLARED_CARDINALITY).take_while(planned).map(gather)
+        )
         if self._preprocess is not None:
             dataset = dataset.map(self._preprocess)
         options = tf.data.Options()
@@ -335,11 +373,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         options.autotune.enabled = False
         options.experimental_optimization.inject_prefetch = False
         options.deterministic = True
-        return _DeclaredCardinality(dataset.with_options(options), _DECLARED_CARDINALITY)
+        return _DeclaredCardinality(
+            dataset.with_options(options), _DECLARED_CARDINALITY
+        )
 
     def _set_order(self, data_pass: int) -> None:
         if self.shuffle:
-            order = np.random.default_rng([self.seed, data_pass]).permutation(self.num_examples)
+            order = np.random.default_rng([self.seed, data_pass]).permutation(
+                self.num_examples
+            )
         else:
             order = np.arange(self.num_examples)
         self._order.assign(order.astype(np.int64))
@@ -415,7 +457,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._ended_by_sampling = True
             # Keras's own signal that the data ran out: the epoch ends here,
             # before this step's train function is called.
-            raise tf.errors.OutOfRangeError(None, None, "keras-fim: end of a pass over the data")
+            raise tf.errors.OutOfRangeError(
+                None, None, "keras-fim: end of a pass over the data"
+            )
         size = self._decide(self._context())
         remaining = self.num_examples - mirror["position"]
         if self.drop_remainder and remaining < size:
@@ -521,7 +565,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         return self._checked(self.schedule(self._context()), None)
 
     def _checked(self, size, current: int | None) -> int:
-        size = check_size(f"the size returned by schedule {self.schedule!r}", size, self.num_examples)
+        size = check_size(
+            f"the size returned by schedule {self.schedule!r}", size, self.num_examples
+        )
         if current is not None and size < current and not self.allow_shrink:
             raise ValueError(
                 f"schedule {self.schedule!r} shrank the batch from {current} to "
@@ -545,11 +591,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             mirror["measurements_at_change"] = context.measurements
             if not mirror["reference_batch_size"]:
                 mirror["reference_batch_size"] = self.reference_batch_size or size
-            self._state.write({
-                name: mirror[name]
-                for name in ("batch_size", "last_change_step", "measurements_at_change",
-                             "reference_batch_size")
-            })
+            self._state.write(
+                {
+                    name: mirror[name]
+                    for name in (
+                        "batch_size",
+                        "last_change_step",
+                        "measurements_at_change",
+                        "reference_batch_size",
+                    )
+                }
+            )
             if current is not None:
                 self.target = self._epoch_steps + self._steps_left(size)
                 if self.progbar is not None:
@@ -584,7 +636,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             state.position.assign_add(batch)
             state.examples_seen.assign_add(batch)
             if self._writer is not None:
-                with self._writer.as_default(step=state.step), tf.name_scope("sampling/"):
+                with (
+                    self._writer.as_default(step=state.step),
+                    tf.name_scope("sampling/"),
+                ):
                     tf.summary.scalar("batch_size", batch)
                     tf.summary.scalar("learning_rate", learning_rate)
                     tf.summary.scalar("learning_rate_gain", gain)
@@ -602,7 +657,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             return tf.sqrt(ratio)
         if self.learning_rate_scaling == "adascale":
             noise = self.model.fisher_state.noise_scale
-            reference = tf.cast(tf.maximum(self._state.reference_batch_size, 1), tf.float64)
-            return (1.0 + noise / reference) / (1.0 + noise / tf.cast(batch, tf.float64))
+            reference = tf.cast(
+                tf.maximum(self._state.reference_batch_size, 1), tf.float64
+            )
+            return (1.0 + noise / reference) / (
+                1.0 + noise / tf.cast(batch, tf.float64)
+            )
         return tf.constant(1.0, tf.float64)
-

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
+from collections.abc import Callable
 from typing import NamedTuple
 
 
@@ -70,10 +70,14 @@ class SamplingContext(NamedTuple):
 def check_size(name: str, value, num_examples: int | None = None) -> int:
     """`value` as a batch size, or `ValueError` naming `name`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
     value = int(value)
     if value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value}")
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value}"
+        )
     if num_examples is not None and value > num_examples:
         raise ValueError(
             f"`{name}` must be at most the number of examples in one pass "
@@ -126,8 +130,14 @@ class Staged(BatchSizeSchedule):
     """
 
     def __init__(self, sizes, fractions=None):
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or not sizes:
-            raise ValueError(f"`sizes` must be a non-empty list of integers. Received: sizes={sizes!r}")
+        if (
+            isinstance(sizes, (str, bytes))
+            or not hasattr(sizes, "__len__")
+            or not sizes
+        ):
+            raise ValueError(
+                f"`sizes` must be a non-empty list of integers. Received: sizes={sizes!r}"
+            )
         self._sizes = [check_size(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
         if fractions is None:
             fractions = [1.0 / len(self._sizes)] * len(self._sizes)
@@ -137,12 +147,21 @@ class Staged(BatchSizeSchedule):
                 f"`fractions` must have one entry per size ({len(self._sizes)}). "
                 f"Received: fractions={fractions!r}"
             )
-        if any(not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0 for f in fractions):
-            raise ValueError(f"`fractions` must be positive numbers. Received: fractions={fractions!r}")
+        if any(
+            not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0
+            for f in fractions
+        ):
+            raise ValueError(
+                f"`fractions` must be positive numbers. Received: fractions={fractions!r}"
+            )
         if not math.isclose(sum(fractions), 1.0, rel_tol=1e-6):
-            raise ValueError(f"`fractions` must sum to 1. Received: fractions={fractions!r} (sum {sum(fractions)})")
+            raise ValueError(
+                f"`fractions` must sum to 1. Received: fractions={fractions!r} (sum {sum(fractions)})"
+            )
         self._fractions = [float(f) for f in fractions]
-        self._ends = [sum(self._fractions[: i + 1]) for i in range(len(self._fractions))]
+        self._ends = [
+            sum(self._fractions[: i + 1]) for i in range(len(self._fractions))
+        ]
 
     def __call__(self, context: SamplingContext) -> int:
         # A small tolerance so that a stage ending exactly on a pass boundary
@@ -212,15 +231,29 @@ class Geometric(_PeriodicGrowth):
     [16, 32, 64, 64]
     """
 
-    def __init__(self, initial: int, factor: float = 2.0, maximum: int | None = None,
-                 every_epochs: int = 1, every_examples: int | None = None):
+    def __init__(
+        self,
+        initial: int,
+        factor: float = 2.0,
+        maximum: int | None = None,
+        every_epochs: int = 1,
+        every_examples: int | None = None,
+    ):
         super().__init__(initial, maximum, every_epochs, every_examples)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-            raise ValueError(f"`factor` must be a number >= 1. Received: factor={factor!r}")
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or factor < 1
+        ):
+            raise ValueError(
+                f"`factor` must be a number >= 1. Received: factor={factor!r}"
+            )
         self.factor = float(factor)
 
     def __call__(self, context: SamplingContext) -> int:
-        return self._capped(math.floor(self.initial * self.factor ** self._periods(context)), context)
+        return self._capped(
+            math.floor(self.initial * self.factor ** self._periods(context)), context
+        )
 
     def get_config(self) -> dict:
         return {**self._period_config(), "factor": self.factor}
@@ -239,13 +272,21 @@ class Linear(_PeriodicGrowth):
     [16, 16, 32, 48]
     """
 
-    def __init__(self, initial: int, increment: int, maximum: int | None = None,
-                 every_epochs: int = 1, every_examples: int | None = None):
+    def __init__(
+        self,
+        initial: int,
+        increment: int,
+        maximum: int | None = None,
+        every_epochs: int = 1,
+        every_examples: int | None = None,
+    ):
         super().__init__(initial, maximum, every_epochs, every_examples)
         self.increment = check_size("increment", increment)
 
     def __call__(self, context: SamplingContext) -> int:
-        return self._capped(self.initial + self.increment * self._periods(context), context)
+        return self._capped(
+            self.initial + self.increment * self._periods(context), context
+        )
 
     def get_config(self) -> dict:
         return {**self._period_config(), "increment": self.increment}
@@ -297,25 +338,55 @@ class Automatic(BatchSizeSchedule):
 
     uses_measurements = True
 
-    def __init__(self, initial: int, maximum: int, signal: str | Callable = "noise_scale",
-                 threshold: float = 1.0, factor: float = 2.0, min_steps: int = 50,
-                 min_measurements: int = 1, powers_of_two: bool = True):
+    def __init__(
+        self,
+        initial: int,
+        maximum: int,
+        signal: str | Callable = "noise_scale",
+        threshold: float = 1.0,
+        factor: float = 2.0,
+        min_steps: int = 50,
+        min_measurements: int = 1,
+        powers_of_two: bool = True,
+    ):
         self.initial = check_size("initial", initial)
         self.maximum = check_size("maximum", maximum)
         if self.maximum < self.initial:
-            raise ValueError(f"`maximum` must be at least `initial` ({self.initial}). Received: maximum={maximum}")
+            raise ValueError(
+                f"`maximum` must be at least `initial` ({self.initial}). Received: maximum={maximum}"
+            )
         if not callable(signal) and signal not in SIGNALS:
-            raise ValueError(f"`signal` must be one of {SIGNALS} or a function. Received: signal={signal!r}")
+            raise ValueError(
+                f"`signal` must be one of {SIGNALS} or a function. Received: signal={signal!r}"
+            )
         self.signal = signal
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
-            raise ValueError(f"`threshold` must be a finite number. Received: threshold={threshold!r}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+        ):
+            raise ValueError(
+                f"`threshold` must be a finite number. Received: threshold={threshold!r}"
+            )
         self.threshold = float(threshold)
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-            raise ValueError(f"`factor` must be a number > 1. Received: factor={factor!r}")
+        if (
+            isinstance(factor, bool)
+            or not isinstance(factor, (int, float))
+            or factor <= 1
+        ):
+            raise ValueError(
+                f"`factor` must be a number > 1. Received: factor={factor!r}"
+            )
         self.factor = float(factor)
         self.min_steps = check_size("min_steps", min_steps)
-        if isinstance(min_measurements, bool) or not isinstance(min_measurements, int) or min_measurements < 0:
-            raise ValueError(f"`min_measurements` must be an integer >= 0. Received: min_measurements={min_measurements!r}")
+        if (
+            isinstance(min_measurements, bool)
+            or not isinstance(min_measurements, int)
+            or min_measurements < 0
+        ):
+            raise ValueError(
+                f"`min_measurements` must be an integer >= 0. Received: min_measurements={min_measurements!r}"
+            )
         self.min_measurements = min_measurements
         self.powers_of_two = bool(powers_of_two)
 

@@ -70,7 +70,8 @@ class FisherState(keras.layers.Layer):
         defined = denominator > 0
         return tf.where(
             defined,
-            tf.convert_to_tensor(self.trace_sigma_ema) / tf.where(defined, denominator, 1.0),
+            tf.convert_to_tensor(self.trace_sigma_ema)
+            / tf.where(defined, denominator, 1.0),
             tf.constant(0.0, tf.float64),
         )
 
@@ -110,14 +111,20 @@ class FisherState(keras.layers.Layer):
         self.energy_sum.assign_add(tf.where(ok, term, 0.0))
         self.measurements.assign_add(tf.where(ok, 1, 0))
         self.skipped.assign_add(tf.where(ok, 0, 1))
-        trace_sigma, true_gradient_sq = (tf.cast(v, tf.float64) for v in noise_components)
+        trace_sigma, true_gradient_sq = (
+            tf.cast(v, tf.float64) for v in noise_components
+        )
         usable = ok & tf.math.is_finite(trace_sigma + true_gradient_sq)
-        unset = tf.equal(self.trace_sigma_ema, 0.0) & tf.equal(self.true_gradient_sq_ema, 0.0)
+        unset = tf.equal(self.trace_sigma_ema, 0.0) & tf.equal(
+            self.true_gradient_sq_ema, 0.0
+        )
         for average, value in (
             (self.trace_sigma_ema, trace_sigma),
             (self.true_gradient_sq_ema, true_gradient_sq),
         ):
-            updated = tf.where(unset, value, ema_decay * average + (1 - ema_decay) * value)
+            updated = tf.where(
+                unset, value, ema_decay * average + (1 - ema_decay) * value
+            )
             average.assign(tf.where(usable, updated, average))
         return ok
 
@@ -172,7 +179,9 @@ class SamplingState(keras.layers.Layer):
             getattr(self, name).assign(value)
 
 
-def attach_state(model: keras.Model, attribute: str = "fisher_state", factory=FisherState):
+def attach_state(
+    model: keras.Model, attribute: str = "fisher_state", factory=FisherState
+):
     """`model.<attribute>`, created with `factory()` and attached on first use."""
     state = getattr(model, attribute, None)
     if state is None:

@@ -14,7 +14,7 @@ its changes; see `begin_fit`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 

@@ -26,12 +26,14 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
     keras.utils.set_random_seed(0)
     (x, y), _ = load_digits()
     x, y = x[:600], y[:600]
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Flatten(),
-        keras.layers.Dense(32, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

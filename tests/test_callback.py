@@ -1,15 +1,14 @@
 """FisherCallback and FisherModel inside `fit`: schedule, running values, logs."""
 
 import math
-import os
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_reference import read_scalars
 
 import keras_fim
-from fim_reference import read_scalars
 
 
 def mlp(model_class=keras.Model, **kwargs):

@@ -7,18 +7,14 @@ BatchNorm models, and numpy for the spectral measurements.
 """
 
 import contextlib
-import importlib.util
-import os
 
+import fim_reference as ref
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import fim_reference as ref
 import keras_fim
-
-
 
 TOL = {
     "float32": dict(rtol=1e-4, atol=1e-5),

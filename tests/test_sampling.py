@@ -14,10 +14,7 @@ import pytest
 import tensorflow as tf
 
 import keras_fim
-from keras_fim.schedules import Geometric
-from keras_fim.schedules import Linear
-from keras_fim.schedules import SamplingContext
-from keras_fim.schedules import Staged
+from keras_fim.schedules import Geometric, Linear, SamplingContext, Staged
 
 N = 103  # not a multiple of any size used: every pass ends on a partial batch
 
@@ -31,8 +28,19 @@ def reference_order(n, seed, data_pass, shuffle=True):
     return np.arange(n)
 
 
-def reference_plan(n, epochs, size_of, *, seed=0, shuffle=True, drop_remainder=False,
-                   steps_per_execution=1, first_pass=0, examples_seen=0, step=0):
+def reference_plan(
+    n,
+    epochs,
+    size_of,
+    *,
+    seed=0,
+    shuffle=True,
+    drop_remainder=False,
+    steps_per_execution=1,
+    first_pass=0,
+    examples_seen=0,
+    step=0,
+):
     """Per epoch, the index arrays of the batches trained, by the SPEC.
 
     `size_of(context)` is asked once per execution (`steps_per_execution`
@@ -44,10 +52,17 @@ def reference_plan(n, epochs, size_of, *, seed=0, shuffle=True, drop_remainder=F
         order = reference_order(n, seed, data_pass, shuffle)
         position, batches = 0, []
         while position < n:
-            size = size_of(SimpleNamespace(
-                epoch=epoch, epochs=epochs, step=step, data_pass=data_pass,
-                position=position, examples_seen=examples_seen, num_examples=n,
-            ))
+            size = size_of(
+                SimpleNamespace(
+                    epoch=epoch,
+                    epochs=epochs,
+                    step=step,
+                    data_pass=data_pass,
+                    position=position,
+                    examples_seen=examples_seen,
+                    num_examples=n,
+                )
+            )
             for _ in range(steps_per_execution):
                 if position >= n:
                     break
@@ -117,8 +132,12 @@ def id_data(n=N):
 def id_model(**compile_kwargs):
     inputs = keras.Input((2,))
     model = recorder(inputs, keras.layers.Dense(1)(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(0.001), loss="mse", run_eagerly=True,
-                  **compile_kwargs)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.001),
+        loss="mse",
+        run_eagerly=True,
+        **compile_kwargs,
+    )
     return model
 
 
@@ -140,7 +159,8 @@ CASES = {
     "callable_mid_epoch": dict(schedule=lambda: growing_callable, ref=growing_callable),
     "geometric_every_examples": dict(
         schedule=lambda: Geometric(4, factor=2, maximum=16, every_examples=30),
-        ref=geometric_examples_ref),
+        ref=geometric_examples_ref,
+    ),
 }
 
 
@@ -150,16 +170,24 @@ def test_each_example_once_per_epoch_in_the_reference_order(case, drop_remainder
     x, y = id_data()
     model = id_model()
     sampling = keras_fim.DynamicSampling(
-        (x, y), schedule=CASES[case]["schedule"](), seed=7, drop_remainder=drop_remainder)
+        (x, y),
+        schedule=CASES[case]["schedule"](),
+        seed=7,
+        drop_remainder=drop_remainder,
+    )
     history = model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
 
-    plan = reference_plan(N, 3, CASES[case]["ref"], seed=7, drop_remainder=drop_remainder)
+    plan = reference_plan(
+        N, 3, CASES[case]["ref"], seed=7, drop_remainder=drop_remainder
+    )
     expected_sizes = [[len(b) for b in batches] for batches in plan]
     assert len(history.epoch) == 3
     assert sampling.batch_sizes_per_epoch == expected_sizes
     # The train step really received those sizes (not only the bookkeeping).
     assert [len(b[0]) for b in model._seen] == [s for e in expected_sizes for s in e]
-    for epoch, (seen, batches) in enumerate(zip(ids_per_epoch(model, expected_sizes), plan)):
+    for epoch, (seen, batches) in enumerate(
+        zip(ids_per_epoch(model, expected_sizes), plan)
+    ):
         expected = [int(i) for b in batches for i in b]
         assert seen == expected, f"epoch {epoch}"
         if drop_remainder:
@@ -176,7 +204,9 @@ def test_drop_remainder_drops_only_a_short_final_slice():
     # 2 are dropped (hand count, independent of the reference loop).
     x, y = id_data()
     model = id_model()
-    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 32]), drop_remainder=True)
+    sampling = keras_fim.DynamicSampling(
+        (x, y), Staged([4, 8, 32]), drop_remainder=True
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     assert sampling.batch_sizes_per_epoch == [[4] * 25, [8] * 12, [32] * 3]
 
@@ -186,7 +216,11 @@ def test_without_shuffle_every_epoch_is_in_index_order():
     model = id_model()
     sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 32]), shuffle=False)
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
-    assert sampling.batch_sizes_per_epoch == [[4] * 25 + [3], [8] * 12 + [7], [32] * 3 + [7]]
+    assert sampling.batch_sizes_per_epoch == [
+        [4] * 25 + [3],
+        [8] * 12 + [7],
+        [32] * 3 + [7],
+    ]
     for seen in ids_per_epoch(model, sampling.batch_sizes_per_epoch):
         assert seen == list(range(N))
 
@@ -195,11 +229,18 @@ def test_without_shuffle_every_epoch_is_in_index_order():
 def test_steps_per_execution_decides_once_per_execution(drop_remainder):
     x, y = id_data()
     model = id_model(steps_per_execution=2)
-    sampling = keras_fim.DynamicSampling((x, y), growing_callable, seed=3,
-                                         drop_remainder=drop_remainder)
+    sampling = keras_fim.DynamicSampling(
+        (x, y), growing_callable, seed=3, drop_remainder=drop_remainder
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
-    plan = reference_plan(N, 3, growing_callable, seed=3, drop_remainder=drop_remainder,
-                          steps_per_execution=2)
+    plan = reference_plan(
+        N,
+        3,
+        growing_callable,
+        seed=3,
+        drop_remainder=drop_remainder,
+        steps_per_execution=2,
+    )
     expected_sizes = [[len(b) for b in batches] for batches in plan]
     assert sampling.batch_sizes_per_epoch == expected_sizes
     assert [len(b[0]) for b in model._seen] == [s for e in expected_sizes for s in e]
@@ -221,11 +262,16 @@ def structured_data(n=37, seed=0):
 def structured_model():
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
     h = keras.layers.Concatenate()([a, b])
-    outputs = {"out1": keras.layers.Dense(1, name="out1")(h),
-               "out2": keras.layers.Dense(2, name="out2")(h)}
+    outputs = {
+        "out1": keras.layers.Dense(1, name="out1")(h),
+        "out2": keras.layers.Dense(2, name="out2")(h),
+    }
     model = recorder({"a": a, "b": b}, outputs)
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss={"out1": "mse", "out2": "mse"}, run_eagerly=True)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss={"out1": "mse", "out2": "mse"},
+        run_eagerly=True,
+    )
     return model
 
 
@@ -233,8 +279,10 @@ def as_float32(tree):
     return keras.tree.map_structure(lambda a: np.asarray(a, np.float32), tree)
 
 
-@pytest.mark.parametrize("source", ["arrays", "unbatched_dataset", "batched_dataset",
-                                    "batched_dataset_explicit"])
+@pytest.mark.parametrize(
+    "source",
+    ["arrays", "unbatched_dataset", "batched_dataset", "batched_dataset_explicit"],
+)
 def test_structure_and_rows_of_every_batch(source):
     x, y, sw = structured_data()
     n = len(sw)
@@ -269,21 +317,45 @@ def test_structure_and_rows_of_every_batch(source):
 
 
 def context(epochs=4, data_pass=0, position=0, examples_seen=0, n=100, epoch=None):
-    return SamplingContext(epoch=data_pass if epoch is None else epoch, epochs=epochs,
-                           step=0, data_pass=data_pass, position=position,
-                           examples_seen=examples_seen, num_examples=n)
+    return SamplingContext(
+        epoch=data_pass if epoch is None else epoch,
+        epochs=epochs,
+        step=0,
+        data_pass=data_pass,
+        position=position,
+        examples_seen=examples_seen,
+        num_examples=n,
+    )
 
 
 def test_staged_with_fractions():
     schedule = Staged([8, 16, 64], fractions=[0.25, 0.5, 0.25])
     # progress = (data_pass + position/n) / epochs; ends at 0.25 and 0.75.
-    cases = {(0, 0): 8, (0, 99): 8, (1, 0): 16, (2, 50): 16, (2, 99): 16, (3, 0): 64,
-             (3, 99): 64}
+    cases = {
+        (0, 0): 8,
+        (0, 99): 8,
+        (1, 0): 16,
+        (2, 50): 16,
+        (2, 99): 16,
+        (3, 0): 64,
+        (3, 99): 64,
+    }
     for (data_pass, position), size in cases.items():
         assert schedule(context(4, data_pass, position)) == size, (data_pass, position)
     # Equal stages by default: 10 epochs, 5 sizes -> 2 epochs each.
     default = Staged([1, 2, 3, 4, 5])
-    assert [default(context(10, e)) for e in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [default(context(10, e)) for e in range(10)] == [
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        5,
+    ]
     # Mid-pass boundary: 3 epochs, 2 stages -> the change is in the middle of pass 1.
     two = Staged([4, 8])
     assert two(context(3, 1, 49)) == 4 and two(context(3, 1, 51)) == 8
@@ -291,22 +363,36 @@ def test_staged_with_fractions():
 
 def test_geometric_per_epoch_and_per_examples():
     per_epoch = Geometric(4, factor=3, every_epochs=2)
-    assert [per_epoch(context(10, e, n=1000)) for e in range(7)] == [4, 4, 12, 12, 36, 36, 108]
+    assert [per_epoch(context(10, e, n=1000)) for e in range(7)] == [
+        4,
+        4,
+        12,
+        12,
+        36,
+        36,
+        108,
+    ]
     # Capped at num_examples without maximum.
     assert per_epoch(context(20, 14, n=200)) == 200
     capped = Geometric(5, factor=2, maximum=30, every_examples=100)
     expected = [min(5 * 2 ** (s // 100), 30) for s in (0, 99, 100, 250, 300, 999)]
     assert expected == [5, 5, 10, 20, 30, 30]
-    assert [capped(context(examples_seen=s, n=1000)) for s in (0, 99, 100, 250, 300, 999)] \
-        == expected
+    assert [
+        capped(context(examples_seen=s, n=1000)) for s in (0, 99, 100, 250, 300, 999)
+    ] == expected
 
 
 def test_linear_per_epoch_and_per_examples():
     per_epoch = Linear(10, increment=6, maximum=30)
     assert [per_epoch(context(10, e)) for e in range(6)] == [10, 16, 22, 28, 30, 30]
     per_examples = Linear(3, increment=2, every_examples=50)
-    assert [per_examples(context(examples_seen=s)) for s in (0, 49, 50, 149, 150)] \
-        == [3, 3, 5, 7, 9]
+    assert [per_examples(context(examples_seen=s)) for s in (0, 49, 50, 149, 150)] == [
+        3,
+        3,
+        5,
+        7,
+        9,
+    ]
     assert Linear(60, increment=50)(context(10, 3)) == 100  # capped at n
 
 
@@ -319,17 +405,22 @@ D = 3
 def linear_problem(n=50, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, D)).astype(np.float32)
-    y = (x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3
-         + 0.1 * rng.normal(size=(n, 1))).astype(np.float32)
+    y = (
+        x @ np.array([[1.0], [-2.0], [0.5]]) + 0.3 + 0.1 * rng.normal(size=(n, 1))
+    ).astype(np.float32)
     return x, y
 
 
 def linear_model(learning_rate, **compile_kwargs):
     model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=True)])
-    model.set_weights([np.array([[0.2], [0.1], [-0.3]], np.float32),
-                       np.array([0.05], np.float32)])
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate), loss="mse",
-                  **compile_kwargs)
+    model.set_weights(
+        [np.array([[0.2], [0.1], [-0.3]], np.float32), np.array([0.05], np.float32)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=learning_rate),
+        loss="mse",
+        **compile_kwargs,
+    )
     return model
 
 
@@ -346,8 +437,11 @@ def replay_sgd(x, y, plan, base_rate, scaling, reference=None, per_epoch_rate=No
             size = len(index)
             r = xb @ w + b - yb
             grad_w, grad_b = 2 / size * xb.T @ r, 2 / size * r.sum()
-            gain = {"none": 1.0, "linear": size / reference,
-                    "sqrt": math.sqrt(size / reference)}[scaling]
+            gain = {
+                "none": 1.0,
+                "linear": size / reference,
+                "sqrt": math.sqrt(size / reference),
+            }[scaling]
             rate = per_epoch_rate(epoch) if per_epoch_rate else base_rate(t)
             w = w - rate * gain * grad_w
             b = b - rate * gain * grad_b
@@ -361,8 +455,9 @@ def test_learning_rate_gain_follows_the_batch_trained(scaling):
     # batch of 2, so B changes inside every epoch.
     x, y = linear_problem()
     model = linear_model(0.05)
-    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
-                                         learning_rate_scaling=scaling)
+    sampling = keras_fim.DynamicSampling(
+        (x, y), Staged([4, 8, 16]), seed=5, learning_rate_scaling=scaling
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     assert [len(b) for b in plan[0]][-1] == 2  # the premise: a partial batch
@@ -375,9 +470,13 @@ def test_learning_rate_gain_follows_the_batch_trained(scaling):
 def test_learning_rate_gain_with_reference_batch_size():
     x, y = linear_problem()
     model = linear_model(0.05)
-    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
-                                         learning_rate_scaling="linear",
-                                         reference_batch_size=8)
+    sampling = keras_fim.DynamicSampling(
+        (x, y),
+        Staged([4, 8, 16]),
+        seed=5,
+        learning_rate_scaling="linear",
+        reference_batch_size=8,
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     w, b = replay_sgd(x, y, plan, lambda t: 0.05, "linear", reference=8)
@@ -387,10 +486,13 @@ def test_learning_rate_gain_with_reference_batch_size():
 
 def test_learning_rate_gain_on_a_learning_rate_schedule():
     x, y = linear_problem()
-    decay = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=5, decay_rate=0.8)
+    decay = keras.optimizers.schedules.ExponentialDecay(
+        0.05, decay_steps=5, decay_rate=0.8
+    )
     model = linear_model(decay)
-    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
-                                         learning_rate_scaling="linear")
+    sampling = keras_fim.DynamicSampling(
+        (x, y), Staged([4, 8, 16]), seed=5, learning_rate_scaling="linear"
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     # The schedule is evaluated at optimizer.iterations before the step.
@@ -400,15 +502,20 @@ def test_learning_rate_gain_on_a_learning_rate_schedule():
     steps = sum(len(e) for e in plan)
     assert int(model.optimizer.iterations) == steps
     # Outside the step the optimizer reads the unscaled schedule.
-    assert float(model.optimizer.learning_rate) == pytest.approx(0.05 * 0.8 ** (steps / 5))
+    assert float(model.optimizer.learning_rate) == pytest.approx(
+        0.05 * 0.8 ** (steps / 5)
+    )
 
 
 def test_learning_rate_gain_with_steps_per_execution():
     x, y = linear_problem()
     model = linear_model(0.05, steps_per_execution=2)
-    schedule = lambda c: 4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)
-    sampling = keras_fim.DynamicSampling((x, y), schedule, seed=5,
-                                         learning_rate_scaling="sqrt")
+    schedule = lambda c: (
+        4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)
+    )
+    sampling = keras_fim.DynamicSampling(
+        (x, y), schedule, seed=5, learning_rate_scaling="sqrt"
+    )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, schedule, seed=5, steps_per_execution=2)
     assert sampling.batch_sizes_per_epoch == [[len(b) for b in e] for e in plan]
@@ -421,11 +528,16 @@ def test_learning_rate_gain_with_steps_per_execution():
 def test_learning_rate_scheduler_callback_still_sets_the_base_rate():
     x, y = linear_problem()
     model = linear_model(0.05)
-    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
-                                         learning_rate_scaling="linear")
+    sampling = keras_fim.DynamicSampling(
+        (x, y), Staged([4, 8, 16]), seed=5, learning_rate_scaling="linear"
+    )
     rates = lambda epoch: 0.05 * 0.5**epoch
-    model.fit(sampling.dataset, epochs=3, verbose=0,
-              callbacks=[keras.callbacks.LearningRateScheduler(rates), sampling])
+    model.fit(
+        sampling.dataset,
+        epochs=3,
+        verbose=0,
+        callbacks=[keras.callbacks.LearningRateScheduler(rates), sampling],
+    )
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     w, b = replay_sgd(x, y, plan, None, "linear", per_epoch_rate=rates)
     np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
@@ -473,18 +585,21 @@ def small_xy(n=20):
     return np.zeros((n, 2), np.float32), np.zeros((n, 1), np.float32)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(schedule=0), "schedule"),
-    (dict(schedule=-3), "schedule"),
-    (dict(schedule=Staged([4, 30])), "schedule"),          # 30 > 20 examples
-    (dict(schedule=Geometric(4, maximum=32)), "schedule"),  # maximum > 20
-    (dict(schedule=Staged([8, 4])), "allow_shrink"),
-    (dict(schedule=4, learning_rate_scaling="cubic"), "learning_rate_scaling"),
-    (dict(schedule=4, shuffle=1), "shuffle"),
-    (dict(schedule=4, shuffle="yes"), "shuffle"),
-    (dict(schedule=4, seed=-1), "seed"),
-    (dict(schedule=4, reference_batch_size=0), "reference_batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(schedule=0), "schedule"),
+        (dict(schedule=-3), "schedule"),
+        (dict(schedule=Staged([4, 30])), "schedule"),  # 30 > 20 examples
+        (dict(schedule=Geometric(4, maximum=32)), "schedule"),  # maximum > 20
+        (dict(schedule=Staged([8, 4])), "allow_shrink"),
+        (dict(schedule=4, learning_rate_scaling="cubic"), "learning_rate_scaling"),
+        (dict(schedule=4, shuffle=1), "shuffle"),
+        (dict(schedule=4, shuffle="yes"), "shuffle"),
+        (dict(schedule=4, seed=-1), "seed"),
+        (dict(schedule=4, reference_batch_size=0), "reference_batch_size"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         keras_fim.DynamicSampling(small_xy(), **kwargs)
@@ -512,8 +627,10 @@ def test_arrays_with_different_numbers_of_examples():
     with pytest.raises(ValueError, match="data"):
         keras_fim.DynamicSampling((np.zeros((20, 2)), np.zeros((19, 1))), schedule=4)
     with pytest.raises(ValueError, match="data"):
-        keras_fim.DynamicSampling(({"a": np.zeros((20, 2)), "b": np.zeros((21, 2))},
-                                   np.zeros((20, 1))), schedule=4)
+        keras_fim.DynamicSampling(
+            ({"a": np.zeros((20, 2)), "b": np.zeros((21, 2))}, np.zeros((20, 1))),
+            schedule=4,
+        )
 
 
 def plain_model():
@@ -522,11 +639,14 @@ def plain_model():
     return model
 
 
-@pytest.mark.parametrize("schedule, match", [
-    (lambda c: 8 if c.step < 2 else 4, "allow_shrink"),   # shrinks at step 2
-    (lambda c: 4 if c.step < 2 else 21, "schedule"),       # 21 > 20 examples
-    (lambda c: 4 if c.step < 2 else 0, "schedule"),
-])
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        (lambda c: 8 if c.step < 2 else 4, "allow_shrink"),  # shrinks at step 2
+        (lambda c: 4 if c.step < 2 else 21, "schedule"),  # 21 > 20 examples
+        (lambda c: 4 if c.step < 2 else 0, "schedule"),
+    ],
+)
 def test_bad_callable_schedule_raises_during_fit(schedule, match):
     model = plain_model()
     sampling = keras_fim.DynamicSampling(small_xy(), schedule)
@@ -538,16 +658,20 @@ def test_bad_callable_schedule_raises_during_fit(schedule, match):
 def test_shrinking_callable_allowed_with_allow_shrink():
     model = plain_model()
     schedule = lambda c: 8 if c.step < 2 else 4
-    sampling = keras_fim.DynamicSampling(small_xy(), schedule, allow_shrink=True,
-                                         shuffle=False)
+    sampling = keras_fim.DynamicSampling(
+        small_xy(), schedule, allow_shrink=True, shuffle=False
+    )
     model.fit(sampling.dataset, epochs=2, callbacks=[sampling], verbose=0)
     assert sampling.batch_sizes_per_epoch == [[8, 8, 4], [4] * 5]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(schedule=4, learning_rate_scaling="adascale"), "adascale"),
-    (dict(schedule=keras_fim.schedules.Automatic(4, maximum=16)), "Automatic"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(schedule=4, learning_rate_scaling="adascale"), "adascale"),
+        (dict(schedule=keras_fim.schedules.Automatic(4, maximum=16)), "Automatic"),
+    ],
+)
 def test_fisher_dependent_options_need_a_fisher_callback(kwargs, match):
     model = plain_model()
     before = [w.copy() for w in model.get_weights()]
@@ -559,17 +683,23 @@ def test_fisher_dependent_options_need_a_fisher_callback(kwargs, match):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["schedule_error_during_fit", "adascale_error_at_fit_start"])
+@pytest.mark.parametrize(
+    "case", ["schedule_error_during_fit", "adascale_error_at_fit_start"]
+)
 def test_a_failed_fit_does_not_change_later_fits(case):
     x, y = linear_problem(20)
     failed, fresh = linear_model(0.05), linear_model(0.05)
     start = fresh.get_weights()
     if case == "schedule_error_during_fit":
         schedule = lambda c: 4 if c.step < 2 else 2  # shrinks: ValueError
-        sampling = keras_fim.DynamicSampling((x, y), schedule, learning_rate_scaling="linear")
+        sampling = keras_fim.DynamicSampling(
+            (x, y), schedule, learning_rate_scaling="linear"
+        )
         callbacks = list
     else:
-        sampling = keras_fim.DynamicSampling((x, y), 4, learning_rate_scaling="adascale")
+        sampling = keras_fim.DynamicSampling(
+            (x, y), 4, learning_rate_scaling="adascale"
+        )
         # The leftover wrapper is compiled into the FisherCallback's functions.
         callbacks = lambda: [keras_fim.FisherCallback(every_n_steps=1)]
     with pytest.raises(ValueError):
@@ -578,8 +708,15 @@ def test_a_failed_fit_does_not_change_later_fits(case):
     # The same later fit, without DynamicSampling, from the same weights.
     failed.set_weights(start)
     for model in (failed, fresh):
-        model.fit(x, y, batch_size=2, epochs=1, shuffle=False, verbose=0,
-                  callbacks=callbacks())
+        model.fit(
+            x,
+            y,
+            batch_size=2,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks(),
+        )
     assert failed.sampling_state.read() == state  # a plain fit does not sample
     for a, b in zip(failed.get_weights(), fresh.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -593,8 +730,9 @@ def test_jit_compile_gives_the_same_weights():
 
     def train(jit_compile):
         model = linear_model(0.05, jit_compile=jit_compile)
-        sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5,
-                                             learning_rate_scaling="sqrt")
+        sampling = keras_fim.DynamicSampling(
+            (x, y), Staged([4, 8, 16]), seed=5, learning_rate_scaling="sqrt"
+        )
         model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
         return model.get_weights(), sampling.batch_sizes_per_epoch
 
@@ -616,14 +754,50 @@ def test_validation_data_and_history():
     xv, yv = linear_problem(16, seed=1)
     model = linear_model(0.05)
     sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8, 16]), seed=5)
-    history = model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0,
-                        validation_data=(xv, yv))
+    history = model.fit(
+        sampling.dataset,
+        epochs=3,
+        callbacks=[sampling],
+        verbose=0,
+        validation_data=(xv, yv),
+    )
     assert history.epoch == [0, 1, 2]
     assert len(history.history["loss"]) == 3
     assert len(history.history["val_loss"]) == 3
     assert all(np.isfinite(history.history["val_loss"]))
     # The last validation ran on the final weights, after the whole last pass.
-    np.testing.assert_allclose(history.history["val_loss"][-1],
-                               model.evaluate(xv, yv, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        history.history["val_loss"][-1], model.evaluate(xv, yv, verbose=0), rtol=1e-5
+    )
     assert len(sampling.batch_sizes_per_epoch) == 3
     assert sum(sampling.batch_sizes_per_epoch[-1]) == 50
+
+
+def test_keras_file_keeps_a_fisher_models_sampling_state(tmp_path):
+    x, y = linear_problem(20)
+    inputs = keras.Input((x.shape[1],))
+    model = keras_fim.FisherModel(inputs, keras.layers.Dense(1)(inputs), every_n_steps=2)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8]))
+    model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.sampling_state.read() == model.sampling_state.read()
+    # Training the reloaded model continues the sampling: the fourth pass.
+    again = keras_fim.DynamicSampling((x, y), Staged([4, 8]))
+    loaded.fit(again.dataset, epochs=4, initial_epoch=3, callbacks=[again], verbose=0)
+    assert loaded.sampling_state.read()["data_pass"] == 3
+    assert again.batch_sizes_per_epoch == [[8, 8, 4]]
+
+
+def test_plain_model_saves_to_keras_after_dynamic_sampling(tmp_path):
+    x, y = linear_problem(20)
+    model = linear_model(0.05)
+    sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8]))
+    model.fit(sampling.dataset, epochs=2, callbacks=[sampling], verbose=0)
+    path = str(tmp_path / "plain.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(loaded.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)

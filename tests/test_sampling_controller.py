@@ -5,11 +5,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_reference import read_scalars
 
 import keras_fim
-from fim_reference import read_scalars
-from keras_fim.schedules import Automatic
-from keras_fim.schedules import SamplingContext
+from keras_fim.schedules import Automatic, SamplingContext
 
 
 def simulate(schedule, noise_scales, measure_every=5, steps=None):
@@ -20,9 +19,16 @@ def simulate(schedule, noise_scales, measure_every=5, steps=None):
     for step in range(steps or len(noise_scales)):
         measurements = step // measure_every
         context = SamplingContext(
-            epoch=0, epochs=1, step=step, data_pass=0, position=0,
-            examples_seen=0, num_examples=10_000, batch_size=size,
-            steps_since_change=step - last_change, measurements=measurements,
+            epoch=0,
+            epochs=1,
+            step=step,
+            data_pass=0,
+            position=0,
+            examples_seen=0,
+            num_examples=10_000,
+            batch_size=size,
+            steps_since_change=step - last_change,
+            measurements=measurements,
             measurements_since_change=measurements - measured_at_change,
             noise_scale=noise_scales[step] if measurements else None,
         )
@@ -42,18 +48,24 @@ def test_grows_while_noise_scale_exceeds_the_batch_then_holds():
 
 def test_min_steps_and_fresh_measurements_gate_each_change():
     # Measurements every 25 steps: each change waits for one at the new size.
-    sizes = simulate(Automatic(8, maximum=64, min_steps=5), [1e6] * 200, measure_every=25)
+    sizes = simulate(
+        Automatic(8, maximum=64, min_steps=5), [1e6] * 200, measure_every=25
+    )
     changes = [t for t in range(1, 200) if sizes[t] != sizes[t - 1]]
     assert changes == [25, 50, 75]
     assert sizes[-1] == 64  # bounded by maximum
 
 
 def test_powers_of_two_and_factor():
-    assert simulate(Automatic(12, maximum=100, min_steps=1, factor=1.5), [1e6] * 40)[-1] == 100
+    assert (
+        simulate(Automatic(12, maximum=100, min_steps=1, factor=1.5), [1e6] * 40)[-1]
+        == 100
+    )
     sizes = simulate(Automatic(12, maximum=100, min_steps=1, factor=1.5), [1e6] * 40)
     assert sorted(set(sizes)) == [12, 32, 64, 100]  # ceil(12*1.5)=18 -> 32
     sizes = simulate(
-        Automatic(12, maximum=100, min_steps=1, factor=1.5, powers_of_two=False), [1e6] * 40
+        Automatic(12, maximum=100, min_steps=1, factor=1.5, powers_of_two=False),
+        [1e6] * 40,
     )
     assert sorted(set(sizes)) == [12, 18, 27, 41, 62, 93, 100]
 
@@ -67,9 +79,18 @@ def test_no_measurement_no_change_and_falling_signal_stops_growth():
 
 def test_condition_number_and_custom_signals():
     context = SamplingContext(
-        epoch=0, epochs=1, step=99, data_pass=0, position=0, examples_seen=0,
-        num_examples=1000, batch_size=16, steps_since_change=99, measurements=9,
-        measurements_since_change=9, condition_number=500.0,
+        epoch=0,
+        epochs=1,
+        step=99,
+        data_pass=0,
+        position=0,
+        examples_seen=0,
+        num_examples=1000,
+        batch_size=16,
+        steps_since_change=99,
+        measurements=9,
+        measurements_since_change=9,
+        condition_number=500.0,
     )
     assert Automatic(16, 64, signal="condition_number", threshold=100.0)(context) == 32
     assert Automatic(16, 64, signal="condition_number", threshold=1000.0)(context) == 16
@@ -96,11 +117,13 @@ def test_invalid_arguments_name_the_argument(kwargs, name):
 
 
 def classifier():
-    model = keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(16, activation="tanh"),
-        keras.layers.Dense(3),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(3),
+        ]
+    )
     model.compile(
         optimizer=keras.optimizers.SGD(0.05),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -119,7 +142,9 @@ def test_automatic_in_fit_logs_decisions_and_fisher_sees_the_coupled_rate(tmp_pa
     x, y = data()
     model = classifier()
     sampling = keras_fim.DynamicSampling(
-        (x, y), schedule=Automatic(8, 64, min_steps=4), learning_rate_scaling="linear",
+        (x, y),
+        schedule=Automatic(8, 64, min_steps=4),
+        learning_rate_scaling="linear",
         log_dir=str(tmp_path),
     )
     fisher = keras_fim.FisherCallback(every_n_steps=2, log_dir=str(tmp_path))
@@ -139,7 +164,9 @@ def test_automatic_in_fit_logs_decisions_and_fisher_sees_the_coupled_rate(tmp_pa
     for step, rate in scalars["fisher/learning_rate"]:
         assert rate == pytest.approx(rates[step], rel=1e-6)
     # Every decision shows its signal (B_simple / B) and the threshold.
-    assert scalars["sampling/signal"] and {v for _, v in scalars["sampling/threshold"]} == {1.0}
+    assert scalars["sampling/signal"] and {
+        v for _, v in scalars["sampling/threshold"]
+    } == {1.0}
 
 
 def test_automatic_without_fisher_callback_is_refused():
@@ -189,8 +216,12 @@ def test_noise_components_from_batch_and_half_batch_gradients(batch_norm, weight
         keras_batch_gradient_sq(model, x[lo:hi], y[lo:hi], part(w, lo, hi))
         for lo, hi in ((0, 5), (5, 10))
     )
-    np.testing.assert_allclose(float(true_gradient_sq), (10 * big - 5 * small) / 5, rtol=1e-4)
-    np.testing.assert_allclose(float(trace_sigma), (small - big) / (1 / 5 - 1 / 10), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(true_gradient_sq), (10 * big - 5 * small) / 5, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        float(trace_sigma), (small - big) / (1 / 5 - 1 / 10), rtol=1e-4
+    )
     if not batch_norm and not weighted:
         # Without coupling: E|g_b|^2 = tr(Sigma)/b + |G|^2 makes the same
         # formulas exact on the population of these 10 examples' gradients
@@ -219,18 +250,34 @@ def test_fit_keeps_averages_of_the_noise_components_and_their_ratio():
                 return
             xb, yb = x[24 * batch : 24 * batch + 24], y[24 * batch : 24 * batch + 24]
             big = keras_batch_gradient_sq(model, xb, yb)
-            small = 0.5 * (keras_batch_gradient_sq(model, xb[:12], yb[:12])
-                           + keras_batch_gradient_sq(model, xb[12:], yb[12:]))
-            values = {"true": (24 * big - 12 * small) / 12, "trace": (small - big) / (1 / 12 - 1 / 24)}
+            small = 0.5 * (
+                keras_batch_gradient_sq(model, xb[:12], yb[:12])
+                + keras_batch_gradient_sq(model, xb[12:], yb[12:])
+            )
+            values = {
+                "true": (24 * big - 12 * small) / 12,
+                "trace": (small - big) / (1 / 12 - 1 / 24),
+            }
             for key, value in values.items():
                 old = expected[key]
                 expected[key] = value if old is None else 0.5 * old + 0.5 * value
 
     fisher = keras_fim.FisherCallback(every_n_steps=3, ema_decay=0.5)
-    model.fit(x, y, batch_size=24, epochs=1, shuffle=False, verbose=0,
-              callbacks=[Replay(), fisher])
+    model.fit(
+        x,
+        y,
+        batch_size=24,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[Replay(), fisher],
+    )
     state = model.fisher_state
     assert int(state.measurements) == 4  # steps 0, 3, 6, 9 of 10
     assert float(state.trace_sigma_ema) == pytest.approx(expected["trace"], rel=1e-3)
-    assert float(state.true_gradient_sq_ema) == pytest.approx(expected["true"], rel=1e-3)
-    assert float(state.noise_scale) == pytest.approx(expected["trace"] / expected["true"], rel=1e-3)
+    assert float(state.true_gradient_sq_ema) == pytest.approx(
+        expected["true"], rel=1e-3
+    )
+    assert float(state.noise_scale) == pytest.approx(
+        expected["trace"] / expected["true"], rel=1e-3
+    )

@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from fim_reference import read_scalars
 
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampling_job.py")
@@ -60,8 +59,10 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
         last = dict(resumed_scalars[tag])
         assert sorted(last) == list(range(1, 68)), tag
         np.testing.assert_allclose(
-            [last[s] for s in range(1, 68)], [v for _, v in whole_scalars[tag]],
-            rtol=1e-6, err_msg=tag,
+            [last[s] for s in range(1, 68)],
+            [v for _, v in whole_scalars[tag]],
+            rtol=1e-6,
+            err_msg=tag,
         )
     sizes = [v for _, v in whole_scalars["sampling/batch_size"]]
     assert sizes[0] == 8 and len(set(sizes)) > 2

@@ -16,13 +16,12 @@ along the class's MRO, so subclasses inherit their parent's rule;
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
-from keras_fim.engine.capture import LayerCall
-from keras_fim.engine.capture import differentiable_outputs
+from keras_fim.engine.capture import LayerCall, differentiable_outputs
 
 Rule = Callable[[keras.layers.Layer, LayerCall, int], list]
 
