@@ -45,8 +45,12 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
         log_dir=os.path.join(out_dir, "logs"),
     )
 
+    first_step = []
+
     class Kill(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
+            if not first_step:  # after BackupAndRestore restored the weights
+                first_step.append(int(model.optimizer.iterations.numpy()))
             if int(model.optimizer.iterations.numpy()) == kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -55,8 +59,7 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
         sampling,
         keras_fim.FisherCallback(every_n_steps=4),
     ]
-    if kill_at_step is not None:
-        callbacks.append(Kill())
+    callbacks.append(Kill())
     model.fit(sampling.dataset, epochs=5, callbacks=callbacks, verbose=0)
     np.savez(
         os.path.join(out_dir, "result.npz"),
@@ -65,6 +68,7 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
         L_K=float(model.fisher_state.energy_sum),
         measurements=int(model.fisher_state.measurements),
         iterations=int(model.optimizer.iterations),
+        first_step=first_step[0],
         **{f"sampling_{k}": v for k, v in model.sampling_state.read().items()},
     )
 

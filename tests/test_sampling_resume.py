@@ -31,18 +31,22 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     done = run_job(whole)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # Step 50 lies in the fourth epoch of 67 steps: three epochs are backed up.
-    killed = run_job(interrupted, kill_at_step=50)
+    a = np.load(whole / "result.npz")
+    steps = int(a["iterations"])
+    # Killed three quarters in: in the fourth or fifth of five epochs, after
+    # BackupAndRestore saved the earlier ones.
+    killed = run_job(interrupted, kill_at_step=3 * steps // 4)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (interrupted / "result.npz").exists()
     resumed = run_job(interrupted)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    a = np.load(whole / "result.npz")
     b = np.load(interrupted / "result.npz")
-    assert int(a["iterations"]) == int(b["iterations"]) == 67
+    assert int(b["iterations"]) == steps
+    # The resumed process started from the backup, not from scratch.
+    assert 0 < int(b["first_step"]) < 3 * steps // 4
     for key in a.files:
-        if key != "weights":
+        if key not in ("weights", "first_step"):
             assert a[key] == pytest.approx(b[key], rel=1e-12), key
     np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-6, atol=1e-7)
     # The batch size really changed during training.
@@ -54,12 +58,12 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     whole_scalars, _ = read_scalars(whole / "logs", prefix="sampling/")
     resumed_scalars, _ = read_scalars(interrupted / "logs", prefix="sampling/")
     for tag in ("sampling/batch_size", "sampling/learning_rate"):
-        assert [s for s, _ in whole_scalars[tag]] == list(range(1, 68)), tag
+        assert [s for s, _ in whole_scalars[tag]] == list(range(1, steps + 1)), tag
         # Events come oldest file first: the last value of a step wins.
         last = dict(resumed_scalars[tag])
-        assert sorted(last) == list(range(1, 68)), tag
+        assert sorted(last) == list(range(1, steps + 1)), tag
         np.testing.assert_allclose(
-            [last[s] for s in range(1, 68)],
+            [last[s] for s in range(1, steps + 1)],
             [v for _, v in whole_scalars[tag]],
             rtol=1e-6,
             err_msg=tag,

@@ -181,7 +181,10 @@ def gradient_noise_components(
             losses = per_example_losses(model, ys, y_pred, ws)
             loss = tf.reduce_sum(losses) / tf.cast(stop - start, losses.dtype)
         grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float64) ** 2) for g in grads])
+        # convert_to_tensor: an Embedding's gradient is IndexedSlices.
+        return tf.add_n(
+            [tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), tf.float64) ** 2) for g in grads]
+        )
 
     batch = _batch_size(x)
     half = tf.maximum(batch // 2, 1)
