@@ -32,7 +32,7 @@ import keras
 
 import keras_fim
 from keras_fim.datasets import load_digits
-from keras_fim.models import cifar_resnet
+from keras_fim.models import cifar_resnet, compile_like_the_paper
 from keras_fim.schedules import Automatic, Staged
 
 CONFIGS = ("fixed-16", "fixed-256", "staged", "staged-sqrt", "automatic")
@@ -51,11 +51,7 @@ def train(config: str, seed: int, epochs: int, data) -> tuple[float, float]:
     (x, y), (x_test, y_test) = data
     keras.utils.set_random_seed(seed)
     model = cifar_resnet(x.shape[1:], 10, batch_norm=True)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_like_the_paper(model, 0.05)
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda e: learning_rate(e, epochs))
     ]

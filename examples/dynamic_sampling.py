@@ -34,7 +34,7 @@ import keras
 
 import keras_fim
 from keras_fim.datasets import load_digits
-from keras_fim.models import cifar_resnet
+from keras_fim.models import cifar_resnet, compile_like_the_paper
 from keras_fim.schedules import Automatic, Staged
 
 
@@ -51,11 +51,7 @@ def main(argv=None) -> None:
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits(seed=args.seed)
     model = cifar_resnet(x_train.shape[1:], num_classes=10)
-    model.compile(
-        optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9, nesterov=True),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_like_the_paper(model, args.learning_rate)
     callbacks = [keras.callbacks.TensorBoard(log_dir)]
     if args.mode == "staged":
         sampling = keras_fim.DynamicSampling(

@@ -15,7 +15,7 @@ import keras
 
 import keras_fim
 from keras_fim.datasets import load_digits
-from keras_fim.models import cifar_resnet
+from keras_fim.models import cifar_resnet, compile_like_the_paper
 
 
 class PrintFisher(keras.callbacks.Callback):
@@ -40,11 +40,7 @@ def main(argv=None) -> None:
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits(seed=args.seed)
     model = cifar_resnet(x_train.shape[1:], num_classes=10)
-    model.compile(
-        optimizer=keras.optimizers.SGD(args.learning_rate, momentum=0.9, nesterov=True),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_like_the_paper(model, args.learning_rate)
     model.fit(
         x_train,
         y_train,

@@ -9,8 +9,7 @@ from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
 from keras_fim.callback import FisherCallback
-from keras_fim.state import FisherState
-from keras_fim.state import SamplingState
+from keras_fim.state import FisherState, SamplingState
 
 _OPTIONS = (
     "every_n_steps",

@@ -89,3 +89,25 @@ def cifar_resnet(
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
     return model_class(inputs, outputs, **model_kwargs)
+
+
+def compile_like_the_paper(model: keras.Model, learning_rate: float = 0.1, **compile_kwargs):
+    """Compiles `model` as the paper trains its classifiers.
+
+    SGD with Nesterov momentum 0.9 at `learning_rate`, sparse categorical
+    cross-entropy (on the softmax outputs of `cifar_resnet`) and accuracy.
+    Further keyword arguments go to `compile` (e.g. ``jit_compile``).
+
+    Example:
+
+    >>> model = compile_like_the_paper(cifar_resnet((8, 8, 1)), 0.05)
+    >>> float(model.optimizer.learning_rate), model.optimizer.nesterov
+    (0.05000000074505806, True)
+    """
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        **compile_kwargs,
+    )
+    return model

@@ -411,6 +411,12 @@ def linear_problem(n=50, seed=0):
     return x, y
 
 
+def assert_weights_equal_replay(model, replayed):
+    kernel, bias = replayed
+    np.testing.assert_allclose(model.get_weights()[0], kernel, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.get_weights()[1], bias, rtol=1e-5, atol=1e-6)
+
+
 def linear_model(learning_rate, **compile_kwargs):
     model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(1, use_bias=True)])
     model.set_weights(
@@ -461,9 +467,7 @@ def test_learning_rate_gain_follows_the_batch_trained(scaling):
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     assert [len(b) for b in plan[0]][-1] == 2  # the premise: a partial batch
-    w, b = replay_sgd(x, y, plan, lambda t: 0.05, scaling)
-    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+    assert_weights_equal_replay(model, replay_sgd(x, y, plan, lambda t: 0.05, scaling))
     assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
 
 
@@ -479,9 +483,9 @@ def test_learning_rate_gain_with_reference_batch_size():
     )
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
-    w, b = replay_sgd(x, y, plan, lambda t: 0.05, "linear", reference=8)
-    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+    assert_weights_equal_replay(
+        model, replay_sgd(x, y, plan, lambda t: 0.05, "linear", reference=8)
+    )
 
 
 def test_learning_rate_gain_on_a_learning_rate_schedule():
@@ -496,9 +500,9 @@ def test_learning_rate_gain_on_a_learning_rate_schedule():
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
     # The schedule is evaluated at optimizer.iterations before the step.
-    w, b = replay_sgd(x, y, plan, lambda t: 0.05 * 0.8 ** (t / 5), "linear")
-    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+    assert_weights_equal_replay(
+        model, replay_sgd(x, y, plan, lambda t: 0.05 * 0.8 ** (t / 5), "linear")
+    )
     steps = sum(len(e) for e in plan)
     assert int(model.optimizer.iterations) == steps
     # Outside the step the optimizer reads the unscaled schedule.
@@ -519,9 +523,7 @@ def test_learning_rate_gain_with_steps_per_execution():
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
     plan = reference_plan(50, 3, schedule, seed=5, steps_per_execution=2)
     assert sampling.batch_sizes_per_epoch == [[len(b) for b in e] for e in plan]
-    w, b = replay_sgd(x, y, plan, lambda t: 0.05, "sqrt")
-    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+    assert_weights_equal_replay(model, replay_sgd(x, y, plan, lambda t: 0.05, "sqrt"))
     assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
 
 
@@ -539,9 +541,9 @@ def test_learning_rate_scheduler_callback_still_sets_the_base_rate():
         callbacks=[keras.callbacks.LearningRateScheduler(rates), sampling],
     )
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
-    w, b = replay_sgd(x, y, plan, None, "linear", per_epoch_rate=rates)
-    np.testing.assert_allclose(model.get_weights()[0], w, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.get_weights()[1], b, rtol=1e-5, atol=1e-6)
+    assert_weights_equal_replay(
+        model, replay_sgd(x, y, plan, None, "linear", per_epoch_rate=rates)
+    )
     assert float(model.optimizer.learning_rate) == pytest.approx(rates(2))
 
 
@@ -776,7 +778,9 @@ def test_validation_data_and_history():
 def test_keras_file_keeps_a_fisher_models_sampling_state(tmp_path):
     x, y = linear_problem(20)
     inputs = keras.Input((x.shape[1],))
-    model = keras_fim.FisherModel(inputs, keras.layers.Dense(1)(inputs), every_n_steps=2)
+    model = keras_fim.FisherModel(
+        inputs, keras.layers.Dense(1)(inputs), every_n_steps=2
+    )
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     sampling = keras_fim.DynamicSampling((x, y), Staged([4, 8]))
     model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)

@@ -11,6 +11,20 @@ import keras_fim
 from keras_fim.schedules import Automatic, SamplingContext
 
 
+def context(**fields):
+    """A SamplingContext with a 1000-example pass, first epoch, unless given."""
+    defaults = dict(
+        epoch=0,
+        epochs=1,
+        step=0,
+        data_pass=0,
+        position=0,
+        examples_seen=0,
+        num_examples=1000,
+    )
+    return SamplingContext(**{**defaults, **fields})
+
+
 def simulate(schedule, noise_scales, measure_every=5, steps=None):
     """Runs `schedule` over a synthetic stream: at step t the smoothed
     B_simple is noise_scales[t] and a measurement arrives every
@@ -18,21 +32,17 @@ def simulate(schedule, noise_scales, measure_every=5, steps=None):
     size, last_change, measured_at_change, sizes = None, 0, 0, []
     for step in range(steps or len(noise_scales)):
         measurements = step // measure_every
-        context = SamplingContext(
-            epoch=0,
-            epochs=1,
-            step=step,
-            data_pass=0,
-            position=0,
-            examples_seen=0,
-            num_examples=10_000,
-            batch_size=size,
-            steps_since_change=step - last_change,
-            measurements=measurements,
-            measurements_since_change=measurements - measured_at_change,
-            noise_scale=noise_scales[step] if measurements else None,
+        new = schedule(
+            context(
+                step=step,
+                num_examples=10_000,
+                batch_size=size,
+                steps_since_change=step - last_change,
+                measurements=measurements,
+                measurements_since_change=measurements - measured_at_change,
+                noise_scale=noise_scales[step] if measurements else None,
+            )
         )
-        new = schedule(context)
         if new != size:
             size, last_change, measured_at_change = new, step, measurements
         sizes.append(size)
@@ -78,25 +88,19 @@ def test_no_measurement_no_change_and_falling_signal_stops_growth():
 
 
 def test_condition_number_and_custom_signals():
-    context = SamplingContext(
-        epoch=0,
-        epochs=1,
+    now = context(
         step=99,
-        data_pass=0,
-        position=0,
-        examples_seen=0,
-        num_examples=1000,
         batch_size=16,
         steps_since_change=99,
         measurements=9,
         measurements_since_change=9,
         condition_number=500.0,
     )
-    assert Automatic(16, 64, signal="condition_number", threshold=100.0)(context) == 32
-    assert Automatic(16, 64, signal="condition_number", threshold=1000.0)(context) == 16
+    assert Automatic(16, 64, signal="condition_number", threshold=100.0)(now) == 32
+    assert Automatic(16, 64, signal="condition_number", threshold=1000.0)(now) == 16
     custom = Automatic(16, 64, signal=lambda c: c.step / 10, threshold=5.0)
-    assert custom.signal_value(context) == pytest.approx(9.9)
-    assert custom(context) == 32
+    assert custom.signal_value(now) == pytest.approx(9.9)
+    assert custom(now) == 32
 
 
 @pytest.mark.parametrize(
