@@ -49,7 +49,9 @@ def main(argv=None) -> None:
         validation_data=(x_test, y_test),
         verbose=0,
         callbacks=[
-            keras_fim.FisherCallback(log_dir=args.log_dir, every_n_steps=args.every_n_steps),
+            keras_fim.FisherCallback(
+                log_dir=args.log_dir, every_n_steps=args.every_n_steps
+            ),
             keras.callbacks.TensorBoard(args.log_dir),
             PrintFisher(),
         ],

@@ -24,9 +24,7 @@ def _check_int(name, value, minimum, allow_none=False):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(
-            f"`{name}` must be {allowed}. Received: {name}={value!r}"
-        )
+        raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
 
 
 def validate_options(
@@ -45,14 +43,18 @@ def validate_options(
             "`zero_threshold` must be None or a float in [0, 1). "
             f"Received: zero_threshold={zero_threshold!r}"
         )
-    if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not (
-        0 <= ema_decay < 1
+    if (
+        isinstance(ema_decay, bool)
+        or not isinstance(ema_decay, (int, float))
+        or not (0 <= ema_decay < 1)
     ):
         raise ValueError(
             f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}"
         )
-    if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(
-        log_dir, "__fspath__"
+    if (
+        log_dir is not None
+        and not isinstance(log_dir, (str, bytes))
+        and not hasattr(log_dir, "__fspath__")
     ):
         raise ValueError(
             "`log_dir` must be None or a path. "
@@ -133,7 +135,12 @@ class FisherCallback(keras.callbacks.Callback):
     ):
         super().__init__()
         validate_options(
-            every_n_steps, dense_epochs, max_examples, zero_threshold, ema_decay, log_dir
+            every_n_steps,
+            dense_epochs,
+            max_examples,
+            zero_threshold,
+            ema_decay,
+            log_dir,
         )
         self.log_dir = None if log_dir is None else str(log_dir)
         self.every_n_steps = every_n_steps
@@ -297,7 +304,9 @@ class FisherCallback(keras.callbacks.Callback):
         measurement = spectrum_from_gram(gram, self.zero_threshold)
         measurement = measurement._replace(
             condition_number=tf.where(
-                finite, measurement.condition_number, tf.constant(float("nan"), tf.float64)
+                finite,
+                measurement.condition_number,
+                tf.constant(float("nan"), tf.float64),
             )
         )
         learning_rate = _current_learning_rate(model)

@@ -64,13 +64,19 @@ def _write_layout() -> None:
                 chart=[
                     chart("C_K bar (running mean of c_k)", "C_K_bar"),
                     chart("L_K (weighted cumulative energy)", "L_K"),
-                    chart("c_k and its EMA", "condition_number", "condition_number_ema"),
+                    chart(
+                        "c_k and its EMA", "condition_number", "condition_number_ema"
+                    ),
                 ],
             ),
             layout_pb2.Category(
                 title="keras-fim: the Fisher spectrum",
                 chart=[
-                    chart("eigenvalues of F (max, min non-zero)", "eigenvalue_max", "eigenvalue_min"),
+                    chart(
+                        "eigenvalues of F (max, min non-zero)",
+                        "eigenvalue_max",
+                        "eigenvalue_min",
+                    ),
                     chart("trace of F", "trace"),
                     chart("rank", "rank"),
                 ],
@@ -80,7 +86,9 @@ def _write_layout() -> None:
                 chart=[
                     chart("mini-batch gradient norm", "gradient_norm"),
                     chart("gradient noise scale B_simple", "gradient_noise_scale"),
-                    chart("batch size and learning rate", "batch_size", "learning_rate"),
+                    chart(
+                        "batch size and learning rate", "batch_size", "learning_rate"
+                    ),
                 ],
             ),
             layout_pb2.Category(
@@ -89,7 +97,11 @@ def _write_layout() -> None:
                     chart("batch size trained", "sampling/batch_size"),
                     chart("learning rate applied", "sampling/learning_rate"),
                     chart("learning-rate gain", "sampling/learning_rate_gain"),
-                    chart("automatic mode: signal and threshold", "sampling/signal", "sampling/threshold"),
+                    chart(
+                        "automatic mode: signal and threshold",
+                        "sampling/signal",
+                        "sampling/threshold",
+                    ),
                 ],
             ),
         ]

@@ -280,7 +280,9 @@ def read_scalars(log_dir, prefix="fisher/"):
     accumulator.Reload()
     scalars = {}
     for tag in accumulator.Tags()["tensors"]:
-        values = [(e.step, tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
+        values = [
+            (e.step, tf.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)
+        ]
         if tag.startswith(prefix) and all(
             v.ndim == 0 and v.dtype.kind in "fiu" for _, v in values
         ):

@@ -83,7 +83,12 @@ def test_running_values_equal_hand_computation(jit_compile):
     model = compile_sgd(mlp(), jit_compile=jit_compile)
     hand = HandComputation(x, y, batch_size=8, every_n_steps=3)
     history = model.fit(
-        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
         callbacks=[hand, keras_fim.FisherCallback(every_n_steps=3)],
     )
     state = model.fisher_state
@@ -107,9 +112,13 @@ def test_weights_equal_plain_keras(model_class, jit_compile):
     def train(measure):
         keras.utils.set_random_seed(1)
         kwargs = {"every_n_steps": 2} if model_class is keras_fim.FisherModel else {}
-        model = compile_sgd(bn_dropout_cnn(model_class, **kwargs), jit_compile=jit_compile)
+        model = compile_sgd(
+            bn_dropout_cnn(model_class, **kwargs), jit_compile=jit_compile
+        )
         callbacks = [keras_fim.FisherCallback(every_n_steps=2)] if measure else []
-        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+        model.fit(
+            x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=callbacks
+        )
         return model
 
     plain = train(False) if model_class is keras.Model else None
@@ -132,7 +141,12 @@ def test_steps_per_execution_measures_the_same_steps():
         keras.utils.set_random_seed(2)
         model = compile_sgd(mlp(), steps_per_execution=spe)
         model.fit(
-            x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+            x,
+            y,
+            batch_size=8,
+            epochs=2,
+            verbose=0,
+            shuffle=False,
             callbacks=[keras_fim.FisherCallback(every_n_steps=3, dense_epochs=0)],
         )
         return model.fisher_state
@@ -140,15 +154,24 @@ def test_steps_per_execution_measures_the_same_steps():
     one, three = run(1), run(3)
     assert int(three.step) == int(one.step) == 14
     assert int(three.measurements) == int(one.measurements) == 5  # 0,3,6,9,12
-    np.testing.assert_allclose(float(three.condition_sum), float(one.condition_sum), rtol=1e-5)
-    np.testing.assert_allclose(float(three.energy_sum), float(one.energy_sum), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(three.condition_sum), float(one.condition_sum), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        float(three.energy_sum), float(one.energy_sum), rtol=1e-5
+    )
 
 
 def test_dense_epochs_then_cadence_and_weights_of_l_k():
     x, y = data(32)
     model = compile_sgd(mlp())
     model.fit(
-        x, y, batch_size=8, epochs=3, verbose=0, shuffle=False,
+        x,
+        y,
+        batch_size=8,
+        epochs=3,
+        verbose=0,
+        shuffle=False,
         callbacks=[keras_fim.FisherCallback(every_n_steps=5, dense_epochs=1)],
     )
     # epoch 0: steps 0-3 all measured; epochs 1-2 (steps 4-11): 5 and 10.
@@ -172,10 +195,19 @@ def test_learning_rate_schedule_enters_l_k():
     x, y = data(32)
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [0.5, 0.05])
     model = mlp()
-    model.compile(optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule), loss="sparse_categorical_crossentropy"
+    )
     hand = HandComputation(x, y, batch_size=8, every_n_steps=1)
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
-              callbacks=[hand, keras_fim.FisherCallback(every_n_steps=1)])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[hand, keras_fim.FisherCallback(every_n_steps=1)],
+    )
     state = model.fisher_state
     assert int(state.measurements) == 4
     # The hand computation reads the scheduled rate (0.5, 0.5, 0.5, 0.05:
@@ -189,7 +221,11 @@ def test_tensorboard_scalars_on_keras_batch_axis(tmp_path, steps_per_execution):
     model = compile_sgd(mlp(), steps_per_execution=steps_per_execution)
     log_dir = str(tmp_path)
     model.fit(
-        x, y, batch_size=8, epochs=2, verbose=0,
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
         callbacks=[
             keras_fim.FisherCallback(log_dir=log_dir, every_n_steps=3),
             keras.callbacks.TensorBoard(log_dir, update_freq=1),
@@ -197,14 +233,22 @@ def test_tensorboard_scalars_on_keras_batch_axis(tmp_path, steps_per_execution):
     )
     scalars, accumulator = read_scalars(log_dir)
     expected_tags = {
-        "fisher/C_K_bar", "fisher/L_K", "fisher/condition_number",
-        "fisher/eigenvalue_max", "fisher/eigenvalue_min", "fisher/trace",
-        "fisher/gradient_norm", "fisher/batch_size", "fisher/learning_rate",
+        "fisher/C_K_bar",
+        "fisher/L_K",
+        "fisher/condition_number",
+        "fisher/eigenvalue_max",
+        "fisher/eigenvalue_min",
+        "fisher/trace",
+        "fisher/gradient_norm",
+        "fisher/batch_size",
+        "fisher/learning_rate",
     }
     assert expected_tags <= set(scalars)
     # Measured 0-based steps 0, 3, 6, 9 -> 1-based batch numbers 1, 4, 7, 10.
     assert [s for s, _ in scalars["fisher/C_K_bar"]] == [1, 4, 7, 10]
-    assert scalars["fisher/L_K"][-1][1] == pytest.approx(float(model.fisher_state.energy_sum))
+    assert scalars["fisher/L_K"][-1][1] == pytest.approx(
+        float(model.fisher_state.energy_sum)
+    )
     assert scalars["fisher/batch_size"][0][1] == 8
     assert scalars["fisher/learning_rate"][0][1] == pytest.approx(0.1)
     assert "fisher/log10_eigenvalues" in accumulator.Tags()["tensors"]
@@ -213,8 +257,16 @@ def test_tensorboard_scalars_on_keras_batch_axis(tmp_path, steps_per_execution):
 
 
 def test_fisher_model_config_and_keras_file_roundtrip(tmp_path):
-    model = compile_sgd(mlp(keras_fim.FisherModel, every_n_steps=2, dense_epochs=1,
-                            max_examples=4, zero_threshold=1e-6, ema_decay=0.5))
+    model = compile_sgd(
+        mlp(
+            keras_fim.FisherModel,
+            every_n_steps=2,
+            dense_epochs=1,
+            max_examples=4,
+            zero_threshold=1e-6,
+            ema_decay=0.5,
+        )
+    )
     x, y = data(32)
     model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     path = str(tmp_path / "model.keras")
@@ -222,7 +274,9 @@ def test_fisher_model_config_and_keras_file_roundtrip(tmp_path):
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, keras_fim.FisherModel)
     assert loaded.fisher_options == model.fisher_options
-    for a, b in zip(model.fisher_state.variables, loaded.fisher_state.variables, strict=True):
+    for a, b in zip(
+        model.fisher_state.variables, loaded.fisher_state.variables, strict=True
+    ):
         assert a.numpy() == b.numpy()
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert int(loaded.fisher_state.step) == 12
@@ -256,8 +310,15 @@ def test_backup_and_restore_keeps_running_state(tmp_path):
     def run(callbacks, epochs=4):
         keras.utils.set_random_seed(3)
         model = compile_sgd(mlp())
-        model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
-                  callbacks=[keras_fim.FisherCallback(every_n_steps=3), *callbacks])
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[keras_fim.FisherCallback(every_n_steps=3), *callbacks],
+        )
         return model
 
     reference = run([])
@@ -265,7 +326,9 @@ def test_backup_and_restore_keeps_running_state(tmp_path):
     with pytest.raises(RuntimeError):
         run([keras.callbacks.BackupAndRestore(backup), Interrupt()])
     resumed = run([keras.callbacks.BackupAndRestore(backup)])
-    for a, b in zip(reference.fisher_state.variables, resumed.fisher_state.variables, strict=True):
+    for a, b in zip(
+        reference.fisher_state.variables, resumed.fisher_state.variables, strict=True
+    ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, err_msg=a.path)
 
 
@@ -314,7 +377,15 @@ def test_failed_measurement_never_stops_training():
             inputs = keras.Input((6,))
             outputs = keras.layers.Dense(3, activation="softmax")(Odd()(inputs))
             model = compile_sgd(keras.Model(inputs, outputs))
-            model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+            model.fit(
+                x,
+                y,
+                batch_size=8,
+                epochs=1,
+                verbose=0,
+                shuffle=False,
+                callbacks=callbacks,
+            )
             return model
 
         plain = train([])
@@ -338,14 +409,18 @@ def test_masked_gru_trains_identically_with_and_without_xla(jit_compile):
 
     def train(callbacks):
         keras.utils.set_random_seed(6)
-        model = keras.Sequential([
-            keras.Input((7,), dtype="int32"),
-            keras.layers.Embedding(20, 4, mask_zero=True),
-            keras.layers.GRU(5),
-            keras.layers.Dense(3, activation="softmax"),
-        ])
+        model = keras.Sequential(
+            [
+                keras.Input((7,), dtype="int32"),
+                keras.layers.Embedding(20, 4, mask_zero=True),
+                keras.layers.GRU(5),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
         compile_sgd(model, jit_compile=jit_compile)
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+        model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
+        )
         return model
 
     plain = train([])
@@ -360,8 +435,14 @@ def test_plain_model_weights_list_is_unchanged_but_state_is_saved(tmp_path):
     x, y = data(16)
     model = compile_sgd(mlp())
     before = [v.path for v in model.weights]
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0,
-              callbacks=[keras_fim.FisherCallback(every_n_steps=1)])
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras_fim.FisherCallback(every_n_steps=1)],
+    )
     assert [v.path for v in model.weights] == before
     path = str(tmp_path / "w.weights.h5")
     model.save_weights(path)

@@ -148,8 +148,9 @@ CONV2D_CASES = {
     "valid_rect_s21": dict(kernel_size=(2, 3), padding="valid", strides=(2, 1)),
     "same_dilated": dict(kernel_size=3, padding="same", dilation_rate=2),
     "valid_dilated": dict(kernel_size=2, padding="valid", dilation_rate=(2, 1)),
-    "no_bias_relu": dict(kernel_size=3, padding="same", use_bias=False,
-                         activation="relu"),
+    "no_bias_relu": dict(
+        kernel_size=3, padding="same", use_bias=False, activation="relu"
+    ),
     "groups": dict(kernel_size=3, padding="same", groups=2, filters=4),
 }
 
@@ -169,8 +170,7 @@ CONV1D_CASES = {
     "causal": dict(kernel_size=3, padding="causal", activation="relu"),
     "valid_s3": dict(kernel_size=2, padding="valid", strides=3),
     "same_dilated": dict(kernel_size=3, padding="same", dilation_rate=3),
-    "groups": dict(kernel_size=3, padding="same", groups=3, filters=6,
-                   use_bias=False),
+    "groups": dict(kernel_size=3, padding="same", groups=3, filters=6, use_bias=False),
 }
 
 
@@ -240,8 +240,10 @@ MISC_MODELS = {
     ],
 }
 MISC_SHAPES = {
-    "conv2d_transpose": (4, 4, 2), "group_norm": (5, 5, 2),
-    "bidirectional_lstm": (5, 3), "time_distributed": (4, 3),
+    "conv2d_transpose": (4, 4, 2),
+    "group_norm": (5, 5, 2),
+    "bidirectional_lstm": (5, 3),
+    "time_distributed": (4, 3),
     "unnormalised_logits": (5,),
 }
 
@@ -262,11 +264,13 @@ def test_misc_layers_match_loop(name):
 
 
 def test_sigmoid_binary_crossentropy_matches_loop():
-    model = keras.Sequential([
-        keras.Input((5,)),
-        keras.layers.Dense(6, activation="relu"),
-        keras.layers.Dense(2, activation="sigmoid"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(6, activation="relu"),
+            keras.layers.Dense(2, activation="sigmoid"),
+        ]
+    )
     compiled(model, loss="binary_crossentropy")
     x, _ = classification_data(5, (5,))
     y = np.random.default_rng(1).integers(0, 2, size=(5, 2)).astype("float32")
@@ -312,8 +316,9 @@ def test_attention_layernorm_einsum_match_loop():
     inputs = keras.Input((4, 6))
     h = keras.layers.MultiHeadAttention(num_heads=2, key_dim=3)(inputs, inputs)
     h = keras.layers.LayerNormalization()(keras.layers.Add()([inputs, h]))
-    h = keras.layers.EinsumDense("btd,de->bte", output_shape=(None, 5),
-                                 bias_axes="e", activation="relu")(h)
+    h = keras.layers.EinsumDense(
+        "btd,de->bte", output_shape=(None, 5), bias_axes="e", activation="relu"
+    )(h)
     h = keras.layers.Dense(4, activation="tanh")(h)  # Dense on a 3-D input
     h = keras.layers.GlobalAveragePooling1D()(h)
     outputs = keras.layers.Dense(3, activation="softmax")(h)
@@ -350,8 +355,10 @@ def test_shared_layer_called_twice_matches_loop():
 def test_multi_output_dict_losses_match_loop(dtype, loss_weights):
     with use_floatx(dtype):
         keras.utils.set_random_seed(2)
-        inputs = {"img": keras.Input((5, 5, 1), name="img"),
-                  "vec": keras.Input((3,), name="vec")}
+        inputs = {
+            "img": keras.Input((5, 5, 1), name="img"),
+            "vec": keras.Input((3,), name="vec"),
+        }
         h = keras.layers.Conv2D(2, 3, activation="relu")(inputs["img"])
         h = keras.layers.Flatten()(h)
         h = keras.layers.Concatenate()([h, inputs["vec"]])
@@ -367,13 +374,19 @@ def test_multi_output_dict_losses_match_loop(dtype, loss_weights):
         )
         rng = np.random.default_rng(3)
         batch = 5
-        x = {"img": rng.normal(size=(batch, 5, 5, 1)).astype(dtype),
-             "vec": rng.normal(size=(batch, 3)).astype(dtype)}
-        y = {"cls": rng.integers(0, 3, size=(batch,)).astype("int32"),
-             "reg": rng.normal(size=(batch, 2, 3)).astype(dtype)}
-        sw = {"cls": np.array([1.0, 2.0, 0.5, 1.0, 0.0], dtype),
-              # (B, 1): Keras broadcasts it over the (B, 2) loss values.
-              "reg": np.array([[0.5], [1.0], [3.0], [0.0], [1.0]], dtype)}
+        x = {
+            "img": rng.normal(size=(batch, 5, 5, 1)).astype(dtype),
+            "vec": rng.normal(size=(batch, 3)).astype(dtype),
+        }
+        y = {
+            "cls": rng.integers(0, 3, size=(batch,)).astype("int32"),
+            "reg": rng.normal(size=(batch, 2, 3)).astype(dtype),
+        }
+        sw = {
+            "cls": np.array([1.0, 2.0, 0.5, 1.0, 0.0], dtype),
+            # (B, 1): Keras broadcasts it over the (B, 2) loss values.
+            "reg": np.array([[0.5], [1.0], [3.0], [0.0], [1.0]], dtype),
+        }
         actual = fim_grads(model, x, y, sw)
         with tf.GradientTape() as tape:
             compiled_loss = model.compute_loss(
@@ -383,8 +396,10 @@ def test_multi_output_dict_losses_match_loop(dtype, loss_weights):
             np.asarray(g)
             for g in tape.gradient(compiled_loss, model.trainable_variables)
         ]
-        loss = {"cls": SCCE(reduction=None),
-                "reg": keras.losses.MeanSquaredError(reduction=None)}
+        loss = {
+            "cls": SCCE(reduction=None),
+            "reg": keras.losses.MeanSquaredError(reduction=None),
+        }
         expected = ref.loop_per_example_gradients(
             model, x, y, sw, loss=loss, loss_weights=loss_weights
         )
@@ -397,8 +412,10 @@ def test_multi_output_dict_losses_match_loop(dtype, loss_weights):
 def test_regularisation_is_excluded():
     keras.utils.set_random_seed(3)
     model = compiled(
-        mlp(kernel_regularizer=keras.regularizers.L2(0.5),
-            bias_regularizer=keras.regularizers.L1(0.2))
+        mlp(
+            kernel_regularizer=keras.regularizers.L2(0.5),
+            bias_regularizer=keras.regularizers.L1(0.2),
+        )
     )
     model.layers[0].bias.assign(np.linspace(-0.5, 0.5, 7).astype("float32"))
     x, y = classification_data(6, (5,))
@@ -412,7 +429,9 @@ def test_regularisation_is_excluded():
         regularisation = tf.add_n(model.losses)
         data_loss = total - regularisation
     assert float(regularisation) > 0.01
-    without = [np.asarray(g) for g in tape.gradient(data_loss, model.trainable_variables)]
+    without = [
+        np.asarray(g) for g in tape.gradient(data_loss, model.trainable_variables)
+    ]
     with_reg = [np.asarray(g) for g in tape.gradient(total, model.trainable_variables)]
     assert_sums_to_batch_gradient(actual, without, 6, rtol=1e-5)
     first_kernel = actual[0].sum(axis=0)
@@ -457,8 +476,16 @@ def _perturb_bn(model, seed):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             for v in (layer.gamma, layer.beta, layer.moving_mean):
-                v.assign((rng.normal(size=v.shape) * 0.5 + (v is layer.gamma)).astype(v.dtype))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size=layer.moving_variance.shape).astype(layer.moving_variance.dtype))
+                v.assign(
+                    (rng.normal(size=v.shape) * 0.5 + (v is layer.gamma)).astype(
+                        v.dtype
+                    )
+                )
+            layer.moving_variance.assign(
+                rng.uniform(0.5, 2.0, size=layer.moving_variance.shape).astype(
+                    layer.moving_variance.dtype
+                )
+            )
 
 
 def _bn_state(model):
@@ -530,10 +557,14 @@ def test_resnet_block_sums_to_batch_gradient_and_measures():
     )
     with tf.GradientTape() as tape:
         compiled_loss = model.compute_loss(x, y, model(x, training=True))
-    compiled_grad = [np.asarray(g) for g in tape.gradient(compiled_loss, model.trainable_variables)]
+    compiled_grad = [
+        np.asarray(g) for g in tape.gradient(compiled_loss, model.trainable_variables)
+    ]
     assert_sums_to_batch_gradient(contributions, compiled_grad, 6, rtol=1e-4)
     jac = ref.flatten_gradients(contributions)
-    assert_measurement_matches(keras_fim.measure(model, x, y), ref.numpy_measurements(jac))
+    assert_measurement_matches(
+        keras_fim.measure(model, x, y), ref.numpy_measurements(jac)
+    )
 
 
 def test_mobilenet_v2_sums_to_batch_gradient():
@@ -570,22 +601,30 @@ def assert_measurement_matches(m, expected, rtol=1e-4):
     assert int(m.batch_size) == expected["batch_size"]
     assert int(m.rank) == expected["rank"]
     largest = expected["eigenvalues"][0]
-    np.testing.assert_allclose(m.eigenvalues.numpy(), expected["eigenvalues"],
-                               rtol=rtol, atol=1e-5 * largest)
     np.testing.assert_allclose(
-        m.singular_values.numpy(), expected["singular_values"],
-        rtol=rtol, atol=3e-3 * expected["singular_values"][0],
+        m.eigenvalues.numpy(), expected["eigenvalues"], rtol=rtol, atol=1e-5 * largest
+    )
+    np.testing.assert_allclose(
+        m.singular_values.numpy(),
+        expected["singular_values"],
+        rtol=rtol,
+        atol=3e-3 * expected["singular_values"][0],
     )
     assert np.all(np.diff(m.eigenvalues.numpy()) <= 0)
     assert np.all(m.eigenvalues.numpy() >= 0)
     for name in ("energy", "trace", "gradient_norm"):
-        np.testing.assert_allclose(float(getattr(m, name)), expected[name],
-                                   rtol=rtol, err_msg=name)
-    np.testing.assert_allclose(float(m.condition_number), expected["condition_number"],
-                               rtol=10 * rtol)
-    np.testing.assert_allclose(float(m.gradient_noise_scale),
-                               expected["gradient_noise_scale"],
-                               rtol=10 * rtol, equal_nan=True)
+        np.testing.assert_allclose(
+            float(getattr(m, name)), expected[name], rtol=rtol, err_msg=name
+        )
+    np.testing.assert_allclose(
+        float(m.condition_number), expected["condition_number"], rtol=10 * rtol
+    )
+    np.testing.assert_allclose(
+        float(m.gradient_noise_scale),
+        expected["gradient_noise_scale"],
+        rtol=10 * rtol,
+        equal_nan=True,
+    )
 
 
 def _mlp_batch(batch=8, seed=10):
@@ -602,24 +641,30 @@ def test_fisher_gram_equals_reference_gram():
     gram = keras_fim.fisher_gram(model, x, y, sw).numpy()
     assert gram.shape == (8, 8)
     expected = jac @ jac.T
-    np.testing.assert_allclose(gram, expected, rtol=1e-4,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        gram, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()
+    )
 
 
 def test_fisher_gram_conv_equals_reference_gram():
     keras.utils.set_random_seed(8)
-    model = compiled(keras.Sequential([
-        keras.Input((6, 6, 2)),
-        keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3, activation="softmax"),
-    ]))
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((6, 6, 2)),
+                keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="relu"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+    )
     x, y = classification_data(5, (6, 6, 2), seed=11)
     jac = ref.flatten_gradients(ref.loop_per_example_gradients(model, x, y))
     gram = keras_fim.fisher_gram(model, x, y).numpy()
     expected = jac @ jac.T
-    np.testing.assert_allclose(gram, expected, rtol=1e-4,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        gram, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()
+    )
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
@@ -674,8 +719,9 @@ def test_max_examples(k):
     kept = min(k, 8)
     gram = keras_fim.fisher_gram(model, x, y, max_examples=k).numpy()
     assert gram.shape == (kept, kept)
-    np.testing.assert_allclose(gram, full_gram[:kept, :kept], rtol=1e-5,
-                               atol=1e-7 * np.abs(full_gram).max())
+    np.testing.assert_allclose(
+        gram, full_gram[:kept, :kept], rtol=1e-5, atol=1e-7 * np.abs(full_gram).max()
+    )
     grads = fim_grads(model, x, y, max_examples=k)
     full = fim_grads(model, x, y)
     for g, f in zip(grads, full, strict=True):

@@ -106,9 +106,13 @@ def per_example_gradients(
     by_variable = {}
     for layer, rule in units:
         for call in batch_pass.calls[id(layer)]:
-            for v, g in zip(layer.trainable_variables, rule(layer, call, examples), strict=True):
+            for v, g in zip(
+                layer.trainable_variables, rule(layer, call, examples), strict=True
+            ):
                 g = tf.cast(g, v.dtype)
-                by_variable[id(v)] = by_variable[id(v)] + g if id(v) in by_variable else g
+                by_variable[id(v)] = (
+                    by_variable[id(v)] + g if id(v) in by_variable else g
+                )
     return [
         by_variable.get(id(v), tf.zeros([examples, *v.shape], v.dtype))
         for v in model.trainable_variables
@@ -180,10 +184,15 @@ def gradient_noise_components(
             y_pred, _ = model.stateless_call(trainable, non_trainable, xs, **kwargs)
             losses = per_example_losses(model, ys, y_pred, ws)
             loss = tf.reduce_sum(losses) / tf.cast(stop - start, losses.dtype)
-        grads = tape.gradient(loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads = tape.gradient(
+            loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
         # convert_to_tensor: an Embedding's gradient is IndexedSlices.
         return tf.add_n(
-            [tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), tf.float64) ** 2) for g in grads]
+            [
+                tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), tf.float64) ** 2)
+                for g in grads
+            ]
         )
 
     batch = _batch_size(x)
@@ -234,9 +243,7 @@ def fisher_gram(
     (4, 4)
     """
     return gram_from_gradients(
-        per_example_gradients(
-            model, x, y, sample_weight, max_examples=max_examples
-        )
+        per_example_gradients(model, x, y, sample_weight, max_examples=max_examples)
     )
 
 

@@ -110,14 +110,10 @@ def record_batch_pass(
         tape.watch(trainable)
         with recorder:
             kwargs = {"training": training} if model._call_has_training_arg else {}
-            y_pred, _ = model.stateless_call(
-                trainable, non_trainable, x, **kwargs
-            )
+            y_pred, _ = model.stateless_call(trainable, non_trainable, x, **kwargs)
         losses = loss_fn(model, y, y_pred, sample_weight)
         total = tf.reduce_sum(losses)
-    outputs = [
-        call.outputs for records in recorder.calls.values() for call in records
-    ]
+    outputs = [call.outputs for records in recorder.calls.values() for call in records]
     flat_outputs = [o for group in outputs for o in group]
     grads = tape.gradient(
         total,

@@ -78,9 +78,7 @@ def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
     )
     if weights is not None:
         weights = tf.cast(weights, values.dtype)
-        values, weights = loss_module.squeeze_or_expand_to_same_rank(
-            values, weights
-        )
+        values, weights = loss_module.squeeze_or_expand_to_same_rank(values, weights)
         values = values * weights
     batch = tf.shape(values)[0]
     per_example = tf.reshape(values, [batch, -1])

@@ -35,15 +35,11 @@ def _output_share(outputs, cotangents, examples):
     total = 0.0
     for out, cot in zip(outputs, cotangents, strict=True):
         product = tf.cast(out[:examples], cot.dtype) * cot[:examples]
-        total += tf.reduce_sum(
-            tf.reshape(product, [tf.shape(product)[0], -1]), axis=1
-        )
+        total += tf.reduce_sum(tf.reshape(product, [tf.shape(product)[0], -1]), axis=1)
     return total
 
 
-def generic_rule(
-    layer, call: LayerCall, examples: int, vectorize: bool = True
-) -> list:
+def generic_rule(layer, call: LayerCall, examples: int, vectorize: bool = True) -> list:
     """Exact for any layer: a Jacobian of per-example output shares.
 
     Re-runs the layer on the recorded batch (same inputs, same state, hence the
@@ -121,9 +117,7 @@ def sequence_rule(layer, call: LayerCall, examples: int) -> list:
     batched = ("mask", "initial_state")
 
     def one(i):
-        kwargs = {
-            k: rows(v, i) if k in batched else v for k, v in call.kwargs.items()
-        }
+        kwargs = {k: rows(v, i) if k in batched else v for k, v in call.kwargs.items()}
         with tf.GradientTape() as tape:
             tape.watch(variables)
             out, _ = layer.stateless_call(
@@ -137,9 +131,7 @@ def sequence_rule(layer, call: LayerCall, examples: int) -> list:
         )
 
     signature = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
-    return list(
-        tf.map_fn(one, tf.range(examples), fn_output_signature=signature)
-    )
+    return list(tf.map_fn(one, tf.range(examples), fn_output_signature=signature))
 
 
 def dense_rule(layer, call: LayerCall, examples: int) -> list:
@@ -258,7 +250,9 @@ def register_rule(layer_class: type, rule: Rule, overwrite: bool = False) -> Non
         ValueError: if `layer_class` is not a Keras layer class, or already
             has a rule and `overwrite` is `False`.
     """
-    if not (isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)):
+    if not (
+        isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)
+    ):
         raise ValueError(
             "`layer_class` must be a subclass of keras.layers.Layer. "
             f"Received: layer_class={layer_class!r}"
