@@ -1,6 +1,9 @@
-"""Small reference networks (the paper's CIFAR-style ResNet family)."""
+"""Small reference networks: CIFAR-style ResNets and DenseNet-BC."""
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import keras
 
@@ -28,9 +31,18 @@ class ZeroPadShortcut(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters, "stride": self.stride}
 
 
-def _residual_block(x, filters, stride, batch_norm):
+_SHORTCUTS = ("zero_pad", "projection")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _residual_block(x, filters, stride, batch_norm, shortcut_type="zero_pad"):
     shortcut = x
-    h = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=not batch_norm)(x)
+    h = keras.layers.Conv2D(
+        filters, 3, strides=stride, padding="same", use_bias=not batch_norm
+    )(x)
     if batch_norm:
         h = keras.layers.BatchNormalization()(h)
     h = keras.layers.ReLU()(h)
@@ -38,33 +50,76 @@ def _residual_block(x, filters, stride, batch_norm):
     if batch_norm:
         h = keras.layers.BatchNormalization()(h)
     if stride != 1 or shortcut.shape[-1] != filters:
-        shortcut = ZeroPadShortcut(filters, stride)(shortcut)
+        if shortcut_type == "projection":
+            shortcut = keras.layers.Conv2D(
+                filters, 1, strides=stride, padding="same", use_bias=not batch_norm
+            )(shortcut)
+            if batch_norm:
+                shortcut = keras.layers.BatchNormalization()(shortcut)
+        else:
+            shortcut = ZeroPadShortcut(filters, stride)(shortcut)
     return keras.layers.ReLU()(keras.layers.Add()([h, shortcut]))
+
+
+def _blocks_from_depth(depth, blocks_per_stage):
+    if depth is None:
+        n = 1 if blocks_per_stage is None else blocks_per_stage
+        if not _is_int(n) or n < 1:
+            raise ValueError(
+                f"`blocks_per_stage` must be >= 1. Received: blocks_per_stage={n}"
+            )
+        return int(n)
+    if not _is_int(depth) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(
+            "`depth` must be 6n+2 with n >= 1 (20, 56, 110, ...). "
+            f"Received: depth={depth}"
+        )
+    n = (depth - 2) // 6
+    if blocks_per_stage is not None and blocks_per_stage != n:
+        raise ValueError(
+            "`depth` and `blocks_per_stage` disagree: depth=6n+2 needs "
+            f"blocks_per_stage={n}; give only one of them. Received: "
+            f"depth={depth}, blocks_per_stage={blocks_per_stage}"
+        )
+    return int(n)
 
 
 def cifar_resnet(
     input_shape=(32, 32, 3),
     num_classes: int = 10,
-    blocks_per_stage: int = 1,
+    blocks_per_stage: int | None = None,
     widths=(16, 32, 64),
     batch_norm: bool = True,
     model_class=keras.Model,
+    *,
+    depth: int | None = None,
+    shortcut: str = "zero_pad",
     **model_kwargs,
 ) -> keras.Model:
     """A CIFAR-style ResNet of depth ``6 n + 2`` (``n = blocks_per_stage``).
 
     conv(16) -> three stages of ``n`` residual blocks (16/32/64 filters, the
     last two starting with stride 2) -> global average pooling -> dense
-    softmax. With ``n = 1`` this is the ~78k-parameter network of the peer
-    benchmarks; ``n = 18`` is the paper's ResNet-110.
+    softmax. With ``n = 1`` this is the ~76k-parameter (75,770 on CIFAR-10)
+    network of the peer benchmarks; ``n = 18`` (``depth=110``) is the
+    paper's ResNet-110 (He et al. 2016, section 4.2).
 
     Args:
         input_shape: Tuple, the image shape (channels last).
         num_classes: Integer, the number of classes.
-        blocks_per_stage: Integer ``n`` >= 1.
+        blocks_per_stage: Integer ``n`` >= 1. Defaults to 1, or to
+            ``(depth - 2) // 6`` when `depth` is given.
         widths: Three integers, the filters of each stage.
         batch_norm: Boolean, conv-BN-ReLU blocks (`True`) or conv-ReLU.
         model_class: The model class to build, e.g. `keras_fim.FisherModel`.
+        depth: Integer or `None`, the number of weighted layers ``6 n + 2``
+            (20, 32, 44, 56, 110, ...), an alternative to
+            `blocks_per_stage`; giving both requires them to agree.
+        shortcut: String, the shortcut of the blocks that change shape:
+            ``"zero_pad"`` (He et al.'s option A: subsample and zero-pad the
+            channels, no parameters) or ``"projection"`` (option B: a 1x1
+            convolution with the block's stride, followed by batch
+            normalisation when `batch_norm`). Other shortcuts are identities.
         **model_kwargs: Passed to `model_class`.
 
     Example:
@@ -72,31 +127,149 @@ def cifar_resnet(
     >>> model = cifar_resnet((8, 8, 1), num_classes=10)
     >>> model.output_shape
     (None, 10)
+    >>> cifar_resnet((8, 8, 1), depth=8, shortcut="projection").count_params()
+    78426
     """
-    if blocks_per_stage < 1:
+    blocks_per_stage = _blocks_from_depth(depth, blocks_per_stage)
+    if shortcut not in _SHORTCUTS:
         raise ValueError(
-            f"`blocks_per_stage` must be >= 1. Received: blocks_per_stage={blocks_per_stage}"
+            f"`shortcut` must be one of {_SHORTCUTS}. Received: shortcut={shortcut!r}"
         )
     inputs = keras.Input(input_shape)
-    x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=not batch_norm)(inputs)
+    x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=not batch_norm)(
+        inputs
+    )
     if batch_norm:
         x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
     for stage, filters in enumerate(widths):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1
-            x = _residual_block(x, filters, stride, batch_norm)
+            x = _residual_block(x, filters, stride, batch_norm, shortcut)
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
     return model_class(inputs, outputs, **model_kwargs)
 
 
-def compile_like_the_paper(model: keras.Model, learning_rate: float = 0.1, **compile_kwargs):
+def _bn_relu_conv(x, filters, kernel_size, dropout):
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(filters, kernel_size, padding="same", use_bias=False)(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    return x
+
+
+def densenet_transition_channels(channels: int, compression: float) -> int:
+    """The channels a DenseNet-BC transition keeps: ``floor(compression * c)``.
+
+    At least one channel is kept.
+    """
+    return max(1, math.floor(compression * channels))
+
+
+def densenet_bc(
+    input_shape=(32, 32, 3),
+    num_classes: int = 10,
+    depth: int = 100,
+    growth_rate: int = 12,
+    compression: float = 0.5,
+    dropout: float = 0.0,
+    model_class=keras.Model,
+    **model_kwargs,
+) -> keras.Model:
+    """DenseNet-BC for CIFAR (Huang et al. 2017), e.g. depth 100, k = 12.
+
+    conv3x3(``2k``) -> three dense blocks of ``n = (depth - 4) // 6``
+    bottleneck layers, each BN-ReLU-conv1x1(``4k``)-BN-ReLU-conv3x3(``k``)
+    whose ``k`` outputs are concatenated to its input, with a transition
+    BN-ReLU-conv1x1(``floor(compression * channels)``)-average pooling 2x2
+    between blocks -> BN-ReLU -> global average pooling -> dense softmax.
+    Convolutions have no bias. The pooling pads (``padding="same"``), so
+    any input size works: a side of 1 stays 1 and odd sides round up.
+    Depth 100 with ``k = 12`` is the paper's ~0.8M-parameter network.
+
+    Args:
+        input_shape: Tuple, the image shape (channels last).
+        num_classes: Integer, the number of classes.
+        depth: Integer ``6 n + 4`` >= 10 (40, 100, 190, 250, ...).
+        growth_rate: Integer ``k`` >= 1, the channels each bottleneck layer
+            adds.
+        compression: Float in ``(0, 1]``, the fraction of channels a
+            transition keeps (``1`` is the plain DenseNet-B).
+        dropout: Float in ``[0, 1)``, the dropout rate after each
+            convolution of the dense blocks and transitions (the paper uses
+            0.2 without data augmentation); 0 adds no dropout layers.
+        model_class: The model class to build, e.g. `keras_fim.FisherModel`.
+        **model_kwargs: Passed to `model_class`.
+
+    Example:
+
+    >>> model = densenet_bc((8, 8, 1), num_classes=10, depth=10, growth_rate=4)
+    >>> model.output_shape
+    (None, 10)
+    >>> model.count_params()
+    2718
+    """
+    if not _is_int(depth) or depth < 10 or (depth - 4) % 6:
+        raise ValueError(
+            "`depth` must be 6n+4 with n >= 1 (10, 40, 100, 190, ...). "
+            f"Received: depth={depth}"
+        )
+    if not _is_int(growth_rate) or growth_rate < 1:
+        raise ValueError(
+            "`growth_rate` must be an integer >= 1. "
+            f"Received: growth_rate={growth_rate}"
+        )
+    if (
+        isinstance(compression, bool)
+        or not isinstance(compression, numbers.Real)
+        or not (0 < compression <= 1)
+    ):
+        raise ValueError(
+            "`compression` must be a number in (0, 1]. "
+            f"Received: compression={compression}"
+        )
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, numbers.Real)
+        or not (0 <= dropout < 1)
+    ):
+        raise ValueError(
+            f"`dropout` must be a number in [0, 1). Received: dropout={dropout}"
+        )
+    layers_per_block = (depth - 4) // 6
+    inputs = keras.Input(input_shape)
+    x = keras.layers.Conv2D(2 * growth_rate, 3, padding="same", use_bias=False)(inputs)
+    for block in range(3):
+        if block > 0:
+            channels = densenet_transition_channels(x.shape[-1], compression)
+            x = _bn_relu_conv(x, channels, 1, dropout)
+            x = keras.layers.AveragePooling2D(2, padding="same")(x)
+        for _ in range(layers_per_block):
+            h = _bn_relu_conv(x, 4 * growth_rate, 1, dropout)
+            h = _bn_relu_conv(h, growth_rate, 3, dropout)
+            x = keras.layers.Concatenate()([x, h])
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    return model_class(inputs, outputs, **model_kwargs)
+
+
+def compile_like_the_paper(
+    model: keras.Model,
+    learning_rate: float = 0.1,
+    weight_decay: float | None = None,
+    **compile_kwargs,
+):
     """Compiles `model` as the paper trains its classifiers.
 
     SGD with Nesterov momentum 0.9 at `learning_rate`, sparse categorical
     cross-entropy (on the softmax outputs of `cifar_resnet`) and accuracy.
-    Further keyword arguments go to `compile` (e.g. ``jit_compile``).
+    `weight_decay` (the paper's is 1e-4) is the optimizer's, so it is no part
+    of any per-example gradient, as METHOD.md asks. Further keyword
+    arguments go to `compile` (e.g. ``jit_compile``).
 
     Example:
 
@@ -105,7 +278,9 @@ def compile_like_the_paper(model: keras.Model, learning_rate: float = 0.1, **com
     (0.05000000074505806, True)
     """
     model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
+        optimizer=keras.optimizers.SGD(
+            learning_rate, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        ),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         **compile_kwargs,
