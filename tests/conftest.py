@@ -7,7 +7,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tests/reference.py as the module `fim_reference` (tests import it by that
 # name; pytest's importlib mode puts nothing of tests/ on sys.path).
 _spec = importlib.util.spec_from_file_location(
-    "fim_reference", os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py")
+    "fim_reference",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py"),
 )
 sys.modules["fim_reference"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sys.modules["fim_reference"])
@@ -22,3 +23,15 @@ def _fresh_keras_session():
     keras.utils.set_random_seed(0)
     yield
     keras.config.set_floatx("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A 3-run study (batch 256 at 2 rates + the staged schedule, 2 epochs)
+    shared by the study, CLI, report and TensorBoard tests."""
+    from keras_fim import study
+
+    root = tmp_path_factory.mktemp("study")
+    configs = study.grid([256], [0.05, 0.2], ["staged"], [0.2], epochs=2, every_n_steps=2)
+    results = study.run_study(configs, root)
+    return root, configs, results

@@ -1,0 +1,367 @@
+"""The ``keras-fim`` command: ``train`` one run, ``study`` a grid, ``report``.
+
+keras-fim study                      # the default study on the bundled digits
+keras-fim train --batch-size 64 --learning-rate 0.1 --log-dir logs/one
+keras-fim report logs/study          # HTML report of any folder of runs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import click
+
+from keras_fim import study as study_lib
+from keras_fim.datasets import DatasetUnavailableError
+
+_DEFAULT = study_lib.RunConfig()
+
+
+class _NumberList(click.ParamType):
+    """A comma-separated list of numbers, e.g. ``16,64,256``."""
+
+    name = "list"
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            return [self.kind(item) for item in str(value).split(",") if item.strip()]
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a comma-separated list of {self.kind.__name__}s",
+                param,
+                ctx,
+            )
+
+
+def _run_options(function):
+    """The options every run takes (`RunConfig`'s fields)."""
+    options = [
+        click.option(
+            "--model",
+            type=click.Choice(study_lib.MODELS),
+            default=_DEFAULT.model,
+            show_default=True,
+            help="ResNet (depth 6n+2) or DenseNet-BC (depth 6n+4).",
+        ),
+        click.option(
+            "--depth",
+            type=click.IntRange(min=1),
+            default=None,
+            show_default=True,
+            help="The network's depth: ResNet 6n+2 (20, 56, 110), DenseNet-BC 6n+4 (40, 100) "
+            "[default: the smallest, 8 or 10].",
+        ),
+        click.option(
+            "--dataset",
+            default=_DEFAULT.dataset,
+            show_default=True,
+            help="digits (bundled, offline), cifar10, cifar100, svhn_cropped, mnist.",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="tensorflow-datasets' data folder.",
+        ),
+        click.option(
+            "--learning-rate-decay",
+            type=click.Choice(study_lib.LEARNING_RATE_DECAYS),
+            default=_DEFAULT.learning_rate_decay,
+            show_default=True,
+            help="step: x0.1 after 50% and 75% of the epochs.",
+        ),
+        click.option(
+            "--weight-decay",
+            type=click.FloatRange(min=0),
+            default=_DEFAULT.weight_decay,
+            show_default=True,
+        ),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=_DEFAULT.epochs,
+            show_default=True,
+        ),
+        click.option(
+            "--every-n-steps",
+            type=click.IntRange(min=1),
+            default=_DEFAULT.every_n_steps,
+            show_default=True,
+            help="Measure the Fisher spectrum every n-th step.",
+        ),
+        click.option("--seed", type=int, default=_DEFAULT.seed, show_default=True),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _run_fields(kwargs) -> dict:
+    fields = {f.name for f in dataclasses.fields(study_lib.RunConfig)}
+    return {k: v for k, v in kwargs.items() if k in fields}
+
+
+def _config(**fields) -> study_lib.RunConfig:
+    try:
+        return study_lib.RunConfig(**fields)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
+@click.version_option(package_name="keras-fim")
+def main():
+    """Measure the Fisher information of training batches while Keras trains,
+    and characterise batch sizes and learning rates (Liao et al., TPAMI 2020)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@main.command()
+@_run_options
+@click.option(
+    "--schedule",
+    type=click.Choice(study_lib.SCHEDULES),
+    default="fixed",
+    show_default=True,
+    help="fixed: --batch-size throughout; staged: 16 -> 256.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=_DEFAULT.batch_size,
+    show_default=True,
+)
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=_DEFAULT.learning_rate,
+    show_default=True,
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False),
+    default="logs/train",
+    show_default=True,
+    help="The run's TensorBoard folder.",
+)
+def train(log_dir, **kwargs):
+    """Train one configuration with FisherCallback and TensorBoard logging."""
+    config = _config(**_run_fields(kwargs))
+    try:
+        result = study_lib.train(config, log_dir, verbose=2)
+    except DatasetUnavailableError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(
+        f"{config.name}: test error {result['test_error']:.2%}, C_K_bar {result['C_K_bar']:.4g}, "
+        f"L_K {result['L_K']:.4g} ({result['measurements']} of {result['iterations']} steps "
+        f"measured, {result['seconds']:.0f} s)"
+    )
+    click.echo(f"TensorBoard: tensorboard --logdir {log_dir}")
+
+
+@main.command()
+@_run_options
+@click.option(
+    "--batch-sizes",
+    type=_NumberList(int),
+    default="16,64,256",
+    show_default=True,
+    help="Fixed batch sizes of the grid.",
+)
+@click.option(
+    "--learning-rates",
+    type=_NumberList(float),
+    default="0.025,0.1,0.4",
+    show_default=True,
+    help="Learning rates of the grid.",
+)
+@click.option(
+    "--schedules",
+    default="staged",
+    show_default=True,
+    help="Dynamic schedules also run at every learning rate ('' for none).",
+)
+@click.option(
+    "--schedule-learning-rates",
+    type=_NumberList(float),
+    default="0.1",
+    show_default=True,
+    help="Learning rates of the dynamic schedules ('' for all of --learning-rates).",
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False),
+    default="logs/study",
+    show_default=True,
+    help="The study's folder: one TensorBoard run per configuration.",
+)
+@click.option(
+    "--early-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="The report's early point, a fraction of training.",
+)
+@click.option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="Write the HTML report when the study is done.",
+)
+def study(
+    batch_sizes,
+    learning_rates,
+    schedules,
+    schedule_learning_rates,
+    log_dir,
+    early_fraction,
+    report,
+    **kwargs,
+):
+    """Train a grid of batch sizes x learning rates (and dynamic schedules).
+
+    Finished runs are skipped, so an interrupted study resumes where it
+    stopped. Ends with the ranking table and the report's path.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    try:
+        configs = study_lib.grid(
+            batch_sizes,
+            learning_rates,
+            [s.strip() for s in schedules.split(",") if s.strip()],
+            schedule_learning_rates or None,
+            **_run_fields(kwargs),
+        )
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    console = _console()
+    columns = [
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns, console=console) as progress:
+        runs = progress.add_task("runs", total=len(configs))
+        epochs = progress.add_task("", total=configs[0].epochs, visible=False)
+
+        def start(config, index):
+            progress.reset(epochs, description=f"{config.name} epochs", visible=True)
+
+        def end(config, result, skipped):
+            note = (
+                "finished earlier, skipped" if skipped else f"{result['seconds']:.0f} s"
+            )
+            progress.console.print(
+                f"{config.name}: test error {result['test_error']:.2%} ({note})"
+            )
+            progress.advance(runs)
+
+        try:
+            study_lib.run_study(
+                configs,
+                log_dir,
+                on_run_start=start,
+                on_run_end=end,
+                on_epoch=lambda config, done: progress.update(epochs, completed=done),
+            )
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(
+                f"Interrupted. Finished runs are kept in {log_dir}; run the same command "
+                "to train the rest."
+            )
+            sys.exit(130)
+        except (ValueError, DatasetUnavailableError) as error:
+            raise click.ClickException(str(error)) from error
+    if report:
+        _report(log_dir, None, early_fraction, "png", console)
+
+
+@main.command()
+@click.argument("log_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Report folder [default: LOG_DIR/report].",
+)
+@click.option(
+    "--early-fraction",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="The early point of the ranking, a fraction of training.",
+)
+@click.option(
+    "--format",
+    "image_format",
+    type=click.Choice(["png", "svg"]),
+    default="png",
+    show_default=True,
+    help="The figures' format.",
+)
+def report(log_dir, output, early_fraction, image_format):
+    """Write an HTML report of every keras-fim run under LOG_DIR."""
+    _report(log_dir, output, early_fraction, image_format, _console())
+
+
+def _console():
+    """rich's console; 120 columns when the output is not a terminal (a log
+    file), where rich would otherwise cut the table to 80."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def _report(log_dir, output, early_fraction, image_format, console) -> None:
+    from rich.table import Table
+
+    from keras_fim.reports import write_report
+
+    try:
+        path, ranking = write_report(
+            log_dir, output, early_fraction=early_fraction, image_format=image_format
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    early = f"{ranking.early_fraction:.0%}"
+    table = Table(title="Runs ranked by test error")
+    for heading in (
+        "rank",
+        "run",
+        "test error",
+        f"C_K_bar @{early}",
+        f"L_K @{early}",
+        "final C_K_bar",
+        "final L_K",
+    ):
+        table.add_column(heading, justify="left" if heading == "run" else "right")
+    for row in ranking.rows:
+        table.add_row(
+            str(row["rank"]),
+            row["run"],
+            f"{row['test_error']:.2%}",
+            *(
+                f"{row[k]:.4g}"
+                for k in ("early_C_K_bar", "early_L_K", "final_C_K_bar", "final_L_K")
+            ),
+        )
+    console.print(table)
+    for name, (rho, p) in ranking.correlations.items():
+        console.print(f"Spearman rho({name}, test error) = {rho:.3f} (p = {p:.2g})")
+    console.print(f"Report: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""The paper's characterisation study: one training run, and grids of them.
+
+A *run* trains one configuration (model, data, batch size or dynamic
+schedule, learning rate) with `FisherCallback` and `keras.callbacks.TensorBoard`
+writing into its own folder, records its hyper-parameters for TensorBoard's
+HParams dashboard and ends with the test error. A *study* is a grid of runs
+under one root folder (batch sizes x learning rates, plus dynamic schedules),
+resumable: a finished run has a ``result.json`` and is skipped; an unfinished
+one (interrupted by Ctrl-C or a crash) is removed and trained again.
+
+Every run's folder is a TensorBoard log dir::
+
+    <root>/<run>/train/        fisher/*, sampling/* and Keras's batch/epoch charts
+    <root>/<run>/validation/   Keras's epoch charts on the test split
+    <root>/<run>/              hparams and study/test_error, study/test_loss
+    <root>/<run>/result.json   the configuration and final numbers (written last)
+
+`keras_fim.reports.write_report(root)` turns a study into an HTML report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from keras_fim import datasets, models
+from keras_fim.callback import FisherCallback
+from keras_fim.sampling import DynamicSampling
+from keras_fim.schedules import Staged
+
+MODELS = ("resnet", "densenet")
+SCHEDULES = ("fixed", "staged")
+LEARNING_RATE_DECAYS = ("step", "none")
+#: The paper's dynamic schedule: five equal stages, 16 -> 256.
+PAPER_STAGES = (16, 32, 64, 128, 256)
+SMALLEST_DEPTH = {"resnet": 8, "densenet": 10}
+RESULT_FILE = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training configuration of a study.
+
+    Args:
+        model: ``"resnet"`` (the CIFAR ResNet, depth ``6n+2``) or
+            ``"densenet"`` (DenseNet-BC, depth ``6n+4``).
+        depth: the network's depth; `None` picks the smallest, 8 for the
+            ResNet and 10 for DenseNet-BC.
+        dataset: a `keras_fim.datasets.load` name. Defaults to ``"digits"``.
+        schedule: ``"fixed"`` (every batch of `batch_size`) or ``"staged"``
+            (the paper's 16 -> 32 -> 64 -> 128 -> 256 in five equal stages,
+            sizes above the training set left out). Defaults to ``"fixed"``.
+        batch_size: the batch size of a ``"fixed"`` run. Defaults to `32`.
+        learning_rate: SGD's (Nesterov, momentum 0.9) initial rate.
+        learning_rate_decay: ``"step"`` (x0.1 after 50% and 75% of the
+            epochs, the paper's) or ``"none"``.
+        weight_decay: the optimizer's decoupled weight decay (not part of
+            any per-example gradient). Defaults to `1e-4`, the paper's.
+        epochs: the number of epochs.
+        every_n_steps: measure every n-th step.
+        seed: seeds the weights, the data split and the data order.
+        data_dir: where tensorflow-datasets keeps its data, or `None`.
+
+    Example:
+
+    >>> RunConfig(batch_size=64, learning_rate=0.1).name
+    'bs64_lr0.1'
+    >>> RunConfig(schedule="staged", learning_rate=0.1).name
+    'staged_lr0.1'
+    """
+
+    model: str = "resnet"
+    depth: int | None = None
+    dataset: str = "digits"
+    schedule: str = "fixed"
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    learning_rate_decay: str = "step"
+    weight_decay: float = 1e-4
+    epochs: int = 12
+    every_n_steps: int = 4
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        _check_choice("model", self.model, MODELS)
+        if self.depth is None:  # a frozen dataclass: set the resolved default once
+            object.__setattr__(self, "depth", SMALLEST_DEPTH[self.model])
+        remainder = 2 if self.model == "resnet" else 4
+        if (
+            isinstance(self.depth, bool)
+            or not isinstance(self.depth, int)
+            or self.depth < SMALLEST_DEPTH[self.model]
+            or (self.depth - remainder) % 6
+        ):
+            raise ValueError(
+                f"`depth` must be 6n+{remainder} and >= {SMALLEST_DEPTH[self.model]} for "
+                f"model={self.model!r}. Received: depth={self.depth!r}"
+            )
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice(
+            "learning_rate_decay", self.learning_rate_decay, LEARNING_RATE_DECAYS
+        )
+        for name in ("batch_size", "epochs", "every_n_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
+                )
+        for name in ("learning_rate", "weight_decay"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(
+                    f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
+                )
+        if self.learning_rate == 0:
+            raise ValueError("`learning_rate` must be > 0. Received: learning_rate=0")
+
+    @property
+    def name(self) -> str:
+        """The run's folder name: its batch setting and learning rate."""
+        size = f"bs{self.batch_size}" if self.schedule == "fixed" else self.schedule
+        return f"{size}_lr{self.learning_rate:g}"
+
+    def hparams(self) -> dict:
+        """The hyper-parameters recorded for TensorBoard's HParams dashboard."""
+        return {
+            "schedule": self.schedule,
+            "batch_size": self.batch_size
+            if self.schedule == "fixed"
+            else PAPER_STAGES[0],
+            "learning_rate": float(self.learning_rate),
+            "learning_rate_decay": self.learning_rate_decay,
+            "weight_decay": float(self.weight_decay),
+            "model": f"{self.model}-{self.depth}",
+            "dataset": self.dataset,
+            "epochs": self.epochs,
+            "seed": self.seed,
+        }
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, allowed))}. "
+            f"Received: {name}={value!r}"
+        )
+
+
+def grid(
+    batch_sizes: Iterable[int] = (16, 64, 256),
+    learning_rates: Iterable[float] = (0.025, 0.1, 0.4),
+    schedules: Iterable[str] = ("staged",),
+    schedule_learning_rates: Iterable[float] | None = None,
+    **config,
+) -> list[RunConfig]:
+    """The study's configurations: batch sizes x learning rates, then each
+    dynamic schedule x its learning rates.
+
+    Args:
+        batch_sizes: the fixed batch sizes.
+        learning_rates: the initial learning rates.
+        schedules: dynamic schedules (``"staged"``).
+        schedule_learning_rates: the rates the dynamic schedules run at.
+            Defaults to `learning_rates`.
+        **config: further `RunConfig` fields shared by all runs.
+
+    Example:
+
+    >>> [c.name for c in grid([16, 64], [0.1, 0.2], ["staged"], [0.1])]
+    ['bs16_lr0.1', 'bs16_lr0.2', 'bs64_lr0.1', 'bs64_lr0.2', 'staged_lr0.1']
+    """
+    learning_rates = list(learning_rates)
+    if schedule_learning_rates is None:
+        schedule_learning_rates = learning_rates
+    configs = [
+        RunConfig(batch_size=b, learning_rate=lr, **config)
+        for b in batch_sizes
+        for lr in learning_rates
+    ]
+    for schedule in schedules:
+        if schedule == "fixed":
+            raise ValueError(
+                "`schedules` lists dynamic schedules only ('staged'). Received: 'fixed'"
+            )
+        configs += [
+            RunConfig(schedule=schedule, learning_rate=lr, **config)
+            for lr in schedule_learning_rates
+        ]
+    names = [c.name for c in configs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"The grid repeats runs: {duplicates}. Received: {names}")
+    return configs
+
+
+def build_model(config: RunConfig, input_shape, num_classes: int) -> keras.Model:
+    """The network of `config`, compiled as the paper trains it."""
+    if config.model == "resnet":
+        model = models.cifar_resnet(input_shape, num_classes, depth=config.depth)
+    else:
+        model = models.densenet_bc(input_shape, num_classes, depth=config.depth)
+    return models.compile_like_the_paper(
+        model, config.learning_rate, weight_decay=config.weight_decay or None
+    )
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    """Writes ``study/iterations`` (steps done) at every epoch end, so that
+    reports can put per-step charts on an epoch axis, and reports progress."""
+
+    def __init__(self, writer, on_epoch: Callable[[int], None] | None):
+        super().__init__()
+        self._writer = writer
+        self._on_epoch = on_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        with self._writer.as_default():
+            tf.summary.scalar(
+                "study/iterations", int(self.model.optimizer.iterations), step=epoch + 1
+            )
+        self._writer.flush()
+        if self._on_epoch is not None:
+            self._on_epoch(epoch + 1)
+
+
+def train(
+    config: RunConfig,
+    log_dir: str | os.PathLike,
+    *,
+    verbose: int | str = 0,
+    on_epoch: Callable[[int], None] | None = None,
+    data: datasets.DataSplits | None = None,
+) -> dict:
+    """Trains one run of the study and returns its result.
+
+    Writes the TensorBoard events described in the module docstring into
+    `log_dir`, then ``result.json`` (the configuration and the final
+    numbers), which marks the run finished.
+
+    Args:
+        config: the run's `RunConfig`.
+        log_dir: the run's folder.
+        verbose: `fit`'s verbosity.
+        on_epoch: called with the number of finished epochs (progress bars).
+        data: the loaded data set, to share one load between runs.
+
+    Returns:
+        The result: ``config``, ``test_error``, ``test_loss``, ``C_K_bar``,
+        ``L_K``, ``iterations``, ``measurements``, ``seconds``.
+    """
+    log_dir = Path(log_dir)
+    data = data or datasets.load(
+        config.dataset, data_dir=config.data_dir, seed=config.seed
+    )
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config, data.input_shape, data.num_classes)
+    run_writer = tf.summary.create_file_writer(str(log_dir))
+    with run_writer.as_default():
+        from tensorboard.plugins.hparams import api as hp
+
+        hp.hparams(config.hparams(), trial_id=config.name)
+    callbacks = [
+        FisherCallback(log_dir=str(log_dir), every_n_steps=config.every_n_steps),
+        keras.callbacks.TensorBoard(str(log_dir)),
+        _EpochRecorder(run_writer, on_epoch),
+    ]
+    if config.learning_rate_decay == "step":
+        callbacks.append(keras.callbacks.LearningRateScheduler(_step_decay(config)))
+    fit_kwargs = dict(epochs=config.epochs, verbose=verbose, shuffle=False)
+    if config.schedule == "fixed":
+        train_data = data.train_batches(config.batch_size, seed=config.seed)
+    else:
+        sizes = [s for s in PAPER_STAGES if s <= data.num_train] or [data.num_train]
+        sampling = DynamicSampling(
+            data.train,
+            Staged(sizes),
+            seed=config.seed,
+            batched=False,
+            preprocess=data.augment,
+            log_dir=str(log_dir),
+        )
+        train_data = sampling.dataset
+        callbacks.append(sampling)
+    test_data = data.test_batches(256)
+    start = time.perf_counter()
+    model.fit(train_data, validation_data=test_data, callbacks=callbacks, **fit_kwargs)
+    seconds = time.perf_counter() - start
+    test_loss, test_accuracy = model.evaluate(test_data, verbose=0)
+    state = model.fisher_state
+    result = {
+        "config": dataclasses.asdict(config),
+        "test_error": 1.0 - float(test_accuracy),
+        "test_loss": float(test_loss),
+        "C_K_bar": float(state.condition_mean),
+        "L_K": float(state.energy_sum),
+        "iterations": int(model.optimizer.iterations),
+        "measurements": int(state.measurements),
+        "seconds": seconds,
+    }
+    with run_writer.as_default():
+        tf.summary.scalar("study/test_error", result["test_error"], step=config.epochs)
+        tf.summary.scalar("study/test_loss", result["test_loss"], step=config.epochs)
+    run_writer.close()
+    _write_json_atomically(log_dir / RESULT_FILE, result)
+    return result
+
+
+def _step_decay(config: RunConfig) -> Callable[[int], float]:
+    """x0.1 once half and again once three quarters of the epochs are done
+    (the paper's 161st and 241st of 320)."""
+
+    def rate(epoch: int, _current=None) -> float:
+        done = epoch / config.epochs
+        return config.learning_rate * 0.1 ** ((done >= 0.5) + (done >= 0.75))
+
+    return rate
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=2))
+    os.replace(partial, path)
+
+
+def finished_result(run_dir: str | os.PathLike) -> dict | None:
+    """The result of a finished run in `run_dir`, or `None`."""
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_hparams_config(root: str | os.PathLike, configs: Sequence[RunConfig]) -> None:
+    """Declares the study's hyper-parameters and metrics for HParams."""
+    from tensorboard.plugins.hparams import api as hp
+
+    names = configs[0].hparams().keys()
+    hparams = [
+        hp.HParam(name, hp.Discrete(sorted({c.hparams()[name] for c in configs})))
+        for name in names
+    ]
+    metrics = [
+        hp.Metric("study/test_error", display_name="test error"),
+        hp.Metric("fisher/C_K_bar", group="train", display_name="C_K bar"),
+        hp.Metric("fisher/L_K", group="train", display_name="L_K"),
+        hp.Metric("epoch_accuracy", group="validation", display_name="test accuracy"),
+    ]
+    with tf.summary.create_file_writer(str(root)).as_default():
+        hp.hparams_config(hparams=hparams, metrics=metrics)
+
+
+def run_study(
+    configs: Sequence[RunConfig],
+    root: str | os.PathLike,
+    *,
+    on_run_start: Callable[[RunConfig, int], None] | None = None,
+    on_epoch: Callable[[RunConfig, int], None] | None = None,
+    on_run_end: Callable[[RunConfig, dict, bool], None] | None = None,
+) -> dict[str, dict]:
+    """Trains every configuration not yet finished under `root`.
+
+    A run whose folder holds a ``result.json`` is skipped (its result is
+    reused); a folder without one is left from an interrupted run and is
+    removed before the run trains again. An interrupted study (Ctrl-C)
+    therefore keeps its finished runs, and running it again completes it.
+
+    Args:
+        configs: the runs, e.g. from `grid`.
+        root: the study's folder (one subfolder per run).
+        on_run_start: called as ``(config, index)`` before a run trains.
+        on_epoch: called as ``(config, epochs_done)`` after every epoch.
+        on_run_end: called as ``(config, result, skipped)`` after a run.
+
+    Returns:
+        ``{run name: result}`` for every configuration.
+    """
+    if not configs:
+        raise ValueError("`configs` must list at least one run. Received: []")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_hparams_config(root, configs)
+    loaded: dict[tuple, datasets.DataSplits] = {}
+    results = {}
+    for index, config in enumerate(configs):
+        run_dir = root / config.name
+        result = finished_result(run_dir)
+        if result is not None:
+            if result["config"] != dataclasses.asdict(config):
+                raise ValueError(
+                    f"{run_dir} holds a finished run of another configuration "
+                    f"({result['config']}); it is kept. Use another folder for this "
+                    f"study, or remove that run. Received: {dataclasses.asdict(config)}"
+                )
+            results[config.name] = result
+            if on_run_end is not None:
+                on_run_end(config, result, True)
+            continue
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        if on_run_start is not None:
+            on_run_start(config, index)
+        key = (config.dataset, config.data_dir, config.seed)
+        if key not in loaded:
+            loaded[key] = datasets.load(
+                config.dataset, data_dir=config.data_dir, seed=config.seed
+            )
+        result = train(
+            config,
+            run_dir,
+            data=loaded[key],
+            on_epoch=None if on_epoch is None else lambda e, c=config: on_epoch(c, e),
+        )
+        results[config.name] = result
+        if on_run_end is not None:
+            on_run_end(config, result, False)
+    return results

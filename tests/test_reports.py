@@ -1,0 +1,227 @@
+"""The report's reading and statistics against hand-written event files and
+brute-force references (no training here)."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+from keras_fim.reports import find_runs, rank_runs, read_run, write_report
+from keras_fim.reports.plots import _knn_surface
+
+
+def write_run(
+    path,
+    *,
+    steps,
+    condition,
+    energy,
+    rates,
+    test_error=None,
+    hparams=None,
+    epoch_ends=None,
+    spectra=None,
+    validation_accuracy=None,
+):
+    """A run folder as keras-fim and the study write it."""
+    with tf.summary.create_file_writer(str(path / "train")).as_default():
+        for i, step in enumerate(steps):
+            tf.summary.scalar("fisher/C_K_bar", condition[i], step=step)
+            tf.summary.scalar("fisher/L_K", energy[i], step=step)
+            tf.summary.scalar("fisher/learning_rate", rates[i], step=step)
+            if spectra is not None:
+                tf.summary.write("fisher/spectrum", tf.constant(spectra[i]), step=step)
+    with tf.summary.create_file_writer(str(path)).as_default():
+        if hparams:
+            hp.hparams(hparams, trial_id=path.name)
+        if test_error is not None:
+            tf.summary.scalar(
+                "study/test_error", test_error, step=len(epoch_ends or [1])
+            )
+        for epoch, end in enumerate(epoch_ends or [], start=1):
+            tf.summary.scalar("study/iterations", end, step=epoch)
+    if validation_accuracy is not None:
+        with tf.summary.create_file_writer(str(path / "validation")).as_default():
+            for epoch, accuracy in enumerate(validation_accuracy):
+                tf.summary.scalar("epoch_accuracy", accuracy, step=epoch)
+
+
+def test_read_run_returns_what_was_written(tmp_path):
+    spectra = [np.array([4.0, 1.0, 0.0]), np.array([9.0, 2.0, 0.5])]
+    write_run(
+        tmp_path / "a",
+        steps=[5, 10],
+        condition=[3.0, 2.5],
+        energy=[0.1, 0.3],
+        rates=[0.1, 0.01],
+        test_error=0.25,
+        epoch_ends=[6, 12],
+        hparams={"batch_size": 16, "learning_rate": 0.1, "schedule": "fixed"},
+        spectra=spectra,
+    )
+    run = read_run(tmp_path / "a")
+    np.testing.assert_array_equal(run.series("fisher/C_K_bar")[0], [5, 10])
+    np.testing.assert_allclose(run.series("fisher/L_K")[1], [0.1, 0.3], rtol=1e-6)
+    assert run.test_error == pytest.approx(0.25)
+    assert run.hparams == {
+        "batch_size": 16.0,
+        "learning_rate": pytest.approx(0.1),
+        "schedule": "fixed",
+    }
+    assert run.iterations == 12
+    np.testing.assert_array_equal(run.spectra[0], [5, 10])
+    for read, written in zip(run.spectra[1], spectra):
+        np.testing.assert_allclose(read, written)
+    # Epochs by linear interpolation between epoch ends: step 6 ends epoch 1.
+    np.testing.assert_allclose(run.epochs_at(np.array([3, 6, 9, 12])), [0.5, 1, 1.5, 2])
+
+
+def test_cumulative_learning_rate_and_early_values_against_loops(tmp_path):
+    steps = [3, 6, 9, 12, 20]
+    rates = [0.4, 0.4, 0.2, 0.2, 0.02]
+    values = [10.0, 8.0, 7.0, 6.5, 6.0]
+    write_run(
+        tmp_path / "r",
+        steps=steps,
+        condition=values,
+        energy=values,
+        rates=rates,
+        epoch_ends=[10, 20],
+    )
+    run = read_run(tmp_path / "r")
+    expected, previous, total = [], 0, 0.0
+    for step, rate in zip(steps, rates):
+        total += rate * (step - previous)
+        previous = step
+        expected.append(total)
+    np.testing.assert_allclose(run.cumulative_learning_rate()[1], expected, rtol=1e-6)
+    for fraction in (0.05, 0.1, 0.3, 0.5, 0.99, 1.0):
+        limit = fraction * 20
+        within = [v for s, v in zip(steps, values) if s <= limit]
+        want = within[-1] if within else values[0]
+        assert run.value_at_fraction("fisher/C_K_bar", fraction) == pytest.approx(want)
+    assert math.isnan(run.value_at_fraction("fisher/absent", 0.5))
+
+
+def _brute_spearman(a, b):
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return result
+
+    ra, rb = np.array(ranks(a)), np.array(ranks(b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / math.sqrt((ra**2).sum() * (rb**2).sum()))
+
+
+def test_ranking_and_spearman_against_brute_force(tmp_path):
+    rng = np.random.default_rng(0)
+    errors = [0.3, 0.1, 0.2, 0.1, 0.5, 0.05]
+    for index, error in enumerate(errors):
+        condition = np.sort(rng.uniform(1, 50, 4))[::-1]
+        energy = np.cumsum(rng.uniform(0.1, 1, 4))
+        write_run(
+            tmp_path / f"run{index}",
+            steps=[2, 4, 6, 8],
+            condition=condition,
+            energy=energy,
+            rates=[0.1] * 4,
+            test_error=error,
+            epoch_ends=[4, 8],
+        )
+    # A run without a test error is read but not ranked.
+    write_run(
+        tmp_path / "unfinished", steps=[2], condition=[1.0], energy=[1.0], rates=[0.1]
+    )
+    runs = find_runs(tmp_path)
+    assert [r.name for r in runs] == [f"run{i}" for i in range(6)] + ["unfinished"]
+    ranking = rank_runs(runs, early_fraction=0.5)
+    assert [row["run"] for row in ranking.rows] == [
+        "run5",
+        "run1",
+        "run3",
+        "run2",
+        "run0",
+        "run4",
+    ]
+    assert [row["rank"] for row in ranking.rows] == [1, 2, 3, 4, 5, 6]
+    for name, tag in (("C_K_bar", "fisher/C_K_bar"), ("L_K", "fisher/L_K")):
+        early = [
+            read_run(tmp_path / row["run"]).series(tag)[1][1] for row in ranking.rows
+        ]
+        assert [row[f"early_{name}"] for row in ranking.rows] == pytest.approx(early)
+        rho, p = ranking.correlations[f"early {name}"]
+        assert rho == pytest.approx(
+            _brute_spearman(early, [r["test_error"] for r in ranking.rows])
+        )
+        assert 0 <= p <= 1
+    with pytest.raises(ValueError, match="early_fraction"):
+        rank_runs(runs, early_fraction=0)
+
+
+def test_knn_surface_is_the_distance_weighted_mean_of_five_neighbours():
+    rng = np.random.default_rng(1)
+    points = rng.uniform(0, 2, (9, 2))
+    errors = rng.uniform(0, 50, 9)
+    gx, gy, surface = _knn_surface(points, errors, resolution=7)
+    for i, j in [(0, 0), (3, 4), (6, 2)]:
+        query = np.array([gx[i, j], gy[i, j]])
+        distances = np.sqrt(((points - query) ** 2).sum(axis=1))
+        nearest = np.argsort(distances)[:5]
+        weights = 1 / distances[nearest]
+        assert surface[i, j] == pytest.approx(
+            (weights * errors[nearest]).sum() / weights.sum()
+        )
+
+
+def test_write_report_writes_page_and_figures(tmp_path):
+    for index, error in enumerate([0.2, 0.1, 0.4]):
+        write_run(
+            tmp_path / "logs" / f"bs{16 * 4**index}",
+            steps=[1, 2, 3],
+            condition=[5.0 + index, 4.0, 3.0 + index],
+            energy=[0.1, 0.2, 0.3 * (index + 1)],
+            rates=[0.1, 0.1, 0.1],
+            test_error=error,
+            epoch_ends=[3],
+            spectra=[np.array([3.0, 1.0])] * 3,
+        )
+    path, ranking = write_report(
+        tmp_path / "logs", tmp_path / "out", image_format="svg"
+    )
+    page = path.read_text()
+    assert path == tmp_path / "out" / "index.html"
+    for figure in ("early", "map", "trajectories", "spectra"):
+        assert (tmp_path / "out" / f"{figure}.svg").stat().st_size > 1000
+        assert f'src="{figure}.svg"' in page
+    # The table lists the runs best first.
+    assert page.index("bs64") < page.index("bs16") < page.index("bs256")
+    assert "10.00" in page and "40.00" in page
+    with pytest.raises(ValueError, match="image_format"):
+        write_report(tmp_path / "logs", image_format="jpg")
+    with pytest.raises(ValueError, match="No keras-fim runs"):
+        write_report(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="log_dir"):
+        write_report(tmp_path / "missing")
+
+
+def test_validation_accuracy_is_the_fallback_test_error(tmp_path):
+    write_run(
+        tmp_path / "plain",
+        steps=[1],
+        condition=[2.0],
+        energy=[1.0],
+        rates=[0.1],
+        validation_accuracy=[0.5, 0.875],
+    )
+    assert read_run(tmp_path / "plain").test_error == pytest.approx(0.125)
