@@ -1,0 +1,92 @@
+"""The documentation site: it builds with MkDocs in strict mode (warnings are
+errors), holds the API reference and the report figures, and every relative
+link or image of docs/ points at a file that exists."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+FIGURES = ("map", "trajectories", "spectra", "early")
+
+
+def test_site_builds_strict_with_api_pages_and_figures(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr}"
+
+    def page(path):
+        return (site / path / "index.html").read_text(encoding="utf-8")
+
+    callback = page("api/callback")
+    assert 'id="keras_fim.FisherCallback"' in callback
+    assert 'id="keras_fim.FisherModel"' in callback
+    assert 'id="keras_fim.DynamicSampling"' in page("api/sampling")
+    for name in (
+        "measure",
+        "per_example_gradients",
+        "fisher_gram",
+        "FisherMeasurement",
+    ):
+        assert f'id="keras_fim.{name}"' in page("api/measurement")
+    models_data = page("api/models-data")
+    assert 'id="keras_fim.models.cifar_resnet"' in models_data
+    assert 'id="keras_fim.datasets"' in models_data
+    study_reports = page("api/study-reports")
+    assert 'id="keras_fim.study.run_study"' in study_reports
+    assert 'id="keras_fim.reports.write_report"' in study_reports
+    # Doctest examples render as code, not as Markdown block quotes.
+    assert "<blockquote>" not in page("api/sampling")
+
+    reading = page("reading")
+    for name in FIGURES:
+        assert (site / "figures" / f"{name}.png").stat().st_size > 0
+        assert f'src="../figures/{name}.png"' in reading
+    for name in ("quickstart", "concepts", "tensorboard", "sampling", "cli", "faq"):
+        assert (site / name / "index.html").exists()
+    # Build helpers are not published.
+    assert not (site / "make_figures.py").exists()
+
+
+# [text](target) and ![alt](target), outside code; "<...>" autolinks are not matched.
+_LINK = re.compile(r"!?\[[^\]]*\]\(\s*([^)\s]+)(?:\s+\"[^\"]*\")?\s*\)")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_INLINE_CODE = re.compile(r"`[^`]*`")
+
+
+def _relative_targets(markdown: str):
+    inside_fence = False
+    for number, line in enumerate(markdown.splitlines(), start=1):
+        if _FENCE.match(line):
+            inside_fence = not inside_fence
+            continue
+        if inside_fence:
+            continue
+        for match in _LINK.finditer(_INLINE_CODE.sub("", line)):
+            target = match.group(1)
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # http:, mailto:, ... and anchors within the page
+            yield number, target.split("#", 1)[0]
+
+
+def test_relative_links_and_images_resolve():
+    pages = sorted(DOCS.rglob("*.md"))
+    assert pages
+    missing = []
+    for path in pages:
+        for number, target in _relative_targets(path.read_text(encoding="utf-8")):
+            if not (path.parent / target).exists():
+                missing.append(f"{path.relative_to(ROOT)}:{number}: {target}")
+    assert not missing, "broken relative links:\n" + "\n".join(missing)
