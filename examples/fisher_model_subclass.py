@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     model.save(path)
     restored = keras.saving.load_model(path)
     print(
-        f"restored: every_n_steps={restored.every_n_steps}, "
+        f"restored: every_n_steps={restored.fisher_options['every_n_steps']}, "
         f"C_K_bar={float(restored.fisher_state.condition_mean):.4g}, "
         f"measurements={int(restored.fisher_state.measurements)}"
     )

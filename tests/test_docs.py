@@ -7,16 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 FIGURES = ("map", "trajectories", "spectra", "early")
 
 
 def test_site_builds_strict_with_api_pages_and_figures(tmp_path):
-    pytest.importorskip("mkdocs")
-    pytest.importorskip("mkdocstrings_handlers.python")
     site = tmp_path / "site"
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
@@ -90,3 +86,35 @@ def test_relative_links_and_images_resolve():
             if not (path.parent / target).exists():
                 missing.append(f"{path.relative_to(ROOT)}:{number}: {target}")
     assert not missing, "broken relative links:\n" + "\n".join(missing)
+
+
+def test_cli_help_in_the_docs_is_the_commands_own():
+    """docs/cli.md quotes every command's --help; it must not go stale."""
+    from click.testing import CliRunner
+
+    from keras_fim.cli import main
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    blocks = re.findall(
+        r"```text\n(Usage: keras-fim ((?:\w+ )?)\[OPTIONS\].*?)\n```", text, re.S
+    )
+    assert [command.strip() for _, command in blocks] == [
+        "",
+        "train",
+        "study",
+        "report",
+    ]
+    for quoted, command in blocks:
+        printed = (
+            CliRunner()
+            .invoke(
+                main,
+                [*command.split(), "--help"],
+                terminal_width=100,
+                prog_name="keras-fim",
+            )
+            .output
+        )
+        assert quoted == printed.rstrip(), (
+            f"regenerate the --help of `keras-fim {command}`"
+        )

@@ -69,7 +69,9 @@ def test_fixed_runs_train_the_batch_size_and_step_decay(tiny_study):
         np.testing.assert_allclose(rates[1], expected, rtol=1e-5)
 
 
-def test_finished_runs_are_skipped_and_unfinished_ones_retrained(tiny_study, tmp_path):
+def test_finished_runs_are_skipped_and_unfinished_ones_retrained(
+    tiny_study, tmp_path, monkeypatch
+):
     root, configs, _ = tiny_study
     import shutil
 
@@ -83,7 +85,15 @@ def test_finished_runs_are_skipped_and_unfinished_ones_retrained(tiny_study, tmp
         if c.name != unfinished
     }
     events = sorted((copy / unfinished / "train").glob("events*"))
-    trained, skipped = [], []
+    trained, skipped, folders = [], [], []
+
+    def train(config, log_dir, **kwargs):  # the real one: the Ctrl-C test below
+        folders.append(
+            sorted(p.name for p in log_dir.iterdir()) if log_dir.exists() else []
+        )
+        return {"config": dataclasses.asdict(config)}
+
+    monkeypatch.setattr(study, "train", train)
     study.run_study(
         configs,
         copy,
@@ -92,6 +102,7 @@ def test_finished_runs_are_skipped_and_unfinished_ones_retrained(tiny_study, tmp
         ).append(c.name),
     )
     assert trained == [unfinished]
+    assert folders == [[]]  # trained from an empty folder
     assert sorted(skipped) == sorted(before)
     for name, mtime in before.items():
         assert (copy / name / "result.json").stat().st_mtime_ns == mtime
