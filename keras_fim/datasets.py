@@ -381,7 +381,7 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> DataSplits
     if not builder.is_prepared():
         if not download:
             raise _unavailable(name, data_dir, builder, "download=False was given")
-        if _real_download(builder) and not _reachable(_DOWNLOAD_URLS.get(name)):
+        if not _reachable(_DOWNLOAD_URLS.get(name)):
             raise _unavailable(
                 name,
                 data_dir,
@@ -442,16 +442,6 @@ def _unavailable(name, data_dir, builder, reason) -> DatasetUnavailableError:
         f"--data_dir DIR` (or `keras-fim train --dataset {name} --data-dir DIR`), "
         f"copy DIR to this machine and pass data_dir=DIR (--data-dir DIR)."
     )
-
-
-def _real_download(builder) -> bool:
-    """Whether `download_and_prepare` is tensorflow-datasets' own.
-
-    Under `tfds.testing.mock_data` (or a test's patch) it is replaced and needs
-    no network, so the host is not probed.
-    """
-    method = getattr(type(builder), "download_and_prepare", None)
-    return getattr(method, "__module__", "").startswith("tensorflow_datasets.core")
 
 
 def _reachable(url: str | None, timeout: float = _PROBE_TIMEOUT_S) -> bool:
