@@ -19,13 +19,19 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--learning-rates", type=float, nargs="+", default=[0.025, 0.1, 0.4]
     )
+    parser.add_argument(
+        "--schedules",
+        nargs="*",
+        default=["staged"],
+        help="dynamic schedules, run at the middle learning rate",
+    )
     parser.add_argument("--log-dir", default="logs/example-study")
     args = parser.parse_args(argv)
 
     configs = study.grid(
         args.batch_sizes,
         args.learning_rates,
-        ["staged"],
+        args.schedules,
         [args.learning_rates[len(args.learning_rates) // 2]],
         epochs=args.epochs,
     )
