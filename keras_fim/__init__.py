@@ -8,7 +8,12 @@ one `fit`, by schedule or from those measurements.
 
 from keras_fim import schedules
 from keras_fim.callback import FisherCallback
-from keras_fim.engine import fisher_gram, measure, per_example_gradients
+from keras_fim.engine import (
+    fisher_gram,
+    layer_grams,
+    measure,
+    per_example_gradients,
+)
 from keras_fim.engine.rules import register_rule
 from keras_fim.measurements import FisherMeasurement
 from keras_fim.model import FisherModel
@@ -27,6 +32,7 @@ __all__ = [
     "SamplingContext",
     "SamplingState",
     "fisher_gram",
+    "layer_grams",
     "measure",
     "per_example_gradients",
     "register_rule",

@@ -10,9 +10,14 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim.engine import (
+    ProbedPass,
+    _check_memory_budget,
     gradient_noise_components,
-    gram_from_gradients,
-    per_example_gradients,
+    grams_from_calls,
+    noise_components_from_gram,
+    record_pass,
+    reuses_training_pass,
+    sum_blocks,
 )
 from keras_fim.measurements import spectrum_from_gram
 from keras_fim.state import FisherState, attach_state
@@ -60,6 +65,11 @@ def validate_options(
             "`log_dir` must be None or a path. "
             f"Received: log_dir={log_dir!r} of type {type(log_dir).__name__}"
         )
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
 
 
 class FisherCallback(keras.callbacks.Callback):
@@ -110,6 +120,19 @@ class FisherCallback(keras.callbacks.Callback):
             gradients' dtype. Defaults to `None`.
         ema_decay: Float in [0, 1), the weight of the old value in the
             exponential average of ``c_k``. Defaults to `0.9`.
+        per_layer: Boolean. Also write each layer's own spectrum
+            (``fisher_layers/<layer>/...``: its share of the trace, largest
+            eigenvalue and c_k) to TensorBoard, from the per-layer Gram
+            blocks the measurement forms anyway (one small eigen-solve per
+            layer). Defaults to `False`.
+        memory_budget: Positive number of bytes or `None` (1 GiB): the
+            bound on any one layer's largest temporary while measuring
+            (`keras_fim.engine.gram`). Defaults to `None`.
+        reuse_training_pass: Boolean. Take the per-example contributions
+            from the training step's own forward and backward pass where
+            that is exact (Keras's own `train_step` and loss, one kind of
+            loss reduction, no activity regulariser); otherwise, or when
+            `False`, run a separate pass. Defaults to `True`.
 
     Example:
 
@@ -132,8 +155,14 @@ class FisherCallback(keras.callbacks.Callback):
         max_examples: int | None = None,
         zero_threshold: float | None = None,
         ema_decay: float = 0.9,
+        per_layer: bool = False,
+        memory_budget: float | None = None,
+        reuse_training_pass: bool = True,
     ):
         super().__init__()
+        _check_bool("per_layer", per_layer)
+        _check_bool("reuse_training_pass", reuse_training_pass)
+        _check_memory_budget(memory_budget)
         validate_options(
             every_n_steps,
             dense_epochs,
@@ -148,6 +177,9 @@ class FisherCallback(keras.callbacks.Callback):
         self.max_examples = max_examples
         self.zero_threshold = zero_threshold
         self.ema_decay = float(ema_decay)
+        self.per_layer = per_layer
+        self.memory_budget = memory_budget
+        self.reuse_training_pass = reuse_training_pass
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}
@@ -163,6 +195,9 @@ class FisherCallback(keras.callbacks.Callback):
             "max_examples": self.max_examples,
             "zero_threshold": self.zero_threshold,
             "ema_decay": self.ema_decay,
+            "per_layer": self.per_layer,
+            "memory_budget": self.memory_budget,
+            "reuse_training_pass": self.reuse_training_pass,
         }
 
     @property
@@ -254,75 +289,133 @@ class FisherCallback(keras.callbacks.Callback):
 
     def _train_step(self, original_step, data, measure: bool):
         state = self._state
-        if measure:
+        if not measure:
+            logs = original_step(data)
+        elif self.reuse_training_pass and reuses_training_pass(
+            self.model, original_step
+        ):
+            logs = self._measured_step_reusing_pass(original_step, data)
+        else:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            if self._steps_per_execution == 1:
-                self._measure(x, y, sample_weight)
-            else:
-                should = self._is_measured(state.step, state.epoch)
-
-                def measured():
-                    self._measure(x, y, sample_weight)
-                    return tf.constant(True)
-
-                tf.cond(should, measured, lambda: tf.constant(False))
-        logs = original_step(data)
+            inputs = self._step_inputs(x)
+            self._when_measured(
+                lambda: self._measure(inputs, self._batch_pass(x, y, sample_weight))
+            )
+            logs = original_step(data)
         state.step.assign_add(1)
         logs = dict(logs)
         logs["C_K_bar"] = state.condition_mean
         logs["L_K"] = tf.convert_to_tensor(state.energy_sum)
         return logs
 
-    def _measure(self, x, y, sample_weight) -> None:
-        """Builds the measurement ops of one step (graph mode)."""
-        model = self.model
-        try:
-            if not model.built:
-                # A subclassed model builds on its first call, which Keras's
-                # own step would make only after the measurement.
-                model(x, training=False)
-            gradients = per_example_gradients(
-                model, x, y, sample_weight, max_examples=self.max_examples
-            )
-            gram = gram_from_gradients(gradients)
-            noise_components = gradient_noise_components(model, x, y, sample_weight)
-        except Exception as error:  # never let a measurement stop training
-            if not self._warned:
-                warnings.warn(
-                    "keras-fim could not build the Fisher measurement for "
-                    f"model {model.name!r}, so training continues without "
-                    f"it. Cause: {type(error).__name__}: {error}",
-                    stacklevel=2,
-                )
-                self._warned = True
+    def _when_measured(self, build) -> None:
+        """Runs `build()` at measured steps (in-graph with several steps per
+        execution, where one function serves every step)."""
+        if self._steps_per_execution == 1:
+            build()
             return
         state = self._state
-        finite = tf.reduce_all(tf.math.is_finite(gram))
-        # A non-finite Gram would make the eigen-solver fail; solve a
-        # harmless stand-in and discard the result instead.
-        gram = tf.where(finite, gram, tf.eye(tf.shape(gram)[0], dtype=gram.dtype))
-        measurement = spectrum_from_gram(gram, self.zero_threshold)
-        measurement = measurement._replace(
-            condition_number=tf.where(
-                finite,
-                measurement.condition_number,
-                tf.constant(float("nan"), tf.float64),
-            )
+
+        def measured():
+            build()
+            return tf.constant(True)
+
+        tf.cond(
+            self._is_measured(state.step, state.epoch),
+            measured,
+            lambda: tf.constant(False),
         )
-        learning_rate = _current_learning_rate(model)
-        batch_size = tf.shape(keras.tree.flatten(x)[0])[0]
+
+    def _step_inputs(self, x) -> dict:
+        """What a measurement needs from before the update: the learning rate
+        the update uses and the batch."""
+        model = self.model
+        if not model.built:
+            # A subclassed model builds on its first call, which Keras's
+            # own step would make only after the measurement.
+            model(x, training=False)
+        return {
+            "x": x,
+            "learning_rate": _current_learning_rate(model),
+            "batch_size": tf.shape(keras.tree.flatten(x)[0])[0],
+        }
+
+    def _batch_pass(self, x, y, sample_weight):
+        """A recorded forward/backward of its own (`engine.record_pass`)."""
+        try:
+            recorded = record_pass(self.model, x, y, sample_weight, self.max_examples)
+        except Exception as error:  # never let a measurement stop training
+            self._warn(error)
+            return None
+        return recorded, (x, y, sample_weight)
+
+    def _measured_step_reusing_pass(self, original_step, data):
+        """Keras's own step, its forward and backward recorded (exact: the
+        cotangents it computes are those of the per-example losses times one
+        known factor, see `engine.ProbedPass`)."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs = self._step_inputs(x)
+        try:
+            probe = ProbedPass(self.model, x, self.max_examples)
+        except Exception as error:
+            self._warn(error)
+            return original_step(data)
+        with probe:
+            logs = original_step(data)
+
+        def build():
+            try:
+                recorded = probe.recorded()
+            except Exception as error:
+                self._warn(error)
+                return
+            self._measure(inputs, (recorded, (x, y, sample_weight)))
+
+        self._when_measured(build)
+        return logs
+
+    def _warn(self, error) -> None:
+        if not self._warned:
+            warnings.warn(
+                "keras-fim could not build the Fisher measurement for "
+                f"model {self.model.name!r}, so training continues without "
+                f"it. Cause: {type(error).__name__}: {error}",
+                stacklevel=3,
+            )
+            self._warned = True
+
+    def _measure(self, inputs: dict, recorded_pass) -> None:
+        """Builds the measurement ops of one step (graph mode)."""
+        if recorded_pass is None:
+            return
+        (units, calls, examples, coupled), (x, y, sample_weight) = recorded_pass
+        model = self.model
+        try:
+            blocks, _ = grams_from_calls(units, calls, examples, self.memory_budget)
+            gram = sum_blocks(blocks)
+            if coupled:
+                # Half batches of a batch-coupled model must be run for real.
+                noise_components = gradient_noise_components(model, x, y, sample_weight)
+            else:
+                noise_components = noise_components_from_gram(gram)
+        except Exception as error:  # never let a measurement stop training
+            self._warn(error)
+            return
+        state = self._state
+        measurement = _finite_spectrum(gram, self.zero_threshold)
         state.record(
             measurement,
-            learning_rate,
-            batch_size,
+            inputs["learning_rate"],
+            inputs["batch_size"],
             self._steps_represented(state.epoch),
             self.ema_decay,
             noise_components,
         )
         if self._writer is not None:
+            step = state.step + 1
             summaries.write_measurement(
                 self._writer,
-                state.step + 1,
+                step,
                 measurement,
                 {
                     "C_K_bar": state.condition_mean,
@@ -330,9 +423,37 @@ class FisherCallback(keras.callbacks.Callback):
                     "condition_number_ema": state.condition_ema,
                     "skipped": state.skipped,
                 },
-                learning_rate,
-                batch_size,
+                inputs["learning_rate"],
+                inputs["batch_size"],
             )
+            if self.per_layer:
+                summaries.write_layer_measurements(
+                    self._writer,
+                    step,
+                    {
+                        name: _finite_spectrum(block, self.zero_threshold)
+                        for name, block in blocks.items()
+                    },
+                    measurement.trace,
+                )
+
+
+def _finite_spectrum(gram, zero_threshold):
+    """`spectrum_from_gram`, with a non-finite Gram giving a NaN c_k (which
+    `FisherState.record` counts as skipped) instead of an eigen-solver
+    failure."""
+    finite = tf.reduce_all(tf.math.is_finite(gram))
+    # A non-finite Gram would make the eigen-solver fail; solve a harmless
+    # stand-in and discard the result instead.
+    gram = tf.where(finite, gram, tf.eye(tf.shape(gram)[0], dtype=gram.dtype))
+    measurement = spectrum_from_gram(gram, zero_threshold)
+    return measurement._replace(
+        condition_number=tf.where(
+            finite,
+            measurement.condition_number,
+            tf.constant(float("nan"), tf.float64),
+        )
+    )
 
 
 def _current_learning_rate(model) -> tf.Tensor:

@@ -18,6 +18,9 @@ _OPTIONS = (
     "zero_threshold",
     "ema_decay",
     "log_dir",
+    "per_layer",
+    "memory_budget",
+    "reuse_training_pass",
 )
 
 
@@ -45,6 +48,11 @@ class FisherModel(keras.Model):
             threshold of the eigenvalues.
         ema_decay: Float in [0, 1), weight of the old value in the EMA of c_k.
         log_dir: Path or `None`, where TensorBoard event files go.
+        per_layer: Boolean, also log each layer's own spectrum.
+        memory_budget: Bytes or `None` (1 GiB), the bound on one layer's
+            largest temporary while measuring.
+        reuse_training_pass: Boolean, measure from the training step's own
+            pass where exact.
         **kwargs: Keyword arguments of `keras.Model`.
 
     Example:
@@ -78,6 +86,9 @@ class FisherModel(keras.Model):
         zero_threshold: float | None = None,
         ema_decay: float = 0.9,
         log_dir: str | None = None,
+        per_layer: bool = False,
+        memory_budget: float | None = None,
+        reuse_training_pass: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -89,6 +100,9 @@ class FisherModel(keras.Model):
             max_examples=max_examples,
             zero_threshold=zero_threshold,
             ema_decay=ema_decay,
+            per_layer=per_layer,
+            memory_budget=memory_budget,
+            reuse_training_pass=reuse_training_pass,
         )
         self.fisher_state = FisherState()
         # Tracked here (a plain model gets it untracked from DynamicSampling),

@@ -144,3 +144,23 @@ def write_measurement(
         nonzero = measurement.eigenvalues[: measurement.rank]
         tf.summary.histogram("log10_eigenvalues", tf.math.log(nonzero) / math.log(10.0))
         tf.summary.write("fisher/spectrum", measurement.eigenvalues)
+
+
+def write_layer_measurements(
+    writer, step: tf.Tensor, layers: dict, total_trace: tf.Tensor
+) -> None:
+    """Writes each layer's own spectrum (`FisherCallback(per_layer=True)`):
+    ``fisher_layers/<layer>/trace_share``, ``eigenvalue_max`` and
+    ``condition_number``."""
+    with writer.as_default(step=step):
+        for name, measurement in layers.items():
+            with tf.name_scope(f"fisher_layers/{name}/"):
+                values = {
+                    "trace_share": measurement.trace / total_trace,
+                    "eigenvalue_max": measurement.eigenvalues[0],
+                    "condition_number": measurement.condition_number,
+                }
+                for tag, value in values.items():
+                    value = tf.cast(value, tf.float64)
+                    with tf.summary.record_if(tf.math.is_finite(value)):
+                        tf.summary.scalar(tag, value)

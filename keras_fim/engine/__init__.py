@@ -15,7 +15,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_fim.engine import rules
+from keras_fim.engine import capture, rules
+from keras_fim.engine import gram as gram_module
 from keras_fim.engine.capture import record_batch_pass
 from keras_fim.engine.losses import per_example_losses
 
@@ -103,9 +104,14 @@ def per_example_gradients(
     batch_pass, units, examples = _record(
         model, x, y, sample_weight, max_examples, training
     )
+    return _per_variable(units, batch_pass.calls, examples, model)
+
+
+def _per_variable(units, calls, examples, model=None):
+    """Per-example gradients per variable (the model's order if given)."""
     by_variable = {}
     for layer, rule in units:
-        for call in batch_pass.calls[id(layer)]:
+        for call in calls[id(layer)]:
             for v, g in zip(
                 layer.trainable_variables, rule(layer, call, examples), strict=True
             ):
@@ -113,6 +119,8 @@ def per_example_gradients(
                 by_variable[id(v)] = (
                     by_variable[id(v)] + g if id(v) in by_variable else g
                 )
+    if model is None:
+        return list(by_variable.values())
     return [
         by_variable.get(id(v), tf.zeros([examples, *v.shape], v.dtype))
         for v in model.trainable_variables
@@ -199,6 +207,12 @@ def gradient_noise_components(
     half = tf.maximum(batch // 2, 1)
     big = squared_norm(0, batch)
     small = 0.5 * (squared_norm(0, half) + squared_norm(half, 2 * half))
+    return _noise_components(batch, half, big, small)
+
+
+def _noise_components(batch, half, big, small):
+    """McCandlish et al.'s unbiased estimates from the squared gradient norms
+    of a batch (`big`) and of its halves (`small`, their mean)."""
     batch_f, half_f = tf.cast(batch, tf.float64), tf.cast(half, tf.float64)
     defined = batch >= 2
     safe = tf.where(defined, batch_f - half_f, 1.0)
@@ -218,6 +232,89 @@ def gram_from_gradients(gradients: list) -> tf.Tensor:
     return gram
 
 
+def _check_memory_budget(memory_budget):
+    if memory_budget is None:
+        return gram_module.DEFAULT_MEMORY_BUDGET
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, (int, float))
+        or not memory_budget > 0
+    ):
+        raise ValueError(
+            "`memory_budget` must be a positive number of bytes or None. "
+            f"Received: memory_budget={memory_budget!r}"
+        )
+    return memory_budget
+
+
+def _unique_names(units) -> list[str]:
+    names, seen = [], {}
+    for layer, _ in units:
+        count = seen.get(layer.name, 0)
+        seen[layer.name] = count + 1
+        names.append(layer.name if count == 0 else f"{layer.name}_{count}")
+    return names
+
+
+def grams_from_calls(units, calls, examples, memory_budget=None):
+    """Per-unit Gram blocks from recorded calls: ``(blocks, plans)``.
+
+    `blocks` maps unit names to ``(examples, examples)`` blocks summing to
+    ``J J^T``. When units share a weight, their contributions must be added
+    before the product, so the whole model is then one block, ``"model"``.
+    """
+    budget = _check_memory_budget(memory_budget)
+    owners = [id(v) for layer, _ in units for v in layer.trainable_variables]
+    if len(owners) != len(set(owners)):
+        grads = _per_variable(units, calls, examples)
+        return {"model": gram_from_gradients(grads)}, []
+    blocks, plans = {}, []
+    for name, (layer, rule) in zip(_unique_names(units), units, strict=True):
+        unit_calls = calls[id(layer)]
+        if not unit_calls:
+            continue
+        block, plan = gram_module.unit_gram(layer, rule, unit_calls, examples, budget)
+        blocks[name] = block
+        plans.append(plan)
+    return blocks, plans
+
+
+def layer_grams(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    max_examples: int | None = None,
+    memory_budget: float | None = None,
+) -> dict[str, tf.Tensor]:
+    """The Gram matrix ``J J^T`` split by layer: ``{layer name: block}``.
+
+    Each block is the Gram matrix of the per-example contributions to one
+    layer's weights; they sum to `fisher_gram`. The eigenvalues of a block
+    (over the batch size) are that layer's own Fisher spectrum, and its
+    trace its share of the energy ``||J||_F^2``. Blocks are formed without
+    materialising per-example gradients where a cheaper form exists
+    (`keras_fim.engine.gram`). Arguments as in `fisher_gram`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...                           keras.layers.Dense(4, name="hidden"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> model.compile(loss="mse")
+    >>> blocks = keras_fim.layer_grams(
+    ...     model, np.ones((5, 3), "float32"), np.zeros((5, 2), "float32"))
+    >>> sorted(blocks), tuple(blocks["head"].shape)
+    (['head', 'hidden'], (5, 5))
+    """
+    batch_pass, units, examples = _record(
+        model, x, y, sample_weight, max_examples, True
+    )
+    return grams_from_calls(units, batch_pass.calls, examples, memory_budget)[0]
+
+
 def fisher_gram(
     model: keras.Model,
     x: Any,
@@ -225,12 +322,15 @@ def fisher_gram(
     sample_weight: Any = None,
     *,
     max_examples: int | None = None,
+    memory_budget: float | None = None,
 ) -> tf.Tensor:
     """The `(batch, batch)` Gram matrix ``J J^T`` of per-example contributions.
 
     Its eigenvalues divided by the batch size are the non-zero eigenvalues of
     the approximate Fisher ``F = J^T J / |B|``. Arguments as in
-    `per_example_gradients`.
+    `per_example_gradients`, and `memory_budget`: bytes, or `None` for 1 GiB,
+    the bound on any one layer's largest temporary (see
+    `keras_fim.engine.gram`).
 
     Example:
 
@@ -242,9 +342,41 @@ def fisher_gram(
     >>> tuple(gram.shape)
     (4, 4)
     """
-    return gram_from_gradients(
-        per_example_gradients(model, x, y, sample_weight, max_examples=max_examples)
+    blocks = layer_grams(
+        model,
+        x,
+        y,
+        sample_weight,
+        max_examples=max_examples,
+        memory_budget=memory_budget,
     )
+    return sum_blocks(blocks)
+
+
+def sum_blocks(blocks: dict) -> tf.Tensor:
+    """The sum of Gram blocks (in the widest of their dtypes)."""
+    values = list(blocks.values())
+    dtype = max((b.dtype for b in values), key=lambda d: d.size)
+    return tf.add_n([tf.cast(b, dtype) for b in values])
+
+
+def noise_components_from_gram(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`gradient_noise_components` from the Gram matrix of independent
+    per-example gradients: a half batch's gradient is the mean of its
+    examples' gradients, so every squared norm is a sum of Gram entries.
+    Wrong for batch-coupled models (BatchNorm in training mode), whose
+    half batches must be run for real."""
+    gram = tf.cast(gram, tf.float64)
+    batch = tf.shape(gram)[0]
+    half = tf.maximum(batch // 2, 1)
+
+    def squared_norm(start, stop):
+        n = tf.cast(stop - start, tf.float64)
+        return tf.reduce_sum(gram[start:stop, start:stop]) / (n * n)
+
+    big = squared_norm(0, batch)
+    small = 0.5 * (squared_norm(0, half) + squared_norm(half, 2 * half))
+    return _noise_components(batch, half, big, small)
 
 
 def measure(
@@ -279,3 +411,112 @@ def measure(
 
     gram = fisher_gram(model, x, y, sample_weight, max_examples=max_examples)
     return spectrum_from_gram(gram, zero_threshold)
+
+
+# -- measuring inside a training step ------------------------------------------
+
+
+def _is_coupled(layer, rule) -> bool:
+    """Whether a unit may mix examples: BatchNorm (training mode in `fit`
+    unless frozen) and whatever the generic rule handles."""
+    if rule is rules.generic_rule:
+        return True
+    return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+
+
+def record_pass(model, x, y, sample_weight=None, max_examples=None):
+    """A recorded batch pass of its own, in training mode:
+    ``(units, calls, examples, coupled)`` for `grams_from_calls`."""
+    batch_pass, units, examples = _record(
+        model, x, y, sample_weight, max_examples, True
+    )
+    coupled = any(_is_coupled(layer, rule) for layer, rule in units)
+    return units, batch_pass.calls, examples, coupled
+
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _loss_reduction_kinds(model) -> set:
+    """ "mean" or "sum" for each compiled loss (built or not yet)."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        return set()
+    if compile_loss.built:
+        reductions = [fn.reduction for _, fn, _, _ in compile_loss._flat_losses]
+    else:
+        reductions = [
+            loss.reduction if isinstance(loss, keras.losses.Loss) else "mean"
+            for loss in keras.tree.flatten(compile_loss._user_loss)
+            if loss is not None
+        ]
+    return {"mean" if r in _MEAN_REDUCTIONS else r for r in reductions}
+
+
+def reuses_training_pass(model: keras.Model, step) -> bool:
+    """Whether `ProbedPass` is exact around `step`: Keras's own train step
+    and loss computation, one kind of loss reduction (so that the training
+    loss is the sum of per-example losses times one factor), and no activity
+    regulariser (whose loss would add to the layers' cotangents)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    from keras.src.trainers.trainer import Trainer
+
+    cls = type(model)
+    return (
+        getattr(step, "__func__", None) is TensorFlowTrainer.train_step
+        and cls.compute_loss is Trainer.compute_loss
+        and cls._compute_loss is Trainer._compute_loss
+        and model.optimizer is not None
+        and len(_loss_reduction_kinds(model)) == 1
+        and _loss_reduction_kinds(model) <= {"mean", "sum"}
+        and not any(
+            getattr(layer, "activity_regularizer", None) is not None
+            for layer in model._flatten_layers(include_self=True, recursive=True)
+        )
+    )
+
+
+class ProbedPass:
+    """Records the calls of the model's next forward pass, and the cotangents
+    of the training step's own backward pass through them.
+
+    Keras's step differentiates ``s / (R N) * sum_i l_i`` (plus weight
+    regularisation, which no layer output sees): ``s`` the optimizer's loss
+    scale, ``R`` the replicas in sync, ``N`` the batch size for mean-type
+    reductions (1 for "sum"). Its cotangents divided by that factor are those
+    of the per-example losses, so no second pass is needed.
+
+    Usage (inside the compiled step): ``with probe: logs = step(data)``,
+    then ``probe.recorded()``.
+    """
+
+    def __init__(self, model, x, max_examples=None):
+        if not model.built:
+            raise ValueError("ProbedPass needs a built model.")
+        self.units = find_units(model)
+        self._recorder = capture._Recorder(
+            [layer for layer, _ in self.units], probe_cotangents=True
+        )
+        batch = _batch_size(x)
+        kind = _loss_reduction_kinds(model).pop()
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        scale = tf.cast(model.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+        normaliser = tf.cast(batch, tf.float32) if kind == "mean" else 1.0
+        # Read now, before the step updates the loss scale.
+        self.factor = scale / (replicas * normaliser)
+        self.examples = (
+            batch if max_examples is None else tf.minimum(batch, max_examples)
+        )
+
+    def __enter__(self):
+        self._recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._recorder.__exit__(*exc)
+
+    def recorded(self):
+        """``(units, calls, examples, coupled)``, as `record_pass`."""
+        self._recorder.collect_probed_cotangents(self.factor)
+        coupled = any(_is_coupled(layer, rule) for layer, rule in self.units)
+        return self.units, self._recorder.calls, self.examples, coupled

@@ -30,6 +30,7 @@ class LayerCall:
     args: tuple
     kwargs: dict
     state: list  # values of layer.non_trainable_variables at call entry
+    weights: list  # values of layer.trainable_variables at call entry
     outputs: list  # flat list of output tensors (see `differentiable_outputs`)
     cotangents: list | None = None  # aligned with `outputs`
 
@@ -50,26 +51,94 @@ def differentiable_outputs(outputs) -> list:
     return flat
 
 
-class _Recorder:
-    """Replaces `layer.call` by a recording wrapper for the pass's duration."""
+def _cotangent_probe(tensor, sink: list, index: int):
+    """`tensor` through an identity whose gradient is written to `sink`.
 
-    def __init__(self, layers):
+    Placed on a layer's outputs inside someone else's backward pass (Keras's
+    own `train_step`), it hands us the cotangent that pass computes anyway.
+    """
+
+    @tf.custom_gradient
+    def identity(t):
+        def gradient(upstream):
+            sink[index] = upstream
+            return upstream
+
+        return tf.identity(t), gradient
+
+    return identity(tensor)
+
+
+class _Recorder:
+    """Replaces `layer.call` by a recording wrapper for the pass's duration.
+
+    With `probe_cotangents`, each recorded output also passes through a
+    `_cotangent_probe`, so that any backward pass through the model fills in
+    `LayerCall.cotangents` (see `recording_train_step`).
+    """
+
+    def __init__(self, layers, probe_cotangents: bool = False):
         self.layers = layers
+        self.probe_cotangents = probe_cotangents
         self.calls: dict[int, list[LayerCall]] = {id(l): [] for l in layers}
+        self.sinks: list[tuple[LayerCall, list]] = []
+
+    def _probe(self, outputs, call: LayerCall):
+        sink = [None] * len(call.outputs)
+        self.sinks.append((call, sink))
+        probed, position = [], 0
+        for o in keras.tree.flatten(outputs):
+            if tf.is_tensor(o) and o.dtype.is_floating:
+                new = _cotangent_probe(o, sink, position)
+                logits = getattr(o, "_keras_logits", None)
+                if tf.is_tensor(logits):
+                    new._keras_logits = _cotangent_probe(logits, sink, position + 1)
+                mask = getattr(o, "_keras_mask", None)
+                if mask is not None:
+                    new._keras_mask = mask
+                probed.append(new)
+                position += 2
+            else:
+                probed.append(o)
+        return keras.tree.pack_sequence_as(outputs, probed)
 
     def _wrap(self, layer):
         original = layer.call
         records = self.calls[id(layer)]
 
         def recording_call(*args, **kwargs):
-            state = [v.value for v in layer.non_trainable_variables]
+            # Read now: outside a stateless scope `v.value` is the variable
+            # itself, which the step's update would change under us.
+            state = [
+                tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables
+            ]
+            weights = [tf.convert_to_tensor(v.value) for v in layer.trainable_variables]
             outputs = original(*args, **kwargs)
-            records.append(
-                LayerCall(args, kwargs, state, differentiable_outputs(outputs))
+            call = LayerCall(
+                args, kwargs, state, weights, differentiable_outputs(outputs)
             )
+            records.append(call)
+            if self.probe_cotangents:
+                outputs = self._probe(outputs, call)
             return outputs
 
         return recording_call
+
+    def collect_probed_cotangents(self, scale=None) -> None:
+        """Fills `cotangents` from the probes (zeros where none arrived),
+        divided by `scale`."""
+        for call, sink in self.sinks:
+            cotangents = []
+            for output, cotangent in zip(call.outputs, sink, strict=True):
+                if cotangent is None:
+                    cotangents.append(tf.zeros_like(output))
+                    continue
+                cotangent = tf.convert_to_tensor(cotangent)
+                if scale is not None:
+                    dtype = tf.float32 if cotangent.dtype.size < 4 else cotangent.dtype
+                    cotangent = tf.cast(cotangent, dtype) / tf.cast(scale, dtype)
+                cotangents.append(cotangent)
+            call.cotangents = cotangents
 
     def __enter__(self):
         for layer in self.layers:

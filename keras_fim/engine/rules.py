@@ -26,10 +26,6 @@ from keras_fim.engine.capture import LayerCall, differentiable_outputs
 Rule = Callable[[keras.layers.Layer, LayerCall, int], list]
 
 
-def _values(variables):
-    return [v.value for v in variables]
-
-
 def _output_share(outputs, cotangents, examples):
     """Each example's <output rows, cotangent rows>, summed over outputs."""
     total = 0.0
@@ -48,7 +44,7 @@ def generic_rule(layer, call: LayerCall, examples: int, vectorize: bool = True) 
     vectorised backward pass per example over the layer's whole batch
     (a `tf.while_loop` over examples when `vectorize` is False).
     """
-    variables = _values(layer.trainable_variables)
+    variables = call.weights
     with tf.GradientTape(persistent=not vectorize) as tape:
         tape.watch(variables)
         outputs, _ = layer.stateless_call(
@@ -75,7 +71,7 @@ def per_example_rule(layer, call: LayerCall, examples: int) -> list:
     with no batch coupling and no randomness (Embedding, EinsumDense,
     convolutions).
     """
-    variables = _values(layer.trainable_variables)
+    variables = call.weights
     inputs = call.args[0][:examples]
     cotangents = [c[:examples] for c in call.cotangents]
 
@@ -107,7 +103,7 @@ def sequence_rule(layer, call: LayerCall, examples: int) -> list:
     `dropout`/`recurrent_dropout` active the contributions are those of
     freshly drawn masks.
     """
-    variables = _values(layer.trainable_variables)
+    variables = call.weights
 
     def rows(structure, i):
         return keras.tree.map_structure(
@@ -134,44 +130,162 @@ def sequence_rule(layer, call: LayerCall, examples: int) -> list:
     return list(tf.map_fn(one, tf.range(examples), fn_output_signature=signature))
 
 
+def _weight(layer, call: LayerCall, variable):
+    """The value `variable` of `layer` had when `call` was made."""
+    for v, value in zip(layer.trainable_variables, call.weights, strict=True):
+        if v is variable:
+            return value
+    raise ValueError(f"{variable.path} is not a trainable weight of {layer.name}")
+
+
+def preactivation_cotangent(layer, call: LayerCall, examples, pre_activation):
+    """The cotangent of a layer's output before its `activation`.
+
+    ``pre_activation()`` recomputes the output before the activation from
+    the recorded call; it is only run when the activation is not linear.
+    The cotangent of the activation's logits (softmax/sigmoid outputs that a
+    cross-entropy reads through `_keras_logits`) is added.
+    """
+    dy, dlogits = (c[:examples] for c in call.cotangents[:2])
+    activation = getattr(layer, "activation", None)
+    if activation is None or activation is keras.activations.linear:
+        return dy + tf.cast(dlogits, dy.dtype)
+    with tf.GradientTape() as tape:
+        z = pre_activation()[:examples]
+        tape.watch(z)
+        y = activation(z)
+    dz = tape.gradient(y, z, output_gradients=tf.cast(dy, y.dtype))
+    return dz + tf.cast(dlogits, dz.dtype)
+
+
+def dense_inputs_and_cotangents(layer, call: LayerCall, examples):
+    """A Dense call as ``(x, dz)``, shaped ``(examples, T, in)`` and
+    ``(examples, T, out)``: the kernel's per-example gradient is
+    ``sum_t x_t^T dz_t`` and the bias's ``sum_t dz_t`` (T = 1 for 2D inputs,
+    the positions of a sequence otherwise)."""
+    x = call.args[0]
+    kernel = _weight(layer, call, layer.kernel)
+
+    def pre_activation():
+        z = tf.tensordot(tf.cast(x, kernel.dtype), kernel, axes=1)
+        return z + _weight(layer, call, layer.bias) if layer.use_bias else z
+
+    dz = preactivation_cotangent(layer, call, examples, pre_activation)
+    batch = tf.shape(dz)[0]
+    x = tf.cast(x[:examples], dz.dtype)
+    return (
+        tf.reshape(x, [batch, -1, x.shape[-1]]),
+        tf.reshape(dz, [batch, -1, dz.shape[-1]]),
+    )
+
+
+def _dense_is_plain(layer) -> bool:
+    return not getattr(layer, "lora_enabled", False) and not layer.quantization_mode
+
+
 def dense_rule(layer, call: LayerCall, examples: int) -> list:
     """Dense: ``g_W,i = sum_t x_it^T dz_it``, ``g_b,i = sum_t dz_it``.
 
     ``dz`` is the cotangent before the activation, recovered by
-    differentiating the activation at the recorded pre-activation.
+    differentiating the activation at the recomputed pre-activation.
     """
-    if getattr(layer, "lora_enabled", False) or layer.quantization_mode:
+    if not _dense_is_plain(layer):
         return per_example_rule(layer, call, examples)
-    x = call.args[0][:examples]
-    kernel = layer.kernel
-    with tf.GradientTape() as tape:
-        z = tf.tensordot(tf.cast(x, kernel.dtype), kernel.value, axes=1)
-        if layer.use_bias:
-            z = z + layer.bias.value
-        tape.watch(z)
-        y = layer.activation(z) if layer.activation is not None else z
-    dy, dlogits = (c[:examples] for c in call.cotangents[:2])
-    dz = tape.gradient(y, z, output_gradients=tf.cast(dy, y.dtype))
-    dz += tf.cast(dlogits, dz.dtype)
-    batch = tf.shape(x)[0]
-    x_flat = tf.reshape(tf.cast(x, dz.dtype), [batch, -1, x.shape[-1]])
-    dz_flat = tf.reshape(dz, [batch, -1, dz.shape[-1]])
-    grads = {id(layer.kernel): tf.einsum("bti,btj->bij", x_flat, dz_flat)}
+    x, dz = dense_inputs_and_cotangents(layer, call, examples)
+    grads = {id(layer.kernel): tf.einsum("bti,btj->bij", x, dz)}
     if layer.use_bias:
-        grads[id(layer.bias)] = tf.reduce_sum(dz_flat, axis=1)
+        grads[id(layer.bias)] = tf.reduce_sum(dz, axis=1)
     return [grads[id(v)] for v in layer.trainable_variables]
 
 
+def convolution_is_im2col(layer) -> bool:
+    """Whether `convolution_patches` handles `layer`: a plain 1D/2D
+    convolution (not grouped, depthwise, separable, transposed, LoRA, nor a
+    subclass computing something else)."""
+    for base in (keras.layers.Conv1D, keras.layers.Conv2D):
+        if isinstance(layer, base):
+            cls = type(layer)
+            return (
+                cls.call is base.call
+                and cls.convolution_op is base.convolution_op
+                and layer.groups == 1
+                and not getattr(layer, "lora_enabled", False)
+            )
+    return False
+
+
+def convolution_patches(layer, call: LayerCall, examples):
+    """A 1D/2D convolution call as ``(patches, dz)``, shaped
+    ``(examples, positions, kernel_size)`` and ``(examples, positions,
+    filters)``: the kernel's per-example gradient is ``patches^T dz``
+    (im2col), the bias's the sum of ``dz`` over positions."""
+    x, padding = call.args[0], layer.padding
+    channels_first = layer.data_format == "channels_first"
+    if padding == "causal":  # Conv1D: pad the start of the steps, as Keras
+        left = (layer.kernel_size[0] - 1) * layer.dilation_rate[0]
+        steps_axis = 2 if channels_first else 1
+        pads = [[0, 0]] * 3
+        pads[steps_axis] = [left, 0]
+        x, padding = tf.pad(x, pads), "valid"
+    kernel = _weight(layer, call, layer.kernel)
+
+    def pre_activation():
+        z = keras.ops.conv(
+            x,
+            kernel,
+            strides=list(layer.strides),
+            padding=padding,
+            dilation_rate=layer.dilation_rate,
+            data_format=layer.data_format,
+        )
+        if layer.use_bias:
+            shape = [1, -1, 1] if channels_first else [1, 1, -1]
+            shape = shape[:2] + [1] * (layer.rank - 1) + shape[2:]
+            z = z + tf.reshape(_weight(layer, call, layer.bias), shape)
+        return z
+
+    dz = preactivation_cotangent(layer, call, examples, pre_activation)
+    x = tf.cast(x[:examples], dz.dtype)
+    if channels_first:
+        x = tf.experimental.numpy.moveaxis(x, 1, -1)
+        dz = tf.experimental.numpy.moveaxis(dz, 1, -1)
+    strides, rates = list(layer.strides), list(layer.dilation_rate)
+    kernel_size = list(layer.kernel_size)
+    if layer.rank == 1:  # as a 2D convolution of height 1
+        x, dz = x[:, None], dz[:, None]
+        strides, rates, kernel_size = [1, *strides], [1, *rates], [1, *kernel_size]
+    patches = tf.image.extract_patches(
+        x,
+        sizes=[1, *kernel_size, 1],
+        strides=[1, *strides, 1],
+        rates=[1, *rates, 1],
+        padding=padding.upper(),
+    )
+    batch = tf.shape(dz)[0]
+    return (
+        tf.reshape(patches, [batch, -1, patches.shape[-1]]),
+        tf.reshape(dz, [batch, -1, dz.shape[-1]]),
+    )
+
+
 def convolution_rule(layer, call: LayerCall, examples: int) -> list:
-    """Convolutions: the per-example rule, whose vectorised backprop-filter
-    runs about as fast as one batch backward pass on CPU (3x faster than
-    im2col and an einsum, measured). Grouped convolutions cannot be
-    vectorised (pfor rejects their filter shape), so they take the exact
-    generic rule, looping over examples.
+    """Convolutions. Plain 1D/2D ones by im2col: ``g_K,i = P_i^T dz_i`` with
+    ``P_i`` the example's input patches (`tf.image.extract_patches`), one
+    batched einsum. TensorFlow cannot vectorise a per-example
+    `Conv2DBackpropFilter` (it loops), so this is also far quicker to build.
+    Other convolutions take the per-example rule; grouped ones the exact
+    generic rule, looping over examples (pfor rejects their filter shape).
     """
     if getattr(layer, "groups", 1) > 1:
         return generic_rule(layer, call, examples, vectorize=False)
-    return per_example_rule(layer, call, examples)
+    if not convolution_is_im2col(layer):
+        return per_example_rule(layer, call, examples)
+    patches, dz = convolution_patches(layer, call, examples)
+    kernel = tf.einsum("btk,bto->bko", patches, dz)
+    grads = {id(layer.kernel): tf.reshape(kernel, [-1, *layer.kernel.shape])}
+    if layer.use_bias:
+        grads[id(layer.bias)] = tf.reduce_sum(dz, axis=1)
+    return [grads[id(v)] for v in layer.trainable_variables]
 
 
 def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
