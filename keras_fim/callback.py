@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 import warnings
 from typing import Any
 
@@ -27,9 +29,46 @@ from keras_fim.train_step import begin_fit, compile_train_function, end_fit
 def _check_int(name, value, minimum, allow_none=False):
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < minimum
+    ):
         allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
         raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_log_dir(log_dir, name: str = "log_dir") -> str | None:
+    """`log_dir` as a `str` (or `None`); `ValueError` naming `name` when it is
+    not a path, or when a part of it that exists is not a directory (a path
+    under a regular file). Remote paths (``gs://...``) pass unchecked."""
+    if log_dir is None:
+        return None
+    if not isinstance(log_dir, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"`{name}` must be None or a path (str or os.PathLike). "
+            f"Received: {name}={log_dir!r} of type {type(log_dir).__name__}"
+        )
+    path = os.fsdecode(os.fspath(log_dir))
+    if not path:
+        raise ValueError(
+            f"`{name}` must be None or a non-empty path. Received: {name}={path!r}"
+        )
+    if "://" not in path:
+        part = os.path.abspath(path)
+        while not os.path.exists(part) and os.path.dirname(part) != part:
+            part = os.path.dirname(part)
+        if os.path.exists(part) and not os.path.isdir(part):
+            raise ValueError(
+                f"`{name}` must be a directory that can be created or written. "
+                f"Received: {name}={path!r}, but {part!r} is a file, not a "
+                "directory."
+            )
+    return path
 
 
 def validate_options(
@@ -40,31 +79,48 @@ def validate_options(
     _check_int("dense_epochs", dense_epochs, 0)
     _check_int("max_examples", max_examples, 2, allow_none=True)
     if zero_threshold is not None and (
-        isinstance(zero_threshold, bool)
-        or not isinstance(zero_threshold, (int, float))
-        or not 0 <= zero_threshold < 1
+        not _is_real(zero_threshold) or not 0 <= zero_threshold < 1
     ):
         raise ValueError(
             "`zero_threshold` must be None or a float in [0, 1). "
             f"Received: zero_threshold={zero_threshold!r}"
         )
-    if (
-        isinstance(ema_decay, bool)
-        or not isinstance(ema_decay, (int, float))
-        or not (0 <= ema_decay < 1)
-    ):
+    if not _is_real(ema_decay) or not 0 <= ema_decay < 1:
         raise ValueError(
             f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}"
         )
-    if (
-        log_dir is not None
-        and not isinstance(log_dir, (str, bytes))
-        and not hasattr(log_dir, "__fspath__")
-    ):
+    check_log_dir(log_dir)
+
+
+def check_compiled_loss(model: keras.Model) -> None:
+    """`ValueError` unless `model` is compiled with a loss keras-fim can
+    split per example (checked at the start of `fit`, before any step)."""
+    if not getattr(model, "compiled", False):
         raise ValueError(
-            "`log_dir` must be None or a path. "
-            f"Received: log_dir={log_dir!r} of type {type(log_dir).__name__}"
+            "keras-fim measures the gradients of the compiled loss, so the "
+            f"model must be compiled. Received: model {model.name!r}, not "
+            "compiled. Call `model.compile(optimizer=..., loss=...)` first."
         )
+    loss = getattr(model, "loss", None)
+    leaves = [v for v in keras.tree.flatten(loss) if v is not None] if loss else []
+    if getattr(model, "_compile_loss", None) is None or not leaves:
+        raise ValueError(
+            "keras-fim measures the gradient of each example's compiled loss, "
+            "so the model must be compiled with a `loss`: a Keras loss, its "
+            "name, or a function of (y_true, y_pred) giving one value per "
+            f"example. Received: loss={loss!r} for model {model.name!r}. A "
+            "model trained only through `add_loss` (for instance fitted on "
+            "inputs without labels) has no per-example loss to measure."
+        )
+    for leaf in leaves:
+        if isinstance(leaf, keras.losses.Loss) and leaf.reduction in (None, "none"):
+            raise ValueError(
+                "keras-fim needs a loss that Keras reduces over the batch, to "
+                f"split it per example. Received: loss={leaf!r} (name "
+                f"{leaf.name!r}) with reduction={leaf.reduction!r}. Allowed "
+                "reductions: 'sum_over_batch_size' (the default), 'mean', "
+                "'sum', 'mean_with_sample_weight'."
+            )
 
 
 def _check_bool(name, value):
@@ -97,9 +153,37 @@ class FisherCallback(keras.callbacks.Callback):
 
     Measuring never changes training: the update is Keras's own `train_step`,
     BatchNorm statistics and random seeds are not touched, and the weights
-    after `fit` equal those of a run without the callback. A measurement that
-    cannot be built (an unsupported layer) is skipped with a warning; one
-    that is not finite is counted in ``fisher/skipped``.
+    after `fit` equal those of a run without the callback.
+
+    Degenerate and failed measurements never stop or change training:
+
+    * A measured step is *skipped* when its ``c_k`` or its ``L_K`` term is
+      not finite: NaN or inf in the inputs, the loss or the per-example
+      gradients, a Gram matrix that overflows its dtype, or a non-finite
+      eigen-solver result (the solver never sees a non-finite matrix). Its
+      spectrum is then NaN with rank 0. A skipped step is counted in
+      ``fisher_state.skipped`` (TensorBoard ``fisher/skipped``) and left
+      out of ``C_K_bar``, ``K``, ``L_K`` and the averages.
+    * All-zero per-example gradients (a zero loss, weights the output does
+      not depend on): eigenvalues 0, rank 0, ``c_k`` undefined (NaN), so
+      the step is skipped too.
+    * A batch of one is measured: rank 1 (0, and skipped, if its gradient
+      is zero), ``c_k = 1``, the one eigenvalue ``||g||^2``; it enters
+      ``C_K_bar`` and ``L_K``; the gradient noise scale is undefined.
+    * Duplicated (or linearly dependent) examples lower the rank; ``c_k``
+      is taken over the non-zero eigenvalues and the step is kept.
+    * One warning per `fit` (checked at each epoch end, one read of the
+      counters) says how many measurements of that fit were skipped.
+    * A measurement that cannot be built while the step is traced (a layer
+      or a loss the engine cannot handle) is left out for the whole `fit`,
+      with one warning giving the cause.
+
+    Bad input is refused before training: an invalid option raises
+    `ValueError` at construction, and `fit` raises `ValueError` at its
+    start, before any step, for a model compiled without a loss (one
+    trained only through `add_loss`, for instance on inputs without
+    labels), a loss with ``reduction=None``, or a `log_dir` that cannot be
+    written.
 
     The running state lives in `model.fisher_state` (Keras variables), so
     `save_weights` and `BackupAndRestore` keep it.
@@ -171,7 +255,7 @@ class FisherCallback(keras.callbacks.Callback):
             ema_decay,
             log_dir,
         )
-        self.log_dir = None if log_dir is None else str(log_dir)
+        self.log_dir = check_log_dir(log_dir)
         self.every_n_steps = every_n_steps
         self.dense_epochs = dense_epochs
         self.max_examples = max_examples
@@ -215,6 +299,11 @@ class FisherCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         model = self.model
+        check_compiled_loss(model)
+        # Counters read at the first epoch (after BackupAndRestore restored
+        # them), to warn once if measurements of this fit are skipped.
+        self._counters_at_start = None
+        self._warned_skipped = False
         if self.log_dir is not None:
             try:
                 self._writer = summaries.create_writer(self.log_dir)
@@ -236,6 +325,16 @@ class FisherCallback(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None) -> None:
         self._epoch = epoch
         self._state.epoch.assign(epoch)
+        if getattr(self, "_counters_at_start", 0) is None:  # first epoch of a fit
+            self._counters_at_start = self._counters()
+        if self._writer is not None:
+            # After every on_train_begin (BackupAndRestore has restored the
+            # state) and before anything is written: TensorBoard drops the
+            # points an interrupted run wrote from this fit's first step on.
+            summaries.start_session(self._writer, int(self._state.step.numpy()) + 1)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self._warn_if_skipped()
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         if not self._functions:
@@ -258,7 +357,37 @@ class FisherCallback(keras.callbacks.Callback):
             self._step += 1
 
     def on_train_end(self, logs=None) -> None:
+        self._warn_if_skipped()
         end_fit(self.model, "fisher")
+
+    def _counters(self) -> tuple[int, int]:
+        """`(skipped, measurements)`: two reads from the device."""
+        state = self._state
+        return int(state.skipped.numpy()), int(state.measurements.numpy())
+
+    def _warn_if_skipped(self) -> None:
+        """One warning per fit when measurements of this fit were skipped
+        (checked at epoch and train end: one device read each)."""
+        start = getattr(self, "_counters_at_start", None)
+        if start is None or self._warned or getattr(self, "_warned_skipped", True):
+            return
+        skipped = int(self._state.skipped.numpy()) - start[0]
+        if skipped <= 0:
+            return
+        kept = int(self._state.measurements.numpy()) - start[1]
+        self._warned_skipped = True
+        warnings.warn(
+            f"keras-fim skipped {skipped} of the {skipped + kept} Fisher "
+            f"measurements of model {self.model.name!r} in this fit so far: "
+            "their values were not finite (NaN or inf in the inputs, the "
+            "loss or the per-example gradients, or a Gram matrix too large "
+            "for its dtype) or every per-example gradient was zero. Skipped "
+            "steps are left out of C_K_bar and L_K and counted in "
+            "`model.fisher_state.skipped` (TensorBoard: fisher/skipped); "
+            "training itself is unaffected. Further skips in this fit are "
+            "counted but not warned about.",
+            stacklevel=2,
+        )
 
     def _end_fit(self) -> None:
         # Later fits (with or without this callback) rebuild a clean function.
@@ -369,6 +498,7 @@ class FisherCallback(keras.callbacks.Callback):
             except Exception as error:
                 self._warn(error)
                 return
+            inputs["variable_values"] = probe.variable_values
             self._measure(inputs, (recorded, (x, y, sample_weight)))
 
         self._when_measured(build)
@@ -395,7 +525,9 @@ class FisherCallback(keras.callbacks.Callback):
             gram = sum_blocks(blocks)
             if coupled:
                 # Half batches of a batch-coupled model must be run for real.
-                noise_components = gradient_noise_components(model, x, y, sample_weight)
+                noise_components = gradient_noise_components(
+                    model, x, y, sample_weight, inputs.get("variable_values")
+                )
             else:
                 noise_components = noise_components_from_gram(gram)
         except Exception as error:  # never let a measurement stop training
@@ -439,21 +571,10 @@ class FisherCallback(keras.callbacks.Callback):
 
 
 def _finite_spectrum(gram, zero_threshold):
-    """`spectrum_from_gram`, with a non-finite Gram giving a NaN c_k (which
-    `FisherState.record` counts as skipped) instead of an eigen-solver
-    failure."""
-    finite = tf.reduce_all(tf.math.is_finite(gram))
-    # A non-finite Gram would make the eigen-solver fail; solve a harmless
-    # stand-in and discard the result instead.
-    gram = tf.where(finite, gram, tf.eye(tf.shape(gram)[0], dtype=gram.dtype))
-    measurement = spectrum_from_gram(gram, zero_threshold)
-    return measurement._replace(
-        condition_number=tf.where(
-            finite,
-            measurement.condition_number,
-            tf.constant(float("nan"), tf.float64),
-        )
-    )
+    """`spectrum_from_gram`: a non-finite Gram (or solver output) gives an
+    all-NaN measurement of rank 0, never an eigen-solver failure, and
+    `FisherState.record` counts it as skipped."""
+    return spectrum_from_gram(gram, zero_threshold)
 
 
 def _current_learning_rate(model) -> tf.Tensor:

@@ -159,7 +159,11 @@ def _record(model, x, y, sample_weight, max_examples, training):
 
 
 def gradient_noise_components(
-    model: keras.Model, x: Any, y: Any, sample_weight: Any = None
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    variable_values: tuple | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Estimates ``tr(Sigma)`` and ``|G|^2`` from mini-batch gradients.
 
@@ -176,10 +180,12 @@ def gradient_noise_components(
     batch-coupled layers too, where the per-example contributions of
     BatchNorm in training mode are negatively correlated and the
     per-example estimate of `measure` is undefined. Returns float64 NaNs for
-    a batch of fewer than 2 examples.
+    a batch of fewer than 2 examples. `variable_values`: the values of the
+    trainable and non-trainable variables to use (read now if `None`).
     """
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
+    if variable_values is None:
+        variable_values = _read_variables(model)
+    trainable, non_trainable = variable_values
     kwargs = {"training": True} if model._call_has_training_arg else {}
 
     def squared_norm(start, stop):
@@ -220,6 +226,14 @@ def _noise_components(batch, half, big, small):
     trace_sigma = (small - big) / tf.where(defined, 1.0 / half_f - 1.0 / batch_f, 1.0)
     nan = tf.constant(float("nan"), tf.float64)
     return tf.where(defined, trace_sigma, nan), tf.where(defined, true_gradient_sq, nan)
+
+
+def _read_variables(model) -> tuple[list, list]:
+    """The model's trainable and non-trainable values, read now."""
+    return (
+        [tf.convert_to_tensor(v.value) for v in model.trainable_variables],
+        [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables],
+    )
 
 
 def gram_from_gradients(gradients: list) -> tf.Tensor:
@@ -507,6 +521,9 @@ class ProbedPass:
         self.examples = (
             batch if max_examples is None else tf.minimum(batch, max_examples)
         )
+        # For measurements that need passes of their own (the half batches of
+        # a coupled model): the variables as the step found them.
+        self.variable_values = _read_variables(model)
 
     def __enter__(self):
         self._recorder.__enter__()

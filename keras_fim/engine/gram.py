@@ -70,37 +70,28 @@ def _static_batch(examples, tensor) -> int:
     return int(value) if value is not None else PLANNING_BATCH_SIZE
 
 
-def _outer_product_gram(a, d, budget, name):
-    """The block of ``g_i = sum_t a_it^T d_it`` (a: (B, T, m), d: (B, T, n)).
+def _kernel_block(name, batch, positions, m, n, itemsize, budget, ghost, materialise):
+    """The block of a kernel whose per-example gradient is
+    ``g_i = sum_t a_it^T d_it`` over `positions` (a: m wide, d: n wide).
 
-    Returns ``(block, plan)``; chooses the ghost form or materialising
-    ``g_i``, split over the columns of ``d`` to fit `budget`.
+    ``ghost()`` forms it from the ``(B, B, T, T)`` products of the rows;
+    ``materialise(start, stop)`` returns the per-example gradients of the
+    output columns ``[start, stop)``, leading axis the batch. Returns
+    ``(block, plan)``: the cheaper path that fits `budget`, the materialised
+    one split over output columns until each piece fits.
     """
-    batch = _static_batch(tf.shape(a)[0], a)
-    positions, m, n = a.shape[1], a.shape[-1], d.shape[-1]
-    itemsize = d.dtype.size
-    materialise_cost = (positions or 1) * batch * m * n + batch * batch * m * n
+    materialise_cost = batch * (positions or 1) * m * n + batch * batch * m * n
     if positions is not None:
         ghost_bytes = 2 * batch * batch * positions * positions * itemsize
         ghost_cost = batch * batch * positions * positions * (m + n)
         if ghost_bytes <= budget and ghost_cost <= materialise_cost:
-            if positions == 1:
-                block = tf.matmul(a[:, 0], a[:, 0], transpose_b=True) * tf.matmul(
-                    d[:, 0], d[:, 0], transpose_b=True
-                )
-            else:
-                block = tf.einsum(
-                    "abts,abts->ab",
-                    tf.einsum("atm,bsm->abts", a, a),
-                    tf.einsum("atn,bsn->abts", d, d),
-                )
-            return block, Plan(name, "ghost", ghost_cost, ghost_bytes)
+            return ghost(), Plan(name, "ghost", ghost_cost, ghost_bytes)
     gradient_bytes = batch * m * n * itemsize
     chunks = max(1, min(n, math.ceil(gradient_bytes / budget)))
     width = math.ceil(n / chunks)
     block = None
     for start in range(0, n, width):
-        g = tf.einsum("btm,btn->bmn", a, d[..., start : start + width])
+        g = materialise(start, start + width)
         g = tf.reshape(g, [tf.shape(g)[0], -1])
         part = tf.matmul(g, g, transpose_b=True)
         block = part if block is None else block + part
@@ -108,36 +99,82 @@ def _outer_product_gram(a, d, budget, name):
     return block, plan
 
 
-def _bias_gram(d):
-    s = tf.reduce_sum(d, axis=1)
+def _ghost(a, d):
+    """``sum_{t,s} (a_it . a_js)(d_it . d_js)`` for a: (B, T, m), d: (B, T, n)."""
+    if a.shape[1] == 1:
+        return tf.matmul(a[:, 0], a[:, 0], transpose_b=True) * tf.matmul(
+            d[:, 0], d[:, 0], transpose_b=True
+        )
+    return tf.einsum(
+        "abts,abts->ab",
+        tf.einsum("atm,bsm->abts", a, a),
+        tf.einsum("atn,bsn->abts", d, d),
+    )
+
+
+def _bias_block(sums):
+    """The bias block from each call's per-example cotangent sums."""
+    s = tf.add_n(sums)
     return tf.matmul(s, s, transpose_b=True)
-
-
-def _concat_positions(pairs):
-    a, d = zip(*pairs, strict=True)
-    return tf.concat(a, axis=1), tf.concat(d, axis=1)
 
 
 def dense_gram(layer, calls, examples, budget):
     """Dense (every call's positions together); `None` if not plain."""
     if not rules._dense_is_plain(layer):
         return None
-    a, d = _concat_positions(
-        [rules.dense_inputs_and_cotangents(layer, c, examples) for c in calls]
+    pairs = [rules.dense_inputs_and_cotangents(layer, c, examples) for c in calls]
+    a = tf.concat([p[0] for p in pairs], axis=1)
+    d = tf.concat([p[1] for p in pairs], axis=1)
+    block, plan = _kernel_block(
+        layer.name,
+        _static_batch(examples, d),
+        a.shape[1],
+        a.shape[-1],
+        d.shape[-1],
+        d.dtype.size,
+        budget,
+        lambda: _ghost(a, d),
+        lambda start, stop: tf.einsum("bti,btj->bij", a, d[..., start:stop]),
     )
-    block, plan = _outer_product_gram(a, d, budget, layer.name)
-    return (block + _bias_gram(d) if layer.use_bias else block), plan
+    if layer.use_bias:
+        block += _bias_block([tf.reduce_sum(d, axis=1)])
+    return block, plan
 
 
 def convolution_gram(layer, calls, examples, budget):
-    """Plain 1D/2D convolutions by im2col; `None` for other kinds."""
-    if not rules.convolution_is_im2col(layer):
+    """Plain 1D/2D convolutions; `None` for other kinds."""
+    if not rules.convolution_is_plain(layer):
         return None
-    a, d = _concat_positions(
-        [rules.convolution_patches(layer, c, examples) for c in calls]
+    operands = [rules.convolution_operands(layer, c, examples) for c in calls]
+    sizes = [o.positions for o in operands]
+    positions = None if None in sizes else sum(sizes)
+    kernel = layer.kernel.shape
+
+    def ghost():
+        pairs = [o.patches() for o in operands]
+        return _ghost(
+            tf.concat([p[0] for p in pairs], axis=1),
+            tf.concat([p[1] for p in pairs], axis=1),
+        )
+
+    def materialise(start, stop):
+        return tf.add_n([o.kernel_gradients(start, stop) for o in operands])
+
+    d = operands[0].dz
+    block, plan = _kernel_block(
+        layer.name,
+        _static_batch(examples, d),
+        positions,
+        math.prod(kernel[:-1]),
+        kernel[-1],
+        d.dtype.size,
+        budget,
+        ghost,
+        materialise,
     )
-    block, plan = _outer_product_gram(a, d, budget, layer.name)
-    return (block + _bias_gram(d) if layer.use_bias else block), plan
+    if layer.use_bias:
+        block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
+    return block, plan
 
 
 def embedding_gram(layer, calls, examples, budget):
@@ -154,7 +191,9 @@ def embedding_gram(layer, calls, examples, budget):
             tf.reshape(d, [batch, -1, d.shape[-1]]),
         )
 
-    tokens, d = _concat_positions([tokens_and_cotangents(c) for c in calls])
+    pairs = [tokens_and_cotangents(c) for c in calls]
+    tokens = tf.concat([p[0] for p in pairs], axis=1)
+    d = tf.concat([p[1] for p in pairs], axis=1)
     batch, positions = _static_batch(examples, d), d.shape[1]
     if positions is None:
         return None

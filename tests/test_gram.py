@@ -1,0 +1,354 @@
+"""The Gram engine: every path of every layer against brute-force float64
+references, per-layer blocks, the memory budget, and measuring from the
+training step's own pass."""
+
+import fim_reference as ref
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fim
+from keras_fim.engine import (
+    ProbedPass,
+    gradient_noise_components,
+    grams_from_calls,
+    noise_components_from_gram,
+    record_pass,
+    reuses_training_pass,
+)
+
+
+def compiled(model, **kwargs):
+    kwargs.setdefault("loss", "sparse_categorical_crossentropy")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), **kwargs)
+    return model
+
+
+def labels(n, classes=3, seed=0):
+    return np.random.default_rng(seed).integers(0, classes, n)
+
+
+def reference_blocks(model, x, y, **kwargs):
+    """float64 Gram blocks per layer from a loop over examples."""
+    grads = ref.loop_per_example_gradients(model, x, y, **kwargs)
+    by_variable = dict(zip([id(v) for v in model.trainable_variables], grads))
+    blocks = {}
+    for layer in model.layers:
+        owned = [by_variable[id(v)] for v in layer.trainable_variables]
+        if owned:
+            jac = ref.flatten_gradients(owned)
+            blocks[layer.name] = jac @ jac.T
+    return blocks
+
+
+def engine_blocks(model, x, y, memory_budget=None, sample_weight=None):
+    units, calls, examples, _ = record_pass(model, x, y, sample_weight)
+    blocks, plans = grams_from_calls(units, calls, examples, memory_budget)
+    return {k: v.numpy() for k, v in blocks.items()}, {p.layer: p for p in plans}
+
+
+def assert_blocks_match(actual, expected):
+    assert sorted(actual) == sorted(expected)
+    for name, block in expected.items():
+        scale = np.abs(block).max()
+        np.testing.assert_allclose(actual[name], block, atol=2e-6 * scale, err_msg=name)
+
+
+# Each case: a model, its input shape, and the path each layer must take
+# under the default budget ("ghost", "materialise" or "rule").
+CASES = {
+    "dense_ghost": (
+        lambda: [
+            keras.layers.Dense(7, activation="tanh", name="hidden"),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ],
+        (5,),
+        {"hidden": "ghost", "head": "ghost"},
+    ),
+    "dense_sequence": (
+        lambda: [
+            keras.layers.Dense(32, activation="relu", name="seq_dense"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ],
+        (2, 24),
+        {"seq_dense": "ghost", "head": "ghost"},
+    ),
+    "conv_materialise": (
+        lambda: [
+            keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1"),
+            keras.layers.Conv2D(16, 4, strides=4, padding="valid", name="c2"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ],
+        (8, 8, 2),
+        {"c1": "materialise", "c2": "ghost", "head": "ghost"},
+    ),
+    "conv1d_causal_dilated": (
+        lambda: [
+            keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, name="c1"),
+            keras.layers.Conv1D(16, 5, strides=5, activation="tanh", name="c2"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ],
+        (9, 2),
+        {"c1": "materialise", "c2": "ghost", "head": "ghost"},
+    ),
+    "layernorm_rule": (
+        lambda: [
+            keras.layers.Dense(6, name="d"),
+            keras.layers.LayerNormalization(name="ln"),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ],
+        (5,),
+        {"d": "ghost", "ln": "rule", "head": "ghost"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_paths_match_loop_per_layer(case):
+    layers, shape, paths = CASES[case]
+    keras.utils.set_random_seed(1)
+    model = compiled(keras.Sequential([keras.Input(shape), *layers()]))
+    x = np.random.default_rng(2).normal(size=(6, *shape)).astype("float32")
+    y = labels(6)
+    actual, plans = engine_blocks(model, x, y)
+    assert {name: plan.path for name, plan in plans.items()} == paths
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+    # Both paths of every kernel agree: a tiny budget forbids the ghost form
+    # and splits the materialised gradients.
+    squeezed, plans = engine_blocks(model, x, y, memory_budget=64)
+    assert all(p.path != "ghost" for p in plans.values())
+    assert any(p.chunks > 1 for p in plans.values())
+    assert_blocks_match(squeezed, reference_blocks(model, x, y))
+
+
+def test_embedding_ghost_and_rule_match_loop():
+    keras.utils.set_random_seed(3)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Embedding(50, 3, name="emb"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+    )
+    # Repeated tokens within and across examples meet in the ghost form.
+    x = np.array([[1, 2, 2, 7], [7, 1, 3, 3], [4, 4, 4, 4], [9, 1, 2, 7]], "int32")
+    y = labels(4)
+    expected = reference_blocks(model, x, y)
+    actual, plans = engine_blocks(model, x, y)
+    assert plans["emb"].path == "ghost"
+    assert_blocks_match(actual, expected)
+    actual, plans = engine_blocks(model, x, y, memory_budget=64)
+    assert plans["emb"].path == "rule"
+    assert_blocks_match(actual, expected)
+
+
+def test_layer_called_twice_sums_its_calls_before_the_product():
+    keras.utils.set_random_seed(4)
+    shared = keras.layers.Dense(4, activation="tanh", name="shared")
+    inputs = keras.Input((4,))
+    h = shared(shared(inputs))
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(h)
+    model = compiled(keras.Model(inputs, outputs))
+    x = np.random.default_rng(5).normal(size=(5, 4)).astype("float32")
+    y = labels(5)
+    actual, _ = engine_blocks(model, x, y)
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
+def test_layer_grams_sum_to_fisher_gram_with_sample_weights():
+    keras.utils.set_random_seed(6)
+    layers, shape, _ = CASES["conv_materialise"]
+    model = compiled(keras.Sequential([keras.Input(shape), *layers()]))
+    x = np.random.default_rng(7).normal(size=(5, *shape)).astype("float32")
+    y, weights = labels(5), np.array([1.0, 0.0, 2.0, 0.5, 1.0], "float32")
+    blocks = keras_fim.layer_grams(model, x, y, weights)
+    total = keras_fim.fisher_gram(model, x, y, weights).numpy()
+    np.testing.assert_allclose(
+        sum(b.numpy() for b in blocks.values()), total, rtol=1e-6
+    )
+    jac = ref.flatten_gradients(ref.loop_per_example_gradients(model, x, y, weights))
+    np.testing.assert_allclose(
+        total, jac @ jac.T, rtol=2e-5, atol=1e-6 * np.abs(total).max()
+    )
+
+
+def test_invalid_memory_budget_names_the_argument():
+    model = compiled(keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)]))
+    x, y = np.ones((2, 2), "float32"), labels(2)
+    for bad in (0, -1.0, "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            keras_fim.fisher_gram(model, x, y, memory_budget=bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        keras_fim.FisherCallback(memory_budget=0)
+
+
+def test_noise_components_from_gram_equal_real_half_batches():
+    keras.utils.set_random_seed(8)
+    layers, shape, _ = CASES["dense_sequence"]
+    model = compiled(keras.Sequential([keras.Input(shape), *layers()]))
+    x = np.random.default_rng(9).normal(size=(8, *shape)).astype("float32")
+    y = labels(8)
+    from_gram = noise_components_from_gram(keras_fim.fisher_gram(model, x, y))
+    real = gradient_noise_components(model, x, y)
+    np.testing.assert_allclose(
+        [float(v) for v in from_gram], [float(v) for v in real], rtol=1e-4
+    )
+
+
+# -- measuring from the training step's own pass ---------------------------
+
+
+def probed_and_separate(model, x, y, sample_weight=None):
+    """Gram blocks from a probed Keras train step and from a separate pass,
+    at the same weights (inside one function)."""
+
+    @tf.function
+    def both():
+        units, calls, examples, _ = record_pass(model, x, y, sample_weight)
+        separate = grams_from_calls(units, calls, examples)[0]
+        probe = ProbedPass(model, x)
+        data = (x, y) if sample_weight is None else (x, y, sample_weight)
+        with probe:
+            model.train_step(data)
+        probed = grams_from_calls(*probe.recorded()[:3])[0]
+        return separate, probed
+
+    separate, probed = both()
+    return (
+        {k: v.numpy() for k, v in separate.items()},
+        {k: v.numpy() for k, v in probed.items()},
+    )
+
+
+def two_output_model():
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(6, activation="relu", name="trunk")(inputs)
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(h)
+    reg = keras.layers.Dense(2, name="reg")(h)
+    return keras.Model(inputs, {"cls": cls, "reg": reg})
+
+
+@pytest.mark.parametrize(
+    "setup",
+    ["softmax_sgd", "weighted_sum_reduction", "two_outputs_loss_weights", "loss_scale"],
+)
+def test_probed_pass_equals_separate_pass(setup):
+    keras.utils.set_random_seed(10)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 5)).astype("float32")
+    y, weights = labels(6), None
+    if setup == "two_outputs_loss_weights":
+        model = two_output_model()
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+            loss_weights={"cls": 1.0, "reg": 0.3},
+        )
+        y = {"cls": y, "reg": rng.normal(size=(6, 2)).astype("float32")}
+    else:
+        model = keras.Sequential(
+            [
+                keras.Input((5,)),
+                keras.layers.Dense(6, activation="tanh", kernel_regularizer="l2"),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        optimizer = keras.optimizers.SGD(0.1)
+        loss = "sparse_categorical_crossentropy"
+        if setup == "weighted_sum_reduction":
+            loss = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
+            weights = np.array([1, 0, 2, 0.5, 1, 3], "float32")
+        if setup == "loss_scale":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer, 2.0**10)
+        model.compile(optimizer=optimizer, loss=loss)
+    model(x)
+    assert reuses_training_pass(model, model.train_step)
+    separate, probed = probed_and_separate(model, x, y, weights)
+    assert_blocks_match(probed, separate)
+
+
+def test_probed_pass_is_not_used_where_it_would_be_wrong():
+    def model_with(**dense_kwargs):
+        return keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2, **dense_kwargs)]
+        )
+
+    activity = compiled(model_with(activity_regularizer="l2"), loss="mse")
+    assert not reuses_training_pass(activity, activity.train_step)
+    mixed = two_output_model()
+    mixed.compile(
+        optimizer="sgd",
+        loss={
+            "cls": "sparse_categorical_crossentropy",
+            "reg": keras.losses.MeanSquaredError(reduction="sum"),
+        },
+    )
+    assert not reuses_training_pass(mixed, mixed.train_step)
+
+    class CustomStep(keras.Sequential):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    custom = compiled(
+        CustomStep([keras.Input((3,)), keras.layers.Dense(2)]), loss="mse"
+    )
+    assert not reuses_training_pass(custom, custom.train_step)
+    plain = compiled(model_with(), loss="mse")
+    assert reuses_training_pass(plain, plain.train_step)
+
+
+def bn_dropout_layers():
+    return [
+        keras.layers.Conv2D(4, 3, padding="same", name="c1"),
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dropout(0.3),
+        keras.layers.Conv2D(16, 4, strides=4, activation="relu", name="c2"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax", name="head"),
+    ]
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["plain", "bn_dropout"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_fit_measurements_do_not_depend_on_reusing_the_pass(
+    reuse, batch_norm, tmp_path
+):
+    rng = np.random.default_rng(12)
+    x, y = rng.normal(size=(32, 8, 8, 2)).astype("float32"), labels(32)
+
+    def run(reuse_training_pass):
+        keras.utils.set_random_seed(13)
+        layers = bn_dropout_layers if batch_norm else CASES["conv_materialise"][0]
+        model = compiled(keras.Sequential([keras.Input((8, 8, 2)), *layers()]))
+        callback = keras_fim.FisherCallback(
+            every_n_steps=1,
+            reuse_training_pass=reuse_training_pass,
+            per_layer=True,
+            log_dir=str(tmp_path / str(reuse_training_pass)),
+        )
+        model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[callback]
+        )
+        return model
+
+    a, b = run(reuse), run(not reuse)
+    for name in ("condition_sum", "energy_sum", "trace_sigma_ema"):
+        np.testing.assert_allclose(
+            float(getattr(a.fisher_state, name)),
+            float(getattr(b.fisher_state, name)),
+            rtol=1e-5,
+            err_msg=name,
+        )
+    for va, vb in zip(a.trainable_variables, b.trainable_variables, strict=True):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    layers, _ = ref.read_scalars(str(tmp_path / str(reuse)), prefix="fisher_layers/")
+    shares = [v for tag, v in layers.items() if tag.endswith("/trace_share")]
+    assert len(shares) == 3 + batch_norm  # c1, (bn,) c2, head
+    np.testing.assert_allclose(np.sum([s[-1][1] for s in shares]), 1.0, rtol=1e-5)
