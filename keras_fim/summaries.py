@@ -6,14 +6,32 @@ batch (equal to `optimizer.iterations` after the step), counted over all `fit`
 calls. The summaries are written from inside the compiled train step, with a
 step tensor, so every measured step lands on its own point even with
 `steps_per_execution > 1`.
+
+Resumed runs. keras-fim's callbacks in one process share one writer per log
+folder (one event file per `fit`), and at the start of every `fit` the file
+gets a ``SessionLog.START`` event at the first step that `fit` will write
+(`start_session`). TensorBoard's readers then drop whatever an earlier,
+interrupted process wrote at that step or later: after `BackupAndRestore`
+resumes a killed run, the steps recomputed since the last backup appear once,
+with the resumed values, and the charts continue as if never interrupted.
+(TensorBoard's Python reader, `plugin_event_accumulator`, purges on
+``SessionLog.START``; its Rust data server drops a series' points at or
+after a step written again. The legacy `event_accumulator.EventAccumulator`
+never purges tensor summaries, the only kind TF2 writes: read with it, keep
+the last value of each step.) A fresh run started in the folder of an old
+one therefore hides the old run's points from step 1 on, as TensorBoard does
+for any restarted job.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
+import warnings
 
 import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
 from keras_fim.measurements import FisherMeasurement
 
@@ -36,12 +54,98 @@ SCALARS = (
 
 def create_writer(log_dir: str):
     """A summary writer for ``<log_dir>/train``, with the chart layout of
-    every keras-fim tag (`FisherCallback`'s and `DynamicSampling`'s)."""
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-    with writer.as_default(step=0):
-        _write_layout()
-    writer.flush()
-    return writer
+    every keras-fim tag (`FisherCallback`'s and `DynamicSampling`'s).
+
+    Callers in one process asking for the same folder while it is open share
+    one writer, so that one `fit` writes one event file there (see
+    `start_session`); each caller calls `close()` once, and the last one
+    closes the file."""
+    path = os.path.join(log_dir, "train")
+    key = path if "://" in path else os.path.abspath(path)
+    shared = _OPEN_WRITERS.get(key)
+    if shared is None:
+        writer = tf.summary.create_file_writer(path)
+        with writer.as_default(step=0):
+            _write_layout()
+        writer.flush()
+        shared = _SharedWriter(writer, key)
+        _OPEN_WRITERS[key] = shared
+    shared.users += 1
+    return shared
+
+
+_OPEN_WRITERS: dict = {}
+
+
+class _SharedWriter(tf.summary.SummaryWriter):
+    """A `tf.summary` writer shared by keras-fim's callbacks (reference
+    counted: the last `close()` closes the file)."""
+
+    def __init__(self, writer, key: str):
+        self.writer = writer
+        self.key = key
+        self.users = 0
+        self.session_step = None  # the step of this file's SessionLog.START
+
+    def as_default(self, step=None):
+        return self.writer.as_default(step)
+
+    def set_as_default(self, step=None):
+        self.writer.set_as_default(step)
+
+    def init(self):
+        return self.writer.init()
+
+    def flush(self):
+        return self.writer.flush()
+
+    def close(self):
+        self.users -= 1
+        if self.users > 0:
+            return None
+        if _OPEN_WRITERS.get(self.key) is self:
+            del _OPEN_WRITERS[self.key]
+        return self.writer.close()
+
+    def __getattr__(self, name):
+        if name == "writer":
+            raise AttributeError(name)
+        return getattr(self.writer, name)
+
+
+def start_session(writer, first_step: int) -> None:
+    """Writes ``SessionLog.START`` at `first_step` (once per event file),
+    before anything else of this `fit` at that step or later.
+
+    `first_step` is the first step the `fit` will write (the state's step
+    after `BackupAndRestore` restored it, plus one). TensorBoard (with
+    ``purge_orphaned_data``, the default) then drops every point at
+    `first_step` or later read before it, from any tag of the folder: the
+    points an interrupted process wrote after its last backup, which this
+    `fit` recomputes. Files are read in name order, which is creation time.
+    """
+    if getattr(writer, "session_step", None) is not None:
+        return
+    event = event_pb2.Event(
+        wall_time=time.time(),
+        step=int(first_step),
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+    )
+    try:
+        from tensorflow.python.ops import summary_ops_v2
+
+        with writer.as_default():
+            summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
+        writer.flush()
+    except Exception as error:  # noqa: BLE001 - logs never stop training
+        warnings.warn(
+            "keras-fim could not mark the start of this fit in the TensorBoard "
+            "events, so points an interrupted run wrote after its last backup "
+            f"may show twice. Cause: {type(error).__name__}: {error}",
+            stacklevel=2,
+        )
+    if isinstance(writer, _SharedWriter):
+        writer.session_step = int(first_step)
 
 
 def _write_layout() -> None:
