@@ -27,12 +27,17 @@ import tensorflow as tf
 class FisherMeasurement(NamedTuple):
     """One measured mini-batch. All values float64 tensors (rank: int32).
 
+    When the Gram matrix (or the eigen-solver's result) is not finite, every
+    value is NaN and the rank is 0: the measurement is undefined, and
+    `FisherCallback` counts the step as skipped.
+
     Attributes:
         eigenvalues: Eigenvalues of ``F = J^T J / |B|``, descending, shaped
             ``(|B|,)``; tiny negative round-off is clamped to 0.
         singular_values: The paper's ``e = sqrt(eig(J J^T))``, descending.
         condition_number: The paper's truncated ``c_k = max(e) / min(e)``
-            over the non-zero ``e``; NaN when every ``e`` is zero.
+            over the non-zero ``e``; NaN when every ``e`` is zero (all-zero
+            gradients), 1 for a single example with a non-zero gradient.
         energy: ``||J||_F = sqrt(trace(J J^T))``, the spectrum's energy that
             ``L_K`` accumulates.
         trace: ``trace(F) = ||J||_F^2 / |B|``.
@@ -84,7 +89,11 @@ def spectrum_from_gram(
             ``B * eps`` of the Gram's dtype.
 
     Returns:
-        A `FisherMeasurement`; eigenvalues are solved in float64.
+        A `FisherMeasurement`; eigenvalues are solved in float64. A Gram
+        matrix with a NaN or inf entry is never handed to the eigen-solver
+        (which fails at run time on one, stopping a compiled train step): the
+        measurement is then all NaN with rank 0, as it is when the solver
+        returns a non-finite value.
 
     Example:
 
@@ -100,7 +109,14 @@ def spectrum_from_gram(
     gram = 0.5 * (gram + tf.transpose(gram))
     batch = tf.shape(gram)[0]
     batch_f = tf.cast(batch, tf.float64)
-    gram_eigenvalues = tf.maximum(tf.reverse(tf.linalg.eigvalsh(gram), [0]), 0.0)
+    # The eigen-solver fails at run time on a non-finite matrix (an error that
+    # would stop training), so it never sees one: a stand-in is solved, and
+    # the result is discarded together with any non-finite solver output.
+    finite = tf.reduce_all(tf.math.is_finite(gram))
+    solved = tf.linalg.eigvalsh(tf.where(finite, gram, tf.eye(batch, dtype=tf.float64)))
+    valid = finite & tf.reduce_all(tf.math.is_finite(solved))
+    nan = tf.constant(np.nan, tf.float64)
+    gram_eigenvalues = tf.where(valid, tf.maximum(tf.reverse(solved, [0]), 0.0), nan)
     if zero_threshold is None:
         zero_threshold = default_zero_threshold(batch, input_dtype)
     largest = gram_eigenvalues[0]
@@ -108,8 +124,8 @@ def spectrum_from_gram(
     rank = tf.reduce_sum(tf.cast(nonzero & (gram_eigenvalues > 0), tf.int32))
     singular_values = tf.sqrt(gram_eigenvalues)
     condition = singular_values[0] / nonzero_min(singular_values, rank)
-    squared_norms_sum = tf.linalg.trace(gram)  # sum_i ||g_i||^2
-    sum_gradient_sq = tf.reduce_sum(gram)  # ||sum_i g_i||^2
+    squared_norms_sum = tf.where(valid, tf.linalg.trace(gram), nan)  # sum |g_i|^2
+    sum_gradient_sq = tf.where(valid, tf.reduce_sum(gram), nan)  # |sum_i g_i|^2
     mean_sq_norm = squared_norms_sum / batch_f  # s
     batch_gradient_sq = sum_gradient_sq / batch_f**2  # m
     return FisherMeasurement(

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
+from keras_fim.callback import check_log_dir
 from keras_fim.schedules import (
     Automatic,
     BatchSizeSchedule,
@@ -132,7 +133,13 @@ def _count_examples(arrays) -> int:
             "Every array in `data` must have the same number of examples "
             f"(leading dimension). Received: {sorted(counts)}"
         )
-    return counts.pop()
+    count = counts.pop()
+    if count == 0:
+        raise ValueError(
+            "`data` must hold at least one example. Received: arrays with a "
+            "leading dimension of 0."
+        )
+    return count
 
 
 class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -296,6 +303,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             raise ValueError(
                 f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}"
             )
+        log_dir = check_log_dir(log_dir)
 
         arrays = _materialize(data, batched)
         self.num_examples = _count_examples(arrays)
@@ -321,7 +329,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self.drop_remainder = drop_remainder
         self.allow_shrink = allow_shrink
         self.learning_rate_scaling = learning_rate_scaling
-        self.log_dir = None if log_dir is None else str(log_dir)
+        self.log_dir = log_dir
         self.batch_sizes_per_epoch: list[list[int]] = []
 
         with tf.init_scope(), tf.device("/cpu:0"):
@@ -407,7 +415,13 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             )
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         if self.log_dir is not None:
-            self._writer = summaries.create_writer(self.log_dir)
+            try:
+                self._writer = summaries.create_writer(self.log_dir)
+            except Exception as error:
+                raise ValueError(
+                    "`log_dir` must be a writable directory. "
+                    f"Received: log_dir={self.log_dir!r} ({error})"
+                ) from error
         # Keras warns when an epoch ends on OutOfRangeError; here that is
         # how every epoch ends.
         self._warnings = warnings.catch_warnings()

@@ -86,6 +86,23 @@ def check_size(name: str, value, num_examples: int | None = None) -> int:
     return value
 
 
+def check_number(name: str, value, *, above: float, inclusive: bool) -> float:
+    """`value` as a finite float ``>= above`` (``> above`` unless
+    `inclusive`), or `ValueError` naming `name`, the value and the range."""
+    bound = "" if math.isinf(above) else f" {'>=' if inclusive else '>'} {above:g}"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value < above
+        or (value == above and not inclusive)
+    ):
+        raise ValueError(
+            f"`{name}` must be a finite number{bound}. Received: {name}={value!r}"
+        )
+    return float(value)
+
+
 class BatchSizeSchedule:
     """Base class: `__call__(context) -> int` and `sizes()` to validate."""
 
@@ -131,9 +148,9 @@ class Staged(BatchSizeSchedule):
 
     def __init__(self, sizes, fractions=None):
         if (
-            isinstance(sizes, (str, bytes))
+            isinstance(sizes, (str, bytes, dict))
             or not hasattr(sizes, "__len__")
-            or not sizes
+            or len(sizes) == 0
         ):
             raise ValueError(
                 f"`sizes` must be a non-empty list of integers. Received: sizes={sizes!r}"
@@ -141,6 +158,13 @@ class Staged(BatchSizeSchedule):
         self._sizes = [check_size(f"sizes[{i}]", s) for i, s in enumerate(sizes)]
         if fractions is None:
             fractions = [1.0 / len(self._sizes)] * len(self._sizes)
+        if isinstance(fractions, (str, bytes, dict)) or not hasattr(
+            fractions, "__len__"
+        ):
+            raise ValueError(
+                "`fractions` must be None or a list of positive numbers, one per "
+                f"size. Received: fractions={fractions!r}"
+            )
         fractions = list(fractions)
         if len(fractions) != len(self._sizes):
             raise ValueError(
@@ -148,11 +172,15 @@ class Staged(BatchSizeSchedule):
                 f"Received: fractions={fractions!r}"
             )
         if any(
-            not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0
+            isinstance(f, bool)
+            or not isinstance(f, numbers.Real)
+            or not math.isfinite(f)
+            or f <= 0
             for f in fractions
         ):
             raise ValueError(
-                f"`fractions` must be positive numbers. Received: fractions={fractions!r}"
+                "`fractions` must be positive finite numbers. "
+                f"Received: fractions={fractions!r}"
             )
         if not math.isclose(sum(fractions), 1.0, rel_tol=1e-6):
             raise ValueError(
@@ -240,15 +268,7 @@ class Geometric(_PeriodicGrowth):
         every_examples: int | None = None,
     ):
         super().__init__(initial, maximum, every_epochs, every_examples)
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, (int, float))
-            or factor < 1
-        ):
-            raise ValueError(
-                f"`factor` must be a number >= 1. Received: factor={factor!r}"
-            )
-        self.factor = float(factor)
+        self.factor = check_number("factor", factor, above=1, inclusive=True)
 
     def __call__(self, context: SamplingContext) -> int:
         return self._capped(
@@ -360,35 +380,26 @@ class Automatic(BatchSizeSchedule):
                 f"`signal` must be one of {SIGNALS} or a function. Received: signal={signal!r}"
             )
         self.signal = signal
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-        ):
-            raise ValueError(
-                f"`threshold` must be a finite number. Received: threshold={threshold!r}"
-            )
-        self.threshold = float(threshold)
-        if (
-            isinstance(factor, bool)
-            or not isinstance(factor, (int, float))
-            or factor <= 1
-        ):
-            raise ValueError(
-                f"`factor` must be a number > 1. Received: factor={factor!r}"
-            )
-        self.factor = float(factor)
+        self.threshold = check_number(
+            "threshold", threshold, above=-math.inf, inclusive=False
+        )
+        self.factor = check_number("factor", factor, above=1, inclusive=False)
         self.min_steps = check_size("min_steps", min_steps)
         if (
             isinstance(min_measurements, bool)
-            or not isinstance(min_measurements, int)
+            or not isinstance(min_measurements, numbers.Integral)
             or min_measurements < 0
         ):
             raise ValueError(
                 f"`min_measurements` must be an integer >= 0. Received: min_measurements={min_measurements!r}"
             )
-        self.min_measurements = min_measurements
-        self.powers_of_two = bool(powers_of_two)
+        self.min_measurements = int(min_measurements)
+        if not isinstance(powers_of_two, bool):
+            raise ValueError(
+                "`powers_of_two` must be True or False. "
+                f"Received: powers_of_two={powers_of_two!r}"
+            )
+        self.powers_of_two = powers_of_two
 
     def signal_value(self, context: SamplingContext) -> float | None:
         """The signal compared with `threshold` (`None` while unmeasured)."""

@@ -22,7 +22,9 @@ class FisherState(keras.layers.Layer):
         step: int64, training steps taken so far (over all `fit` calls).
         epoch: int64, the epoch being trained.
         measurements: int64, ``K``, measured steps that entered C_K bar.
-        skipped: int64, measured steps whose measurement was not finite.
+        skipped: int64, measured steps left out of the running values: their
+            ``c_k`` or ``L_K`` term was not finite (NaN or inf values, or
+            all-zero gradients, where ``c_k`` is undefined).
         condition_sum: float64, ``sum_k c_k``.
         condition_ema: float64, exponential average of ``c_k``.
         energy_sum: float64, ``L_K``.
