@@ -7,10 +7,12 @@ with and without BatchNormalization, at batch 32 and 128. For each it times
 * `plain step`: one Keras training step (forward, backward, SGD update);
 * `keras-fim fast`: one measurement with the Gram engine
   (`keras_fim.fisher_gram`, then the eigenvalues), in a `tf.function`;
-* `measured step`: FisherCallback's training step that measures (the
-  training pass reused), i.e. what a measured step of `fit` costs;
+* `keras-fim XLA`: the same, compiled with XLA (``jit_compile=True``);
 * `keras-fim naive`: all per-example gradients materialised
   (`per_example_gradients`), then ``J J^T`` and the eigenvalues;
+* `fit: plain step` and `fit: measured`: the functions `fit` runs, Keras's
+  own and FisherCallback's measuring one (the training pass reused): what a
+  measured step of `fit` costs;
 * the peers, in their own environment (`benchmarks/peers/setup.sh`):
   torch.func ``vmap(grad)``, BackPACK ``BatchGrad``, JAX ``vmap(grad)``.
 
@@ -33,6 +35,9 @@ import sys
 import tempfile
 import time
 
+import rss
+
+rss.use_fixed_mmap_threshold()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -50,27 +55,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_PYTHON = os.path.join(ROOT, ".venv-peers", "bin", "python")
 
 
-def _peak_reset() -> int:
-    """Resets the kernel's peak-RSS mark; returns the current RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def timed(fn, repeats: int) -> tuple[float, float]:
     """Median seconds of `fn()` after a warm-up, and the peak MB above the
     memory before the first timed call."""
     fn()
     fn()
-    before = _peak_reset()
+    before = rss.reset_peak()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -79,7 +69,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
             out = out[0]
         np.asarray(out)  # wait for the result
         times.append(time.perf_counter() - start)
-    return statistics.median(times), (_status("VmHWM") - before) / 2**20
+    return statistics.median(times), rss.peak_above(before) / 2**20
 
 
 def engines(model, x, y):
@@ -92,6 +82,10 @@ def engines(model, x, y):
 
     @tf.function(reduce_retracing=True)
     def fast():
+        return spectrum_from_gram(keras_fim.fisher_gram(model, x, y)).eigenvalues
+
+    @tf.function(jit_compile=True)
+    def fast_xla():
         return spectrum_from_gram(keras_fim.fisher_gram(model, x, y)).eigenvalues
 
     @tf.function(reduce_retracing=True)
@@ -113,6 +107,7 @@ def engines(model, x, y):
     return {
         "plain step": plain,
         "keras-fim fast": fast,
+        "keras-fim XLA": fast_xla,
         "keras-fim naive": naive,
         "fit: plain step": lambda: fit_plain(iterator)["loss"],
         "fit: measured": lambda: fit_measured(iterator)["loss"],

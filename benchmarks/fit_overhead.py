@@ -41,14 +41,25 @@ def seconds_per_step(batch_norm, batch_size, every, steps, repeats, data):
     """Median seconds per step over `repeats` timed epochs (after a warm-up)."""
     keras.utils.set_random_seed(0)
     model = cifar_resnet((32, 32, 3), 10, batch_norm=batch_norm)
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss="sparse_categorical_crossentropy",
+    )
     x, y = data
     timer = EpochTimer()
     callbacks = [timer]
     if every is not None:
         callbacks.append(keras_fim.FisherCallback(every_n_steps=every))
     n = steps * batch_size
-    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1 + repeats, verbose=0, shuffle=False, callbacks=callbacks)
+    model.fit(
+        x[:n],
+        y[:n],
+        batch_size=batch_size,
+        epochs=1 + repeats,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks,
+    )
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return statistics.median(timer.seconds[1:]) / steps, trainable
 
@@ -77,10 +88,14 @@ def main(argv=None):
             # drifts, so each ratio compares runs made side by side.
             for _ in range(rounds):
                 for name, every in (("plain", None), ("every50", 50), ("every1", 1)):
-                    t, params = seconds_per_step(batch_norm, batch_size, every, s, 1, data)
+                    t, params = seconds_per_step(
+                        batch_norm, batch_size, every, s, 1, data
+                    )
                     times[name].append(t)
             ratio = {
-                name: statistics.median(a / b for a, b in zip(times[name], times["plain"], strict=True))
+                name: statistics.median(
+                    a / b for a, b in zip(times[name], times["plain"], strict=True)
+                )
                 for name in times
             }
             ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -91,7 +106,9 @@ def main(argv=None):
                 f"{ratio['every50']:>15.3f}{ratio['every1']:>14.3f}",
                 flush=True,
             )
-    print("targets (issue 2): every1/plain <= 3, every50/plain <= 1.05")
+    print(
+        "targets (issue 5): every1/plain <= 1.6, every50/plain <= 1.02 (ResNet-style, batch 128)"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ keras-fim report logs/study          # HTML report of any folder of runs
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 
 import click
@@ -122,15 +121,6 @@ def _config(**fields) -> study_lib.RunConfig:
 def main():
     """Measure the Fisher information of training batches while Keras trains,
     and characterise batch sizes and learning rates (Liao et al., TPAMI 2020)."""
-    # TensorFlow's vectoriser logs every per-example convolution gradient it
-    # has to loop over ("... uses a while_loop. Fix that!", 14 lines per run);
-    # here they would drown the progress display. docs/faq.md explains them.
-    logging.getLogger("tensorflow").addFilter(_QuietVectoriser())
-
-
-class _QuietVectoriser(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "uses a while_loop. Fix that!" not in record.getMessage()
 
 
 @main.command()
