@@ -352,3 +352,35 @@ def test_fit_measurements_do_not_depend_on_reusing_the_pass(
     shares = [v for tag, v in layers.items() if tag.endswith("/trace_share")]
     assert len(shares) == 3 + batch_norm  # c1, (bn,) c2, head
     np.testing.assert_allclose(np.sum([s[-1][1] for s in shares]), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=2, padding="same", strides=2),
+        dict(kernel_size=(2, 3), padding="valid", strides=(2, 1)),
+        dict(kernel_size=3, padding="same", dilation_rate=2),
+    ],
+    ids=["same_s2", "valid_rect_s21", "same_dilated"],
+)
+def test_convolution_gradients_under_xla_match_loop(conv):
+    """Under XLA the kernel gradients are one grouped convolution."""
+    keras.utils.set_random_seed(14)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((7, 6, 2)),
+                keras.layers.Conv2D(3, **conv),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+    )
+    x = np.random.default_rng(15).normal(size=(5, 7, 6, 2)).astype("float32")
+    y = labels(5)
+    xla = tf.function(
+        lambda: keras_fim.per_example_gradients(model, x, y), jit_compile=True
+    )()
+    expected = ref.loop_per_example_gradients(model, x, y)
+    for actual, wanted in zip(xla, expected, strict=True):
+        np.testing.assert_allclose(actual.numpy(), wanted, rtol=1e-4, atol=1e-6)
