@@ -14,12 +14,19 @@ from keras_fim import summaries
 from keras_fim.engine import (
     ProbedPass,
     _check_memory_budget,
+    _read_variables,
     gradient_noise_components,
     grams_from_calls,
     noise_components_from_gram,
+    noise_components_from_groups,
     record_pass,
     reuses_training_pass,
     sum_blocks,
+)
+from keras_fim.engine.distribute import (
+    example_counts,
+    gathered_grams,
+    replicas_in_sync,
 )
 from keras_fim.measurements import spectrum_from_gram
 from keras_fim.state import FisherState, attach_state
@@ -155,6 +162,14 @@ class FisherCallback(keras.callbacks.Callback):
     BatchNorm statistics and random seeds are not touched, and the weights
     after `fit` equal those of a run without the callback.
 
+    Under `MirroredStrategy` and `MultiWorkerMirroredStrategy` the measured
+    batch is the global one (the replicas all-gather their examples' rows;
+    every replica records the same values), and under mixed precision the
+    per-example contributions are unscaled and accumulated in float32; a
+    step whose update a `LossScaleOptimizer` skipped (an overflow) counts as
+    skipped. Under other strategies (TPU, parameter server, central
+    storage) it warns and leaves training to Keras. See docs/distribute.md.
+
     Degenerate and failed measurements never stop or change training:
 
     * A measured step is *skipped* when its ``c_k`` or its ``L_K`` term is
@@ -197,7 +212,9 @@ class FisherCallback(keras.callbacks.Callback):
             `dense_epochs` epochs. Defaults to `0`.
         max_examples: Integer >= 2 or `None`. Measure at most this many
             examples of each batch (the first ones; the batch pass still uses
-            the whole batch). Defaults to `None` (all).
+            the whole batch; under a distribution strategy, of the global
+            batch, each replica measuring its first ``max_examples / R``).
+            Defaults to `None` (all).
         zero_threshold: Float in [0, 1) or `None`. Eigenvalues at most
             ``zero_threshold * max eigenvalue`` count as zero for the rank and
             the truncated condition number. `None` means ``|B| * eps`` of the
@@ -269,6 +286,7 @@ class FisherCallback(keras.callbacks.Callback):
         self._functions: dict[str, Any] = {}
         self._epoch = 0
         self._warned = False
+        self._unsupported_strategy = None
 
     def get_config(self) -> dict:
         """The constructor arguments."""
@@ -304,7 +322,10 @@ class FisherCallback(keras.callbacks.Callback):
         # them), to warn once if measurements of this fit are skipped.
         self._counters_at_start = None
         self._warned_skipped = False
-        if self.log_dir is not None:
+        # Under a multi-worker strategy only the chief writes (every worker
+        # records the same values).
+        extended = model.distribute_strategy.extended
+        if self.log_dir is not None and getattr(extended, "should_save_summary", True):
             try:
                 self._writer = summaries.create_writer(self.log_dir)
             except Exception as error:  # writing logs must never stop training
@@ -313,6 +334,16 @@ class FisherCallback(keras.callbacks.Callback):
                     f"Received: log_dir={self.log_dir!r} ({error})"
                 ) from error
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        self._unsupported_strategy = _unsupported_strategy(model.distribute_strategy)
+        if self._unsupported_strategy:
+            warnings.warn(
+                f"keras-fim does not measure under {self._unsupported_strategy} "
+                f"(model {model.name!r}): training continues exactly as without "
+                "it, and no Fisher measurement is made in this fit. Supported: "
+                "no strategy, OneDeviceStrategy, MirroredStrategy and "
+                "MultiWorkerMirroredStrategy (see docs/distribute.md).",
+                stacklevel=2,
+            )
         # Built at the first batch, after every on_train_begin, so that the
         # step wrappers of other keras-fim callbacks are included.
         self._functions = {}
@@ -337,6 +368,8 @@ class FisherCallback(keras.callbacks.Callback):
         self._warn_if_skipped()
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
+        if self._unsupported_strategy:
+            return  # Keras's own train function: training as without us
         if not self._functions:
             self._functions = {
                 "plain": self._build_train_function(measure=False),
@@ -420,21 +453,66 @@ class FisherCallback(keras.callbacks.Callback):
         state = self._state
         if not measure:
             logs = original_step(data)
-        elif self.reuse_training_pass and reuses_training_pass(
-            self.model, original_step
-        ):
-            logs = self._measured_step_reusing_pass(original_step, data)
         else:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            inputs = self._step_inputs(x)
-            self._when_measured(
-                lambda: self._measure(inputs, self._batch_pass(x, y, sample_weight))
-            )
-            logs = original_step(data)
+            logs = self._measured_step(original_step, data)
         state.step.assign_add(1)
         logs = dict(logs)
         logs["C_K_bar"] = state.condition_mean
         logs["L_K"] = tf.convert_to_tensor(state.energy_sum)
+        return logs
+
+    def _measured_step(self, original_step, data):
+        """Keras's own step, then the measurement of its batch with the
+        variables as the step found them: from the step's own forward and
+        backward pass where that is exact (`engine.ProbedPass`), otherwise
+        from a recorded pass of its own (`engine.record_pass`).
+
+        Under a strategy with several replicas in sync the measurement is
+        that of the global batch (`engine.distribute`): the replicas
+        all-gather their examples' factors, outside any `tf.cond`, and
+        record the same values."""
+        model = self.model
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        inputs = self._step_inputs(x)
+        distributed = replicas_in_sync() > 1
+        # With several replicas, `max_examples` counts the global batch.
+        max_examples = None if distributed else self.max_examples
+        if self.reuse_training_pass and reuses_training_pass(model, original_step):
+            try:
+                probe = ProbedPass(model, x, max_examples)
+            except Exception as error:
+                self._warn(error)
+                return original_step(data)
+            with probe:
+                logs = original_step(data)
+            recorded = probe.recorded
+            variable_values = probe.variable_values
+        else:
+            # Read before the update (the reads precede its writes).
+            variable_values = _read_variables(model)
+            logs = original_step(data)
+            measured_batch = (x, y, sample_weight)
+            if distributed and self._steps_per_execution > 1:
+                # The collectives run at every step: on a step that is not
+                # measured, a pass over one example serves them.
+                state = self._state
+                measured_batch = _first_examples(
+                    measured_batch, self._is_measured(state.step, state.epoch)
+                )
+
+            def recorded():
+                return record_pass(
+                    model, *measured_batch, max_examples, variable_values
+                )
+
+        inputs["variable_values"] = variable_values
+        inputs["update_applied"] = _update_applied(model, inputs["loss_scale"])
+        if distributed:
+            self._measure_replicas(inputs, recorded)
+        else:
+            self._when_measured(
+                lambda: self._measure(inputs, recorded, (x, y, sample_weight))
+            )
         return logs
 
     def _when_measured(self, build) -> None:
@@ -467,42 +545,8 @@ class FisherCallback(keras.callbacks.Callback):
             "x": x,
             "learning_rate": _current_learning_rate(model),
             "batch_size": tf.shape(keras.tree.flatten(x)[0])[0],
+            "loss_scale": _dynamic_loss_scale(model),
         }
-
-    def _batch_pass(self, x, y, sample_weight):
-        """A recorded forward/backward of its own (`engine.record_pass`)."""
-        try:
-            recorded = record_pass(self.model, x, y, sample_weight, self.max_examples)
-        except Exception as error:  # never let a measurement stop training
-            self._warn(error)
-            return None
-        return recorded, (x, y, sample_weight)
-
-    def _measured_step_reusing_pass(self, original_step, data):
-        """Keras's own step, its forward and backward recorded (exact: the
-        cotangents it computes are those of the per-example losses times one
-        known factor, see `engine.ProbedPass`)."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        inputs = self._step_inputs(x)
-        try:
-            probe = ProbedPass(self.model, x, self.max_examples)
-        except Exception as error:
-            self._warn(error)
-            return original_step(data)
-        with probe:
-            logs = original_step(data)
-
-        def build():
-            try:
-                recorded = probe.recorded()
-            except Exception as error:
-                self._warn(error)
-                return
-            inputs["variable_values"] = probe.variable_values
-            self._measure(inputs, (recorded, (x, y, sample_weight)))
-
-        self._when_measured(build)
-        return logs
 
     def _warn(self, error) -> None:
         if not self._warned:
@@ -514,27 +558,30 @@ class FisherCallback(keras.callbacks.Callback):
             )
             self._warned = True
 
-    def _measure(self, inputs: dict, recorded_pass) -> None:
-        """Builds the measurement ops of one step (graph mode)."""
-        if recorded_pass is None:
-            return
-        (units, calls, examples, coupled), (x, y, sample_weight) = recorded_pass
+    def _measure(self, inputs: dict, recorded, batch) -> None:
+        """Builds the measurement ops of one step (graph mode, one
+        replica): `recorded()` gives the recorded pass, `batch` is
+        ``(x, y, sample_weight)``."""
         model = self.model
         try:
+            units, calls, examples, coupled = recorded()
             blocks, _ = grams_from_calls(units, calls, examples, self.memory_budget)
             gram = sum_blocks(blocks)
             if coupled:
                 # Half batches of a batch-coupled model must be run for real.
                 noise_components = gradient_noise_components(
-                    model, x, y, sample_weight, inputs.get("variable_values")
+                    model, *batch, inputs.get("variable_values")
                 )
             else:
                 noise_components = noise_components_from_gram(gram)
+            # A non-finite Gram gives an all-NaN measurement, which
+            # `FisherState.record` counts as skipped.
+            measurement = spectrum_from_gram(gram, self.zero_threshold)
+            layers = self._layer_spectra(blocks)
         except Exception as error:  # never let a measurement stop training
             self._warn(error)
             return
         state = self._state
-        measurement = _finite_spectrum(gram, self.zero_threshold)
         state.record(
             measurement,
             inputs["learning_rate"],
@@ -542,39 +589,137 @@ class FisherCallback(keras.callbacks.Callback):
             self._steps_represented(state.epoch),
             self.ema_decay,
             noise_components,
+            update_applied=inputs["update_applied"],
         )
         if self._writer is not None:
-            step = state.step + 1
-            summaries.write_measurement(
-                self._writer,
-                step,
-                measurement,
-                {
-                    "C_K_bar": state.condition_mean,
-                    "L_K": state.energy_sum,
-                    "condition_number_ema": state.condition_ema,
-                    "skipped": state.skipped,
-                },
-                inputs["learning_rate"],
-                inputs["batch_size"],
+            self._write(
+                measurement, layers, inputs["learning_rate"], inputs["batch_size"]
             )
-            if self.per_layer:
-                summaries.write_layer_measurements(
-                    self._writer,
-                    step,
-                    {
-                        name: _finite_spectrum(block, self.zero_threshold)
-                        for name, block in blocks.items()
-                    },
-                    measurement.trace,
-                )
+
+    def _measure_replicas(self, inputs: dict, recorded) -> None:
+        """`_measure` under several replicas in sync: the global batch's
+        Gram from every replica's examples (`engine.distribute`), the same
+        record on every replica. In a function that serves several steps it
+        runs at every step (collectives and writes to mirrored variables
+        may not sit in a `tf.cond`), and `measured` gates the record."""
+        state = self._state
+        if self._steps_per_execution > 1:
+            measured = self._is_measured(state.step, state.epoch)
+        else:
+            measured = tf.constant(True)
+        try:
+            units, calls, local_batch, coupled = recorded()
+            sizes, counts = example_counts(local_batch, self.max_examples, measured)
+            blocks, _ = gathered_grams(units, calls, counts, self.memory_budget)
+            gram = sum_blocks(blocks)
+            if coupled:
+                # The replicas' shards are real batches of their own (each
+                # normalised with its own statistics): the small batches.
+                noise_components = noise_components_from_groups(gram, counts)
+            else:
+                noise_components = noise_components_from_gram(gram)
+            measurement = spectrum_from_gram(gram, self.zero_threshold)
+            layers = self._layer_spectra(blocks)
+        except Exception as error:  # never let a measurement stop training
+            self._warn(error)
+            return
+        batch_size = tf.reduce_sum(sizes)
+        state.record(
+            measurement,
+            inputs["learning_rate"],
+            batch_size,
+            self._steps_represented(state.epoch),
+            self.ema_decay,
+            noise_components,
+            measured=measured,
+            update_applied=inputs["update_applied"],
+        )
+        if self._writer is None:
+            return
+        first = tf.equal(
+            tf.distribute.get_replica_context().replica_id_in_sync_group, 0
+        )
+
+        def write():
+            self._write(measurement, layers, inputs["learning_rate"], batch_size)
+            return tf.constant(True)
+
+        # Only the first replica writes (no collective in this branch).
+        tf.cond(measured & first, write, lambda: tf.constant(False))
+
+    def _layer_spectra(self, blocks) -> dict:
+        return {
+            name: spectrum_from_gram(block, self.zero_threshold)
+            for name, block in (blocks.items() if self.per_layer else ())
+        }
+
+    def _write(self, measurement, layers, learning_rate, batch_size) -> None:
+        state = self._state
+        step = state.step + 1
+        summaries.write_measurement(
+            self._writer,
+            step,
+            measurement,
+            {
+                "C_K_bar": state.condition_mean,
+                "L_K": state.energy_sum,
+                "condition_number_ema": state.condition_ema,
+                "skipped": state.skipped,
+            },
+            learning_rate,
+            batch_size,
+        )
+        if self.per_layer:
+            summaries.write_layer_measurements(
+                self._writer, step, layers, measurement.trace
+            )
 
 
-def _finite_spectrum(gram, zero_threshold):
-    """`spectrum_from_gram`: a non-finite Gram (or solver output) gives an
-    all-NaN measurement of rank 0, never an eigen-solver failure, and
-    `FisherState.record` counts it as skipped."""
-    return spectrum_from_gram(gram, zero_threshold)
+def _unsupported_strategy(strategy) -> str | None:
+    """The name of `strategy` when keras-fim does not measure under it
+    (TPU, parameter-server and central-storage strategies: untested, and a
+    failure there would happen when the step runs, not when it is traced,
+    where a measurement that cannot be built is left out); `None` for the
+    supported ones."""
+    supported = (
+        tf.distribute.MirroredStrategy,
+        tf.distribute.MultiWorkerMirroredStrategy,
+        tf.distribute.OneDeviceStrategy,
+    )
+    # The default strategy (no scope) is a private class.
+    if isinstance(strategy, supported) or (
+        type(strategy).__name__ == "_DefaultDistributionStrategy"
+    ):
+        return None
+    return type(strategy).__name__
+
+
+def _first_examples(batch, measured):
+    """`batch` (a nest of tensors), cut to its first example unless
+    `measured` (a boolean tensor)."""
+    first = next(t for t in keras.tree.flatten(batch) if t is not None)
+    size = tf.shape(first)[0]
+    keep = tf.where(measured, size, tf.minimum(size, 1))
+    return keras.tree.map_structure(lambda t: t if t is None else t[:keep], batch)
+
+
+def _dynamic_loss_scale(model):
+    """The loss scale of a `LossScaleOptimizer` as the step finds it, or
+    `None`."""
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    return tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+
+
+def _update_applied(model, scale_before):
+    """Whether the step applied its update: a `LossScaleOptimizer` halves
+    its scale instead when the scaled gradients were not finite (an
+    overflow), and never lowers it otherwise."""
+    if scale_before is None:
+        return True
+    scale_after = tf.cast(model.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+    return scale_after >= scale_before
 
 
 def _current_learning_rate(model) -> tf.Tensor:

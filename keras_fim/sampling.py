@@ -450,6 +450,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self._mirror is None:
             self._mirror = self._state.read()
+            if self._writer is not None:
+                # As FisherCallback does (the first caller per file wins):
+                # TensorBoard drops what an interrupted run wrote from here on.
+                summaries.start_session(self._writer, self._mirror["step"] + 1)
         mirror = self._mirror
         if mirror["position"] >= self.num_examples:  # the last pass is done
             mirror["data_pass"] += 1

@@ -85,8 +85,18 @@ class FisherState(keras.layers.Layer):
         steps_represented: tf.Tensor,
         ema_decay: float,
         noise_components: tuple = (float("nan"), float("nan")),
+        measured=True,
+        update_applied=True,
     ) -> tf.Tensor:
         """Adds one measured step; returns whether it was finite (kept).
+
+        `measured` (boolean, or a boolean tensor): whether the step is a
+        measurement at all; when False nothing changes (the values are
+        ignored; under a distribution strategy the record runs at every
+        step, outside any branch). `update_applied` (likewise): whether the
+        training step applied its update; a measured step whose update was
+        skipped (a loss-scale overflow under ``mixed_float16``) is counted
+        as skipped.
 
         `noise_components` are the step's estimates of ``tr(Sigma)`` and
         ``|G|^2`` (`engine.gradient_noise_components`); their averages give
@@ -94,6 +104,7 @@ class FisherState(keras.layers.Layer):
         ``||J||_F`` scaled up by ``sqrt(|B| / measured)`` when only some
         examples of the batch were measured.
         """
+        counted = tf.cast(measured, tf.bool)
         c = measurement.condition_number
         energy = measurement.energy
         batch = tf.cast(batch_size, tf.float64)
@@ -105,14 +116,19 @@ class FisherState(keras.layers.Layer):
             * energy
             * tf.sqrt(batch / measured)
         )
-        ok = tf.math.is_finite(c) & tf.math.is_finite(term)
+        ok = (
+            counted
+            & tf.cast(update_applied, tf.bool)
+            & tf.math.is_finite(c)
+            & tf.math.is_finite(term)
+        )
         first = tf.equal(self.measurements, 0)
         ema = tf.where(first, c, ema_decay * self.condition_ema + (1 - ema_decay) * c)
         self.condition_sum.assign_add(tf.where(ok, c, 0.0))
         self.condition_ema.assign(tf.where(ok, ema, self.condition_ema))
         self.energy_sum.assign_add(tf.where(ok, term, 0.0))
         self.measurements.assign_add(tf.where(ok, 1, 0))
-        self.skipped.assign_add(tf.where(ok, 0, 1))
+        self.skipped.assign_add(tf.where(counted & ~ok, 1, 0))
         trace_sigma, true_gradient_sq = (
             tf.cast(v, tf.float64) for v in noise_components
         )
@@ -187,7 +203,14 @@ def attach_state(
     """`model.<attribute>`, created with `factory()` and attached on first use."""
     state = getattr(model, attribute, None)
     if state is None:
-        state = factory()
+        # Under the model's distribution strategy, as its own variables:
+        # mirrored, each written once per step ("only_first_replica").
+        strategy = getattr(model, "_distribute_strategy", None)
+        if strategy is not None:
+            with strategy.scope():
+                state = factory()
+        else:
+            state = factory()
         # Untracked on purpose: `model.weights`, `get_weights()` and
         # `summary()` stay those of the user's model (a Sequential would not
         # track it anyway). Keras's weight saving walks the model's

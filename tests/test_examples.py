@@ -19,7 +19,9 @@ def load(name):
     return module
 
 
-@pytest.mark.parametrize("mode", ["staged", "automatic"])
+@pytest.mark.parametrize(
+    "mode", ["staged", pytest.param("automatic", marks=pytest.mark.slow)]
+)
 def test_dynamic_sampling_example(tmp_path, capsys, mode):
     load("dynamic_sampling").main(
         ["--mode", mode, "--epochs", "2", "--log-dir", str(tmp_path)]

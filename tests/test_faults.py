@@ -255,12 +255,6 @@ def test_solver_returning_nan_is_skipped_and_training_is_unchanged(monkeypatch):
     assert len(messages) == 1 and SKIP_WARNING in messages[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="FisherCallback._measure builds the spectrum outside its try block: "
-    "an error raised while the eigen-solve is traced stops fit",
-)
 def test_solver_failing_while_traced_skips_the_measurement(monkeypatch):
     x, y = regression_data()
     plain, _ = fit(x, y, [])

@@ -26,6 +26,7 @@ def run_job(out_dir, kill_at_step=None):
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.slow  # tests/test_persistence.py kills a DynamicSampling run twice
 def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
     done = run_job(whole)

@@ -180,6 +180,7 @@ def test_cli_report_prints_ranking_and_path(tiny_study, tmp_path):
     assert (tmp_path / "r" / "map.png").exists()
 
 
+@pytest.mark.slow  # a real `keras-fim study` subprocess, interrupted and rerun
 def test_ctrl_c_keeps_finished_runs_and_the_rerun_completes(tmp_path):
     root = tmp_path / "study"
     command = [

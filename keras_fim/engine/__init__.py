@@ -10,10 +10,12 @@ training mode. They sum to ``|B|`` times the gradient of the compiled loss
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.losses.losses import LossFunctionWrapper
 
 from keras_fim.engine import capture, rules
 from keras_fim.engine import gram as gram_module
@@ -127,7 +129,23 @@ def _per_variable(units, calls, examples, model=None):
     ]
 
 
-def _record(model, x, y, sample_weight, max_examples, training):
+def _loss_scale(model, batch):
+    """The factor Keras's step multiplies the summed per-example losses by
+    under ``mixed_float16`` (`LossScaleOptimizer`): ``s / (R N)``, the
+    optimizer's loss scale over the replicas in sync and the batch size
+    (1 for "sum" losses). `None` without loss scaling."""
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    from keras_fim.engine.distribute import replicas_in_sync
+
+    scale = tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+    kinds = _loss_reduction_kinds(model)
+    normaliser = 1.0 if kinds == {"sum"} else tf.cast(batch, tf.float32)
+    return scale / (replicas_in_sync() * normaliser)
+
+
+def _record(model, x, y, sample_weight, max_examples, training, variable_values=None):
     if not model.built:
         raise ValueError(
             "keras-fim needs a built model (call it on data or train it first). "
@@ -151,6 +169,8 @@ def _record(model, x, y, sample_weight, max_examples, training):
         sample_weight,
         per_example_losses,
         training=training,
+        variable_values=variable_values,
+        loss_scale=_loss_scale(model, _batch_size(x)),
     )
     examples = _batch_size(x)
     if max_examples is not None:
@@ -187,6 +207,9 @@ def gradient_noise_components(
         variable_values = _read_variables(model)
     trainable, non_trainable = variable_values
     kwargs = {"training": True} if model._call_has_training_arg else {}
+    # Mixed precision: scaled as Keras's step scales its loss, unscaled in
+    # float32 (16-bit gradients of a mean loss would underflow otherwise).
+    scale = _loss_scale(model, 1)
 
     def squared_norm(start, stop):
         def part(t):
@@ -198,16 +221,19 @@ def gradient_noise_components(
             y_pred, _ = model.stateless_call(trainable, non_trainable, xs, **kwargs)
             losses = per_example_losses(model, ys, y_pred, ws)
             loss = tf.reduce_sum(losses) / tf.cast(stop - start, losses.dtype)
+            if scale is not None:
+                loss = loss * tf.cast(scale, loss.dtype)
         grads = tape.gradient(
             loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         # convert_to_tensor: an Embedding's gradient is IndexedSlices.
-        return tf.add_n(
+        total = tf.add_n(
             [
                 tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), tf.float64) ** 2)
                 for g in grads
             ]
         )
+        return total if scale is None else total / tf.cast(scale, tf.float64) ** 2
 
     batch = _batch_size(x)
     half = tf.maximum(batch // 2, 1)
@@ -251,14 +277,14 @@ def _check_memory_budget(memory_budget):
         return gram_module.DEFAULT_MEMORY_BUDGET
     if (
         isinstance(memory_budget, bool)
-        or not isinstance(memory_budget, (int, float))
+        or not isinstance(memory_budget, numbers.Real)
         or not memory_budget > 0
     ):
         raise ValueError(
-            "`memory_budget` must be a positive number of bytes or None. "
-            f"Received: memory_budget={memory_budget!r}"
+            "`memory_budget` must be a positive number of bytes (inf: no "
+            f"bound) or None. Received: memory_budget={memory_budget!r}"
         )
-    return memory_budget
+    return float(memory_budget)
 
 
 def _unique_names(units) -> list[str]:
@@ -291,6 +317,22 @@ def grams_from_calls(units, calls, examples, memory_budget=None):
         blocks[name] = block
         plans.append(plan)
     return blocks, plans
+
+
+def payloads_from_calls(units, calls, examples) -> dict:
+    """Per-unit `keras_fim.engine.gram.Payload`s from recorded calls: what a
+    replica all-gathers so that every replica forms the global batch's
+    blocks (`keras_fim.engine.distribute`). Keys as `grams_from_calls`."""
+    owners = [id(v) for layer, _ in units for v in layer.trainable_variables]
+    if len(owners) != len(set(owners)):
+        grads = _per_variable(units, calls, examples)
+        return {"model": gram_module.gradients_payload("model", grads)}
+    payloads = {}
+    for name, (layer, rule) in zip(_unique_names(units), units, strict=True):
+        unit_calls = calls[id(layer)]
+        if unit_calls:
+            payloads[name] = gram_module.unit_payload(layer, rule, unit_calls, examples)
+    return payloads
 
 
 def layer_grams(
@@ -393,6 +435,41 @@ def noise_components_from_gram(gram: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return _noise_components(batch, half, big, small)
 
 
+def noise_components_from_groups(gram: tf.Tensor, counts: tf.Tensor):
+    """`gradient_noise_components` with real sub-batches as the small
+    batches: the Gram rows come in groups of `counts` (the replicas'
+    shards, in order), each of which the model ran as a batch of its own,
+    so a group's gradient is the mean of its rows' contributions even where
+    examples interact (BatchNorm normalising each replica's shard).
+
+    ``|g_B|^2`` is that of all rows, ``|g_b|^2`` the mean over the
+    non-empty groups, ``b`` the mean group size; NaN with fewer than two
+    non-empty groups."""
+    gram = tf.cast(gram, tf.float64)
+    counts = tf.cast(counts, tf.int32)
+    groups = tf.size(counts)
+    batch = tf.shape(gram)[0]
+    members = tf.one_hot(tf.repeat(tf.range(groups), counts), groups, dtype=tf.float64)
+    sums = tf.linalg.diag_part(
+        tf.matmul(members, tf.matmul(gram, members), transpose_a=True)
+    )
+    sizes = tf.cast(counts, tf.float64)
+    nonempty = counts > 0
+    used = tf.reduce_sum(tf.cast(nonempty, tf.float64))
+    small = tf.reduce_sum(
+        tf.where(nonempty, sums / tf.where(nonempty, sizes**2, 1.0), 0.0)
+    ) / tf.maximum(used, 1.0)
+    batch_f = tf.cast(batch, tf.float64)
+    big = tf.reduce_sum(gram) / batch_f**2
+    half_f = batch_f / tf.maximum(used, 1.0)
+    defined = used >= 2
+    safe = tf.where(defined, batch_f - half_f, 1.0)
+    true_gradient_sq = (batch_f * big - half_f * small) / safe
+    trace_sigma = (small - big) / tf.where(defined, 1.0 / half_f - 1.0 / batch_f, 1.0)
+    nan = tf.constant(float("nan"), tf.float64)
+    return tf.where(defined, trace_sigma, nan), tf.where(defined, true_gradient_sq, nan)
+
+
 def measure(
     model: keras.Model,
     x: Any,
@@ -438,11 +515,15 @@ def _is_coupled(layer, rule) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
 
 
-def record_pass(model, x, y, sample_weight=None, max_examples=None):
+def record_pass(
+    model, x, y, sample_weight=None, max_examples=None, variable_values=None
+):
     """A recorded batch pass of its own, in training mode:
-    ``(units, calls, examples, coupled)`` for `grams_from_calls`."""
+    ``(units, calls, examples, coupled)`` for `grams_from_calls`.
+    `variable_values`: the ``(trainable, non_trainable)`` values to run
+    with (read now if `None`)."""
     batch_pass, units, examples = _record(
-        model, x, y, sample_weight, max_examples, True
+        model, x, y, sample_weight, max_examples, True, variable_values
     )
     coupled = any(_is_coupled(layer, rule) for layer, rule in units)
     return units, batch_pass.calls, examples, coupled
@@ -467,11 +548,32 @@ def _loss_reduction_kinds(model) -> set:
     return {"mean" if r in _MEAN_REDUCTIONS else r for r in reductions}
 
 
+def _keras_losses_only(model) -> bool:
+    """Whether every compiled loss is one of Keras's own (whose values keep
+    the batch dimension, as `ProbedPass`'s factor assumes)."""
+
+    def builtin(loss):
+        if isinstance(loss, str):
+            return True
+        if isinstance(loss, LossFunctionWrapper):
+            return builtin(loss.fn)
+        owner = type(loss) if isinstance(loss, keras.losses.Loss) else loss
+        return getattr(owner, "__module__", "").startswith("keras.")
+
+    compile_loss = model._compile_loss
+    if compile_loss.built:
+        losses = [fn for _, fn, _, _ in compile_loss._flat_losses]
+    else:
+        losses = keras.tree.flatten(compile_loss._user_loss)
+    return all(builtin(loss) for loss in losses if loss is not None)
+
+
 def reuses_training_pass(model: keras.Model, step) -> bool:
-    """Whether `ProbedPass` is exact around `step`: Keras's own train step
-    and loss computation, one kind of loss reduction (so that the training
-    loss is the sum of per-example losses times one factor), and no activity
-    regulariser (whose loss would add to the layers' cotangents)."""
+    """Whether `ProbedPass` is exact around `step`: Keras's own train step,
+    loss computation and losses, one kind of loss reduction (so that the
+    training loss is the sum of per-example losses times one factor), and no
+    activity regulariser (whose loss would add to the layers' cotangents).
+    """
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
     from keras.src.trainers.trainer import Trainer
 
@@ -481,6 +583,8 @@ def reuses_training_pass(model: keras.Model, step) -> bool:
         and cls.compute_loss is Trainer.compute_loss
         and cls._compute_loss is Trainer._compute_loss
         and model.optimizer is not None
+        and getattr(model, "_compile_loss", None) is not None
+        and _keras_losses_only(model)
         and len(_loss_reduction_kinds(model)) == 1
         and _loss_reduction_kinds(model) <= {"mean", "sum"}
         and not any(

@@ -17,6 +17,7 @@ model's variables (moving statistics, seed generators stay untouched).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import keras
@@ -69,12 +70,42 @@ def _cotangent_probe(tensor, sink: list, index: int):
     return identity(tensor)
 
 
+# Which recorders are active, per thread. Under `MirroredStrategy` the
+# replicas trace the train step in threads of their own, which take turns
+# and switch at every synchronisation point (an all-reduce inside the step):
+# a recorder must see the calls of its own replica only, and the wrapper on
+# a shared layer must stay in place until the last replica is done with it.
+_ACTIVE = threading.local()
+_INSTALL_LOCK = threading.Lock()
+_INSTALLED: dict[int, list] = {}  # id(layer) -> [layer, users]
+
+
+def _active_recorders() -> list:
+    recorders = getattr(_ACTIVE, "recorders", None)
+    if recorders is None:
+        recorders = _ACTIVE.recorders = []
+    return recorders
+
+
+def _dispatching_call(layer, original):
+    """`layer.call` while any recorder covers it: the innermost recorder of
+    the calling thread that covers `layer` records the call."""
+
+    def call(*args, **kwargs):
+        for recorder in reversed(_active_recorders()):
+            if id(layer) in recorder.calls:
+                return recorder._record(layer, original, args, kwargs)
+        return original(*args, **kwargs)
+
+    return call
+
+
 class _Recorder:
-    """Replaces `layer.call` by a recording wrapper for the pass's duration.
+    """Records the calls of `layers` made by this thread while entered.
 
     With `probe_cotangents`, each recorded output also passes through a
     `_cotangent_probe`, so that any backward pass through the model fills in
-    `LayerCall.cotangents` (see `recording_train_step`).
+    `LayerCall.cotangents` (see `collect_probed_cotangents`).
     """
 
     def __init__(self, layers, probe_cotangents: bool = False):
@@ -102,55 +133,82 @@ class _Recorder:
                 probed.append(o)
         return keras.tree.pack_sequence_as(outputs, probed)
 
-    def _wrap(self, layer):
-        original = layer.call
-        records = self.calls[id(layer)]
-
-        def recording_call(*args, **kwargs):
-            # Read now: outside a stateless scope `v.value` is the variable
-            # itself, which the step's update would change under us.
-            state = [
-                tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables
-            ]
-            weights = [tf.convert_to_tensor(v.value) for v in layer.trainable_variables]
-            outputs = original(*args, **kwargs)
-            call = LayerCall(
-                args, kwargs, state, weights, differentiable_outputs(outputs)
-            )
-            records.append(call)
-            if self.probe_cotangents:
-                outputs = self._probe(outputs, call)
-            return outputs
-
-        return recording_call
+    def _record(self, layer, original, args, kwargs):
+        # Read now: outside a stateless scope `v.value` is the variable
+        # itself, which the step's update would change under us.
+        state = [tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables]
+        weights = [tf.convert_to_tensor(v.value) for v in layer.trainable_variables]
+        outputs = original(*args, **kwargs)
+        call = LayerCall(args, kwargs, state, weights, differentiable_outputs(outputs))
+        self.calls[id(layer)].append(call)
+        if self.probe_cotangents:
+            outputs = self._probe(outputs, call)
+        return outputs
 
     def collect_probed_cotangents(self, scale=None) -> None:
         """Fills `cotangents` from the probes (zeros where none arrived),
-        divided by `scale`."""
+        divided by `scale`; 16-bit cotangents become float32 first."""
         for call, sink in self.sinks:
             cotangents = []
             for output, cotangent in zip(call.outputs, sink, strict=True):
                 if cotangent is None:
-                    cotangents.append(tf.zeros_like(output))
+                    cotangents.append(tf.zeros_like(_widened(output)))
                     continue
-                cotangent = tf.convert_to_tensor(cotangent)
+                cotangent = _widened(tf.convert_to_tensor(cotangent))
                 if scale is not None:
-                    dtype = tf.float32 if cotangent.dtype.size < 4 else cotangent.dtype
-                    cotangent = tf.cast(cotangent, dtype) / tf.cast(scale, dtype)
+                    cotangent = cotangent / tf.cast(scale, cotangent.dtype)
                 cotangents.append(cotangent)
             call.cotangents = cotangents
 
     def __enter__(self):
-        for layer in self.layers:
-            # object.__setattr__: a plain instance attribute, invisible to
-            # Keras's attribute tracking; removed again in __exit__.
-            object.__setattr__(layer, "call", self._wrap(layer))
+        with _INSTALL_LOCK:
+            for layer in self.layers:
+                entry = _INSTALLED.get(id(layer))
+                if entry is None:
+                    # object.__setattr__: a plain instance attribute, invisible
+                    # to Keras's attribute tracking; removed by the last user.
+                    object.__setattr__(
+                        layer, "call", _dispatching_call(layer, layer.call)
+                    )
+                    entry = _INSTALLED[id(layer)] = [layer, 0]
+                entry[1] += 1
+        _active_recorders().append(self)
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers:
-            object.__delattr__(layer, "call")
+        recorders = _active_recorders()
+        if self in recorders:
+            del recorders[len(recorders) - 1 - recorders[::-1].index(self)]
+        with _INSTALL_LOCK:
+            for layer in self.layers:
+                entry = _INSTALLED[id(layer)]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _INSTALLED[id(layer)]
+                    object.__delattr__(layer, "call")
         return False
+
+
+def _unscaled(gradient, loss_scale):
+    """`gradient` widened (`_widened`) and divided by `loss_scale`."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(
+            _unscaled(gradient.values, loss_scale),
+            gradient.indices,
+            gradient.dense_shape,
+        )
+    gradient = _widened(tf.convert_to_tensor(gradient))
+    if loss_scale is None:
+        return gradient
+    return gradient / tf.cast(loss_scale, gradient.dtype)
+
+
+def _widened(tensor):
+    """16-bit floating tensors as float32 (per-example products and their
+    sums are formed in float32 under mixed precision); others unchanged."""
+    if tensor.dtype.is_floating and tensor.dtype.size < 4:
+        return tf.cast(tensor, tf.float32)
+    return tensor
 
 
 @dataclasses.dataclass
@@ -170,10 +228,24 @@ def record_batch_pass(
     sample_weight: Any,
     loss_fn,
     training: bool = True,
+    variable_values: tuple | None = None,
+    loss_scale=None,
 ) -> BatchPass:
-    """Runs the batch forward/backward once, recording every unit's calls."""
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
+    """Runs the batch forward/backward once, recording every unit's calls.
+
+    `variable_values`: the ``(trainable, non_trainable)`` values to run
+    with (read now if `None`). `loss_scale`: a factor the summed loss is
+    multiplied by before differentiating and the results are divided by
+    again in float32, as Keras's loss scaling does under ``mixed_float16``
+    (16-bit cotangents then neither underflow nor, with the optimizer's
+    own scale, overflow more than the training step's). Cotangents and
+    gradients of 16-bit tensors are returned in float32.
+    """
+    if variable_values is None:
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+    else:
+        trainable, non_trainable = (list(values) for values in variable_values)
     recorder = _Recorder(units)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(trainable)
@@ -182,6 +254,8 @@ def record_batch_pass(
             y_pred, _ = model.stateless_call(trainable, non_trainable, x, **kwargs)
         losses = loss_fn(model, y, y_pred, sample_weight)
         total = tf.reduce_sum(losses)
+        if loss_scale is not None:
+            total = total * tf.cast(loss_scale, total.dtype)
     outputs = [call.outputs for records in recorder.calls.values() for call in records]
     flat_outputs = [o for group in outputs for o in group]
     grads = tape.gradient(
@@ -190,6 +264,7 @@ def record_batch_pass(
         unconnected_gradients=tf.UnconnectedGradients.ZERO,
     )
     del tape
+    grads = [_unscaled(g, loss_scale) for g in grads]
     cotangents, batch_gradient = grads[: len(flat_outputs)], grads[len(flat_outputs) :]
     position = 0
     for records in recorder.calls.values():

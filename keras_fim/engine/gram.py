@@ -64,7 +64,7 @@ class Plan:
 
 
 def _static_batch(examples, tensor) -> int:
-    value = tf.get_static_value(examples)
+    value = None if examples is None else tf.get_static_value(examples)
     if value is None:
         value = tensor.shape[0]
     return int(value) if value is not None else PLANNING_BATCH_SIZE
@@ -118,16 +118,20 @@ def _bias_block(sums):
     return tf.matmul(s, s, transpose_b=True)
 
 
-def dense_gram(layer, calls, examples, budget):
-    """Dense (every call's positions together); `None` if not plain."""
-    if not rules._dense_is_plain(layer):
-        return None
+def dense_factors(layer, calls, examples):
+    """A plain Dense unit's ``(a, d)``: inputs and pre-activation cotangents,
+    every call's positions together, ``(B, T, in)`` and ``(B, T, out)``."""
     pairs = [rules.dense_inputs_and_cotangents(layer, c, examples) for c in calls]
     a = tf.concat([p[0] for p in pairs], axis=1)
     d = tf.concat([p[1] for p in pairs], axis=1)
+    return a, d
+
+
+def dense_block(layer, a, d, budget):
+    """A Dense unit's block from its `dense_factors`."""
     block, plan = _kernel_block(
         layer.name,
-        _static_batch(examples, d),
+        _static_batch(None, d),
         a.shape[1],
         a.shape[-1],
         d.shape[-1],
@@ -141,11 +145,16 @@ def dense_gram(layer, calls, examples, budget):
     return block, plan
 
 
-def convolution_gram(layer, calls, examples, budget):
-    """Plain 1D/2D convolutions; `None` for other kinds."""
-    if not rules.convolution_is_plain(layer):
+def dense_gram(layer, calls, examples, budget):
+    """Dense (every call's positions together); `None` if not plain."""
+    if not rules._dense_is_plain(layer):
         return None
-    operands = [rules.convolution_operands(layer, c, examples) for c in calls]
+    a, d = dense_factors(layer, calls, examples)
+    return dense_block(layer, a, d, budget)
+
+
+def convolution_block(layer, operands, budget):
+    """A plain convolution unit's block from its calls' operands."""
     sizes = [o.positions for o in operands]
     positions = None if None in sizes else sum(sizes)
     kernel = layer.kernel.shape
@@ -163,7 +172,7 @@ def convolution_gram(layer, calls, examples, budget):
     d = operands[0].dz
     block, plan = _kernel_block(
         layer.name,
-        _static_batch(examples, d),
+        _static_batch(None, d),
         positions,
         math.prod(kernel[:-1]),
         kernel[-1],
@@ -177,10 +186,21 @@ def convolution_gram(layer, calls, examples, budget):
     return block, plan
 
 
-def embedding_gram(layer, calls, examples, budget):
-    """Embedding: rows of equal tokens meet in the ghost form."""
-    if getattr(layer, "lora_enabled", False) or layer.quantization_mode:
+def convolution_gram(layer, calls, examples, budget):
+    """Plain 1D/2D convolutions; `None` for other kinds."""
+    if not rules.convolution_is_plain(layer):
         return None
+    operands = [rules.convolution_operands(layer, c, examples) for c in calls]
+    return convolution_block(layer, operands, budget)
+
+
+def _embedding_is_plain(layer) -> bool:
+    return not getattr(layer, "lora_enabled", False) and not layer.quantization_mode
+
+
+def embedding_factors(layer, calls, examples):
+    """An Embedding unit's tokens ``(B, T)`` and cotangents ``(B, T, dim)``,
+    every call's positions together."""
 
     def tokens_and_cotangents(call):
         d = call.cotangents[0][:examples]
@@ -194,18 +214,44 @@ def embedding_gram(layer, calls, examples, budget):
     pairs = [tokens_and_cotangents(c) for c in calls]
     tokens = tf.concat([p[0] for p in pairs], axis=1)
     d = tf.concat([p[1] for p in pairs], axis=1)
-    batch, positions = _static_batch(examples, d), d.shape[1]
-    if positions is None:
-        return None
-    ghost_bytes = 2 * batch * batch * positions * positions * d.dtype.size
+    return tokens, d
+
+
+def embedding_block(layer, tokens, d, budget, fallback=False):
+    """An Embedding unit's block from its `embedding_factors`: the ghost
+    form, or `None` where the rule's ``(B, vocabulary, dim)`` gradients are
+    smaller or the ghost form exceeds `budget` (with `fallback`, those
+    gradients are then formed from the factors)."""
+    batch, positions = _static_batch(None, d), d.shape[1]
     vocabulary = layer.input_dim
-    if ghost_bytes > budget or positions * positions > vocabulary:
-        return None  # the rule's (B, vocabulary, dim) gradients are smaller
+    ghost_bytes = (
+        None if positions is None else 2 * batch * batch * positions**2 * d.dtype.size
+    )
+    if ghost_bytes is None or ghost_bytes > budget or positions**2 > vocabulary:
+        if not fallback:
+            return None
+        grads = tf.einsum(
+            "btv,btn->bvn", tf.one_hot(tokens, vocabulary, dtype=d.dtype), d
+        )
+        flat = tf.reshape(grads, [tf.shape(grads)[0], -1])
+        size = vocabulary * layer.output_dim
+        plan = Plan(
+            layer.name, "materialise", batch * batch * size, batch * size * d.dtype.size
+        )
+        return tf.matmul(flat, flat, transpose_b=True), plan
     same = tf.equal(tokens[:, None, :, None], tokens[None, :, None, :])
     products = tf.einsum("atn,bsn->abts", d, d)
     block = tf.reduce_sum(tf.where(same, products, tf.zeros_like(products)), [2, 3])
     cost = batch * batch * positions * positions * layer.output_dim
     return block, Plan(layer.name, "ghost", cost, ghost_bytes)
+
+
+def embedding_gram(layer, calls, examples, budget):
+    """Embedding: rows of equal tokens meet in the ghost form."""
+    if not _embedding_is_plain(layer):
+        return None
+    tokens, d = embedding_factors(layer, calls, examples)
+    return embedding_block(layer, tokens, d, budget)
 
 
 def rule_gram(layer, rule, calls, examples):
@@ -254,3 +300,128 @@ def unit_gram(
                 return result
             break
     return rule_gram(layer, rule, calls, examples)
+
+
+# -- payloads: what a replica contributes to the global batch's blocks --------
+
+
+@dataclasses.dataclass
+class Payload:
+    """One unit's share of a replica's examples, to be all-gathered.
+
+    Attributes:
+        tensors: Tensors with the examples first (``(b, ...)``); gathered
+            along that axis across replicas, they describe the global batch.
+        block: ``block(gathered_tensors, budget) -> (block, plan)``, the
+            unit's Gram block from the gathered tensors.
+        kind: ``"factors"`` (the ghost form's rows: a Dense unit's inputs and
+            cotangents, a convolution's inputs and cotangents, an
+            Embedding's tokens and cotangents) or ``"gradients"`` (the
+            unit's per-example gradients, flattened).
+        values_per_example: The number of values one example sends (`None`
+            where a shape is unknown).
+    """
+
+    tensors: list
+    block: object
+    kind: str
+    values_per_example: int | None
+
+
+def _flat(gradients) -> tf.Tensor:
+    """Per-example gradients (one tensor per variable) as one ``(b, P)``."""
+    flat = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
+    dtype = max((g.dtype for g in flat), key=lambda d: d.size)
+    flat = [tf.cast(g, dtype) for g in flat]
+    return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
+
+
+def gradients_payload(name, gradients) -> Payload:
+    """A payload of materialised per-example gradients."""
+    flat = _flat(gradients)
+
+    def block(tensors, budget):
+        g = tensors[0]
+        batch = _static_batch(None, g)
+        size = g.shape[-1] or 0
+        plan = Plan(
+            name, "materialise", batch * batch * size, batch * size * g.dtype.size
+        )
+        return tf.matmul(g, g, transpose_b=True), plan
+
+    return Payload([flat], block, "gradients", flat.shape[-1])
+
+
+def _values(*shapes):
+    """Values per example of tensors shaped `shapes` (batch axis dropped)."""
+    total = 0
+    for shape in shapes:
+        dims = shape[1:]
+        if any(d is None for d in dims):
+            return None
+        total += math.prod(dims)
+    return total
+
+
+def _parameters(layer) -> int:
+    return sum(math.prod(v.shape) for v in layer.trainable_variables)
+
+
+def unit_payload(layer, rule, calls: list[LayerCall], examples) -> Payload:
+    """What one replica sends so that every replica can form the unit's
+    Gram block over the global batch: the ghost form's factors where they
+    are fewer values per example than the unit's parameters (Dense and
+    Embedding, as a rule), otherwise the per-example gradients (convolutions
+    with many positions, every other layer). The block formed from the
+    gathered factors is exactly `unit_gram`'s on the global batch."""
+    parameters = _parameters(layer)
+    if isinstance(layer, keras.layers.Dense) and rule is rules.dense_rule:
+        if rules._dense_is_plain(layer):
+            a, d = dense_factors(layer, calls, examples)
+            values = _values(a.shape, d.shape)
+            if values is not None and values <= parameters:
+                return Payload(
+                    [a, d],
+                    lambda t, budget: dense_block(layer, t[0], t[1], budget),
+                    "factors",
+                    values,
+                )
+    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) and (
+        rule is rules.convolution_rule
+    ):
+        if rules.convolution_is_plain(layer):
+            operands = [rules.convolution_operands(layer, c, examples) for c in calls]
+            tensors = [t for o in operands for t in (o.x, o.dz)]
+            values = _values(*(t.shape for t in tensors))
+            if values is not None and values <= parameters:
+
+                def block(t, budget):
+                    gathered = [
+                        dataclasses.replace(o, x=t[2 * i], dz=t[2 * i + 1])
+                        for i, o in enumerate(operands)
+                    ]
+                    return convolution_block(layer, gathered, budget)
+
+                return Payload(tensors, block, "factors", values)
+    elif (
+        isinstance(layer, keras.layers.Embedding)
+        and rule is rules.per_example_rule
+        and _embedding_is_plain(layer)
+    ):
+        tokens, d = embedding_factors(layer, calls, examples)
+        values = _values(tokens.shape, d.shape)
+        if values is not None and values <= parameters:
+            return Payload(
+                [tokens, d],
+                lambda t, budget: embedding_block(
+                    layer, t[0], t[1], budget, fallback=True
+                ),
+                "factors",
+                values,
+            )
+    per_call = [rule(layer, call, examples) for call in calls]
+    gradients = [
+        tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
+        for grads in zip(*per_call, strict=True)
+    ]
+    return gradients_payload(layer.name, gradients)

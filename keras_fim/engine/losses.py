@@ -56,6 +56,12 @@ def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
     y_p = keras.ops.convert_to_tensor(y_p, dtype=loss_fn.dtype)
     y_t = keras.ops.convert_to_tensor(y_t, dtype=loss_fn.dtype)
     values = loss_fn.call(y_t, y_p)
+    if values.shape.rank == 0:
+        raise ValueError(
+            "keras-fim needs the loss of each example: a loss that keeps the "
+            f"batch dimension. Received: a loss {loss_fn.name!r} that returns "
+            f"one value for the whole batch (shape {values.shape})."
+        )
     out_mask = get_keras_mask(values)
     mask = in_mask
     if in_mask is not None and out_mask is not None:

@@ -285,7 +285,6 @@ class ConvolutionOperands:
             parallel_iterations=16,
         )
 
-
     def _grouped_kernel_gradients(self, dz):
         """`kernel_gradients` as one convolution with a group per example:
         the examples become the input's channels and their cotangents the
@@ -318,7 +317,9 @@ def _in_xla_context() -> bool:
     """Whether the graph being built is compiled by XLA (`jit_compile`)."""
     from tensorflow.python.ops import control_flow_util
 
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
 
 
 def convolution_operands(layer, call: LayerCall, examples) -> ConvolutionOperands:
