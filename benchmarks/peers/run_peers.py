@@ -38,7 +38,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,10 @@ import time
 import traceback
 
 import numpy as np
+
+# benchmarks/rss.py: peak RSS from /proc (plain Python, shared with the TF side).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rss  # noqa: E402
 
 ENGINES = ("torch_func", "backpack", "jax")
 FRAMEWORK = {"torch_func": "torch", "backpack": "torch", "jax": "jax"}
@@ -128,28 +131,6 @@ def tf_same_pad(size, k, s):
 
 
 # ------------------------------------------------------------------------ memory
-
-
-def current_rss_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def reset_peak_rss():
-    """Resets the peak-RSS high-water mark (Linux clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_kb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 # ------------------------------------------------------------------------- torch
@@ -495,8 +476,7 @@ def child_main(a):
         make = MAKERS[(a.child, a.task)]
         # Baseline: the framework imported, the model and the data loaded.
         run, to_numpy = make(spec, a.threads)
-        baseline = current_rss_kb()
-        result["peak_reset"] = reset_peak_rss()
+        baseline = rss.reset_peak()
         for _ in range(a.warmup):
             out = run()
         times = []
@@ -504,10 +484,10 @@ def child_main(a):
             t0 = time.perf_counter()
             out = run()
             times.append(time.perf_counter() - t0)
-        result["peak_mb"] = (peak_rss_kb() - baseline) / 1024.0
+        result["peak_mb"] = rss.peak_above(baseline) / 2**20
         result["seconds"] = statistics.median(times)
         result["all_seconds"] = times
-        result["baseline_mb"] = baseline / 1024.0
+        result["baseline_mb"] = baseline / 2**20
         if a.task == "measure":
             gram = np.asarray(to_numpy(out), dtype="float64")
             gram = 0.5 * (gram + gram.T)
