@@ -270,8 +270,9 @@ def numpy_measurements(jac, zero_threshold=None, eps=np.finfo(np.float32).eps):
 
 def read_scalars(log_dir, prefix="fisher/"):
     """{tag: [(step, value)]} of the scalars under ``<log_dir>/train`` whose
-    tag starts with `prefix`, and the accumulator (TensorBoard's own reader:
-    after a restart it keeps the last run's values of each step)."""
+    tag starts with `prefix`, and the accumulator. (This legacy reader never
+    purges tensor summaries, so points that a resumed run rewrote appear
+    twice here; tests/test_persistence.py reads with TensorBoard's own.)"""
     from tensorboard.backend.event_processing import event_accumulator
 
     accumulator = event_accumulator.EventAccumulator(
