@@ -1,6 +1,7 @@
 """tf.distribute: the measurement of the global batch (issue 6, item 1).
 
-The strategies need TensorFlow configured before it starts (two logical CPU
+MirroredStrategy (2 logical CPU devices) and MultiWorkerMirroredStrategy (2
+worker processes on localhost). The strategies need TensorFlow configured before it starts (two logical CPU
 devices) or processes of their own (one per worker), so the runs happen in
 `tests/distribute_job.py`, in subprocesses; the comparisons are here. The
 payload tests run in this process: what the replicas all-gather, formed on
@@ -10,13 +11,16 @@ parts of a batch and put together, gives the blocks of the whole batch.
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_reference import read_scalars
 
 import keras_fim
 from keras_fim.engine import (
@@ -41,20 +45,36 @@ def _run_job(args, env=None, timeout=300):
     )
 
 
-def _finish(process, timeout=300):
+def _finish_all(processes, timeout):
+    """Waits for every process (all of them killed at the deadline or at
+    the first failure: a worker whose peer died would wait for ever)."""
+    deadline = time.monotonic() + timeout
     try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        pytest.fail(f"distribute job timed out:\n{output[-4000:]}")
-    assert process.returncode == 0, output[-4000:]
+        for process in processes:
+            try:
+                output, _ = process.communicate(
+                    timeout=max(1.0, deadline - time.monotonic())
+                )
+            except subprocess.TimeoutExpired:
+                pytest.fail("a distribute job timed out")
+            assert process.returncode == 0, output[-4000:]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mirrored(tmp_path_factory):
     out = tmp_path_factory.mktemp("mirrored") / "result.json"
-    _finish(_run_job(["mirrored", str(out)]))
+    _finish_all([_run_job(["mirrored", str(out)])], timeout=300)
     return json.loads(out.read_text())
 
 
@@ -281,3 +301,48 @@ def test_unsupported_strategy_warns_and_trains_as_without_keras_fim():
         weights.append(model.get_weights())
     for a, b in zip(*weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_multi_worker_mirrored_two_processes(tmp_path):
+    """Two worker processes on localhost (MultiWorkerMirroredStrategy, one
+    CPU replica each) record identical values, equal to one device's
+    (C_K bar, L_K, the counters, the noise averages; `max_examples` 9 of
+    6 + 6 takes 5 and 4), with weights those of one device; only the chief
+    writes TensorBoard events."""
+    workers = [f"localhost:{_free_port()}" for _ in range(2)]
+    processes = []
+    for index in range(2):
+        config = {
+            "cluster": {"worker": workers},
+            "task": {"type": "worker", "index": index},
+        }
+        processes.append(
+            _run_job(
+                [
+                    "worker",
+                    str(tmp_path / f"worker{index}.json"),
+                    str(tmp_path / "logs"),
+                ],
+                env={"TF_CONFIG": json.dumps(config)},
+            )
+        )
+    processes.append(_run_job(["worker", str(tmp_path / "one.json")]))
+    _finish_all(processes, timeout=240)
+    w0, w1, one = (
+        json.loads((tmp_path / f"{name}.json").read_text())
+        for name in ("worker0", "worker1", "one")
+    )
+    # Only the chief wrote events: one file, one point per measured step.
+    assert len(os.listdir(tmp_path / "logs" / "train")) == 1
+    scalars, _ = read_scalars(str(tmp_path / "logs"))
+    assert [step for step, _ in scalars["fisher/C_K_bar"]] == [1, 3, 5, 7]
+    assert {size for _, size in scalars["fisher/batch_size"]} == {12.0}
+    for scenario in ("probed", "separate_max9"):
+        assert w0[scenario]["state"] == w1[scenario]["state"]
+        assert w0[scenario]["state"]["measurements"] > 0
+        assert_same_state(w0[scenario]["state"], one[scenario]["state"])
+        np.testing.assert_allclose(
+            w0[scenario]["C_K_bar"], one[scenario]["C_K_bar"], rtol=RTOL
+        )
+        for a, b in zip(w0[scenario]["weights"], one[scenario]["weights"]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
