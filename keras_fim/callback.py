@@ -15,6 +15,7 @@ from keras_fim.engine import (
     ProbedPass,
     _check_memory_budget,
     _read_variables,
+    contribution_precision,
     gradient_noise_components,
     grams_from_calls,
     noise_components_from_gram,
@@ -576,8 +577,9 @@ class FisherCallback(keras.callbacks.Callback):
                 noise_components = noise_components_from_gram(gram)
             # A non-finite Gram gives an all-NaN measurement, which
             # `FisherState.record` counts as skipped.
-            measurement = spectrum_from_gram(gram, self.zero_threshold)
-            layers = self._layer_spectra(blocks)
+            precision = contribution_precision(units)
+            measurement = spectrum_from_gram(gram, self.zero_threshold, precision)
+            layers = self._layer_spectra(blocks, precision)
         except Exception as error:  # never let a measurement stop training
             self._warn(error)
             return
@@ -618,8 +620,9 @@ class FisherCallback(keras.callbacks.Callback):
                 noise_components = noise_components_from_groups(gram, counts)
             else:
                 noise_components = noise_components_from_gram(gram)
-            measurement = spectrum_from_gram(gram, self.zero_threshold)
-            layers = self._layer_spectra(blocks)
+            precision = contribution_precision(units)
+            measurement = spectrum_from_gram(gram, self.zero_threshold, precision)
+            layers = self._layer_spectra(blocks, precision)
         except Exception as error:  # never let a measurement stop training
             self._warn(error)
             return
@@ -647,9 +650,9 @@ class FisherCallback(keras.callbacks.Callback):
         # Only the first replica writes (no collective in this branch).
         tf.cond(measured & first, write, lambda: tf.constant(False))
 
-    def _layer_spectra(self, blocks) -> dict:
+    def _layer_spectra(self, blocks, precision) -> dict:
         return {
-            name: spectrum_from_gram(block, self.zero_threshold)
+            name: spectrum_from_gram(block, self.zero_threshold, precision)
             for name, block in (blocks.items() if self.per_layer else ())
         }
 
@@ -664,6 +667,7 @@ class FisherCallback(keras.callbacks.Callback):
                 "C_K_bar": state.condition_mean,
                 "L_K": state.energy_sum,
                 "condition_number_ema": state.condition_ema,
+                "noise_scale": state.noise_scale,
                 "skipped": state.skipped,
             },
             learning_rate,

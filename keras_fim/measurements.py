@@ -10,10 +10,13 @@ Pure functions of tensors; no Keras state. Conventions (METHOD.md):
   ``J``; its truncated condition number ``c_k = max(e) / min(e > 0)`` is
   therefore the square root of the condition number of ``F`` restricted to
   its non-zero eigenvalues.
-* "Non-zero" means larger than ``zero_threshold * max(eig(G))``. The default
-  threshold is ``|B| * eps`` of the Gram's dtype, the convention
-  `numpy.linalg.matrix_rank` uses for singular values of a ``|B|``-row
-  matrix, here applied to the squared singular values the Gram holds.
+* "Non-zero" means larger than ``zero_threshold * max(eig(G))``. By default
+  the threshold is derived from the precision the contributions carry
+  (`noise_floor`): an eigenvalue of ``G`` counts as zero when it is at most
+  ``max((KAPPA u)^2, SOLVER_FACTOR eps64) * trace(G)``, with ``u`` the unit
+  round-off of the contributions' dtype (float32's ``eps`` for a float32
+  model). `FisherMeasurement.zero_threshold` reports the threshold used,
+  relative to the largest eigenvalue, so ``c_k <= 1 / sqrt(zero_threshold)``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class FisherMeasurement(NamedTuple):
             denominator estimate is not positive or ``|B| = 1``.
         rank: Number of non-zero eigenvalues.
         batch_size: ``|B|``, the number of examples measured.
+        zero_threshold: The threshold used, relative to the largest
+            eigenvalue: eigenvalues at most ``zero_threshold *
+            eigenvalues[0]`` counted as zero (so ``c_k`` is at most
+            ``1 / sqrt(zero_threshold)``). NaN when the measurement is.
     """
 
     eigenvalues: tf.Tensor
@@ -57,6 +64,7 @@ class FisherMeasurement(NamedTuple):
     gradient_noise_scale: tf.Tensor
     rank: tf.Tensor
     batch_size: tf.Tensor
+    zero_threshold: tf.Tensor
 
     @property
     def eigenvalue_min(self) -> tf.Tensor:
@@ -64,10 +72,49 @@ class FisherMeasurement(NamedTuple):
         return nonzero_min(self.eigenvalues, self.rank)
 
 
-def default_zero_threshold(batch_size, dtype) -> tf.Tensor:
-    """``|B| * eps(dtype)``: the default relative zero threshold."""
-    eps = np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps
-    return tf.cast(batch_size, tf.float64) * eps
+KAPPA = 4.0
+"""Unit round-offs of ``||J||_F`` below which a singular value of ``J`` is
+taken for round-off (a margin of 16 over the 0.06-0.25 measured)."""
+
+SOLVER_FACTOR = 64.0
+"""Float64 eps of ``trace(G)``: the Gram's accumulation and eigen-solve."""
+
+
+def unit_roundoff(dtype) -> float:
+    """``eps`` of a floating `dtype` (float16, bfloat16, float32, float64)."""
+    dtype = tf.as_dtype(dtype)
+    if dtype == tf.bfloat16:
+        return 2.0**-7
+    return float(np.finfo(dtype.as_numpy_dtype).eps)
+
+
+def noise_floor(precision: float) -> float:
+    """The default threshold on the eigenvalues of ``G``, relative to
+    ``trace(G)``: ``max((KAPPA * precision)^2, SOLVER_FACTOR * eps64)``.
+
+    Derivation. The computed contributions are ``J + E``, with ``E`` the
+    round-off of the dtype they are computed in (unit round-off ``u``:
+    float32's ``1.2e-7`` for a float32 model, float16's under
+    ``mixed_float16``). Weyl's inequality bounds how far any singular value
+    moves by ``||E||_2``, but that bound is far too pessimistic here: on
+    the paper's ResNet with BatchNorm, ``||E||_2`` reaches ``70 u ||J||_F``
+    at batch 512, almost all of it a relative perturbation of the leading
+    directions (the largest eigenvalue moves by ``1e-6`` of itself), while
+    the smaller half of the singular values moved by at most ``0.25 u
+    ||J||_F`` (``benchmarks/precision.py`` prints all three). A singular
+    value at most ``KAPPA u ||J||_F`` (16 times that) is therefore taken
+    for round-off, and since ``||J||_F^2 = trace(G)`` the eigenvalues of
+    ``G`` below ``(KAPPA u)^2 trace(G)`` count as zero. The Gram products
+    are exact in float64 (`keras_fim.engine.gram`); their accumulation and
+    the float64 eigen-solve add errors of about ``eps64 trace(G)`` to the
+    eigenvalues of ``G``, hence the second term, which is what bounds a
+    float64 model. The bound scales with the spectrum's energy, never with
+    the batch size: at float32 it lets ``c_k`` reach about
+    ``2e6 / sqrt(trace(G) / max eig(G))``, where the old ``|B| eps32`` of
+    the largest eigenvalue capped it at ``1 / sqrt(|B| eps32)`` (181 at
+    batch 256) and discarded real eigenvalues.
+    """
+    return max((KAPPA * precision) ** 2, SOLVER_FACTOR * unit_roundoff(tf.float64))
 
 
 def nonzero_min(values_descending: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
@@ -78,15 +125,23 @@ def nonzero_min(values_descending: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
 
 
 def spectrum_from_gram(
-    gram: tf.Tensor, zero_threshold: float | None = None
+    gram: tf.Tensor,
+    zero_threshold: float | None = None,
+    precision: float | None = None,
 ) -> FisherMeasurement:
     """All measurements of one mini-batch from its Gram matrix ``J J^T``.
 
     Args:
         gram: Tensor ``(B, B)``, the Gram matrix of per-example gradients.
-        zero_threshold: Float or `None`. Eigenvalues of the Gram at most
-            ``zero_threshold * max(eig)`` count as zero. `None` means
-            ``B * eps`` of the Gram's dtype.
+        zero_threshold: Float in [0, 1) or `None`. Eigenvalues of the Gram
+            at most ``zero_threshold * max(eig)`` count as zero; ``0`` keeps
+            every positive one (the reference code's exact-zero rule).
+            `None` derives it from `precision` (`noise_floor`).
+        precision: Float or `None`, the unit round-off of the dtype the
+            contributions were computed in (`unit_roundoff`); `None` means
+            that of the Gram's dtype when it is below float64, float32's
+            otherwise (the engine forms float64 Grams of float32
+            contributions and passes the precision they carry).
 
     Returns:
         A `FisherMeasurement`; eigenvalues are solved in float64. A Gram
@@ -104,7 +159,9 @@ def spectrum_from_gram(
     (array([2. , 0.5]), 2.0)
     """
     gram = tf.convert_to_tensor(gram)
-    input_dtype = gram.dtype
+    if precision is None:
+        dtype = gram.dtype if gram.dtype.size < 8 else tf.float32
+        precision = unit_roundoff(dtype)
     gram = tf.cast(gram, tf.float64)
     gram = 0.5 * (gram + tf.transpose(gram))
     batch = tf.shape(gram)[0]
@@ -117,14 +174,16 @@ def spectrum_from_gram(
     valid = finite & tf.reduce_all(tf.math.is_finite(solved))
     nan = tf.constant(np.nan, tf.float64)
     gram_eigenvalues = tf.where(valid, tf.maximum(tf.reverse(solved, [0]), 0.0), nan)
-    if zero_threshold is None:
-        zero_threshold = default_zero_threshold(batch, input_dtype)
     largest = gram_eigenvalues[0]
-    nonzero = gram_eigenvalues > tf.cast(zero_threshold, tf.float64) * largest
+    squared_norms_sum = tf.where(valid, tf.linalg.trace(gram), nan)  # sum |g_i|^2
+    if zero_threshold is None:
+        floor = noise_floor(precision) * squared_norms_sum
+        zero_threshold = tf.math.divide_no_nan(floor, largest)
+    zero_threshold = tf.where(valid, tf.cast(zero_threshold, tf.float64), nan)
+    nonzero = gram_eigenvalues > zero_threshold * largest
     rank = tf.reduce_sum(tf.cast(nonzero & (gram_eigenvalues > 0), tf.int32))
     singular_values = tf.sqrt(gram_eigenvalues)
     condition = singular_values[0] / nonzero_min(singular_values, rank)
-    squared_norms_sum = tf.where(valid, tf.linalg.trace(gram), nan)  # sum |g_i|^2
     sum_gradient_sq = tf.where(valid, tf.reduce_sum(gram), nan)  # |sum_i g_i|^2
     mean_sq_norm = squared_norms_sum / batch_f  # s
     batch_gradient_sq = sum_gradient_sq / batch_f**2  # m
@@ -140,6 +199,7 @@ def spectrum_from_gram(
         ),
         rank=rank,
         batch_size=batch,
+        zero_threshold=zero_threshold,
     )
 
 
@@ -148,14 +208,14 @@ def gradient_noise_scale(mean_sq_norm, batch_gradient_sq, batch_size) -> tf.Tens
 
     With ``s = mean_i ||g_i||^2`` and ``m = ||mean_i g_i||^2``:
     ``tr(Sigma) ~ (s - m) B / (B - 1)`` and ``|G|^2 ~ (B m - s) / (B - 1)``,
-    both unbiased. NaN when ``B < 2`` or the ``|G|^2`` estimate is not
-    positive.
+    both unbiased. NaN when ``B < 2`` or either estimate is not positive
+    (undefined, never a number with the wrong sign).
     """
     denominator = batch_size - 1.0
     safe = tf.maximum(denominator, 1.0)
     trace_sigma = (mean_sq_norm - batch_gradient_sq) * batch_size / safe
     true_gradient_sq = (batch_size * batch_gradient_sq - mean_sq_norm) / safe
-    defined = (denominator > 0) & (true_gradient_sq > 0)
+    defined = (denominator > 0) & (true_gradient_sq > 0) & (trace_sigma > 0)
     nan = tf.constant(np.nan, tf.float64)
     return tf.where(
         defined, trace_sigma / tf.where(defined, true_gradient_sq, 1.0), nan

@@ -557,7 +557,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             if measurements:
                 noise = float(fisher_state.noise_scale.numpy())
                 fisher = {
-                    "noise_scale": noise if noise > 0 else None,
+                    "noise_scale": noise if math.isfinite(noise) else None,
                     "condition_number": float(fisher_state.condition_ema.numpy()),
                     "condition_mean": float(fisher_state.condition_mean.numpy()),
                     "energy": float(fisher_state.energy_sum.numpy()),
@@ -674,7 +674,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         if self.learning_rate_scaling == "sqrt":
             return tf.sqrt(ratio)
         if self.learning_rate_scaling == "adascale":
+            # While B_simple is undefined the gain is 1 (no noise measured).
             noise = self.model.fisher_state.noise_scale
+            noise = tf.where(tf.math.is_finite(noise), noise, tf.zeros_like(noise))
             reference = tf.cast(
                 tf.maximum(self._state.reference_batch_size, 1), tf.float64
             )

@@ -67,14 +67,22 @@ class FisherState(keras.layers.Layer):
 
     @property
     def noise_scale(self) -> tf.Tensor:
-        """Smoothed ``B_simple = tr(Sigma) / |G|^2``; 0 while undefined."""
-        denominator = tf.convert_to_tensor(self.true_gradient_sq_ema)
-        defined = denominator > 0
+        """Smoothed ``B_simple = tr(Sigma) / |G|^2``; NaN while undefined.
+
+        Both averages are of *unbiased* estimates, which a few noisy batches
+        can drive below zero (seen on EfficientNetB0: ``|G|^2`` at -86707
+        after a few measurements). A ratio with a non-positive factor has no
+        meaning, so it is undefined then, as before the first measurement;
+        it is never reported as a number with the wrong sign. See
+        docs/concepts.md for how many measurements a stable value needs.
+        """
+        trace_sigma = tf.convert_to_tensor(self.trace_sigma_ema)
+        true_gradient_sq = tf.convert_to_tensor(self.true_gradient_sq_ema)
+        defined = (trace_sigma > 0) & (true_gradient_sq > 0)
         return tf.where(
             defined,
-            tf.convert_to_tensor(self.trace_sigma_ema)
-            / tf.where(defined, denominator, 1.0),
-            tf.constant(0.0, tf.float64),
+            trace_sigma / tf.where(defined, true_gradient_sq, 1.0),
+            tf.constant(float("nan"), tf.float64),
         )
 
     def record(

@@ -45,7 +45,9 @@ SCALARS = (
     "trace",
     "gradient_norm",
     "gradient_noise_scale",
+    "noise_scale",
     "rank",
+    "zero_threshold",
     "batch_size",
     "learning_rate",
     "skipped",
@@ -183,13 +185,18 @@ def _write_layout() -> None:
                     ),
                     chart("trace of F", "trace"),
                     chart("rank", "rank"),
+                    chart("zero threshold (relative to the largest)", "zero_threshold"),
                 ],
             ),
             layout_pb2.Category(
                 title="keras-fim: gradient and sampling",
                 chart=[
                     chart("mini-batch gradient norm", "gradient_norm"),
-                    chart("gradient noise scale B_simple", "gradient_noise_scale"),
+                    chart(
+                        "gradient noise scale B_simple (batch, running)",
+                        "gradient_noise_scale",
+                        "noise_scale",
+                    ),
                     chart(
                         "batch size and learning rate", "batch_size", "learning_rate"
                     ),
@@ -233,6 +240,7 @@ def write_measurement(
         "gradient_norm": measurement.gradient_norm,
         "gradient_noise_scale": measurement.gradient_noise_scale,
         "rank": measurement.rank,
+        "zero_threshold": measurement.zero_threshold,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
     }
@@ -241,8 +249,8 @@ def write_measurement(
     with writer.as_default(step=step), tf.name_scope("fisher/"):
         for name in SCALARS:
             value = tf.cast(values[name], tf.float64)
-            # Undefined values (B_simple with a negative |G|^2 estimate, ...)
-            # are left out rather than drawn as NaN.
+            # Undefined values (B_simple with a non-positive estimate, ...)
+            # are left out rather than drawn as NaN or with a wrong sign.
             with tf.summary.record_if(tf.math.is_finite(value)):
                 tf.summary.scalar(name, value)
         nonzero = measurement.eigenvalues[: measurement.rank]

@@ -234,14 +234,20 @@ def flatten_gradients(gradients):
 
 
 def numpy_measurements(jac, zero_threshold=None, eps=np.finfo(np.float32).eps):
-    """Every `FisherMeasurement` field, from ``J`` (B x P), with numpy."""
+    """Every `FisherMeasurement` field, from ``J`` (B x P), with numpy.
+
+    The default threshold is the documented one (docs/concepts.md): an
+    eigenvalue of ``G`` is zero when at most ``max((4 eps)^2, 64 eps64)``
+    times ``trace(G)``, with `eps` the unit round-off of the contributions.
+    """
     jac = np.asarray(jac, np.float64)
     batch = jac.shape[0]
     gram = jac @ jac.T
     gram_eig = np.linalg.eigh(gram)[0][::-1]
     gram_eig = np.maximum(gram_eig, 0.0)
     if zero_threshold is None:
-        zero_threshold = batch * eps
+        floor = max((4 * eps) ** 2, 64 * np.finfo(np.float64).eps)
+        zero_threshold = floor * np.trace(gram) / gram_eig[0]
     nonzero = (gram_eig > zero_threshold * gram_eig[0]) & (gram_eig > 0)
     rank = int(np.sum(nonzero))
     singular = np.sqrt(gram_eig)
@@ -265,6 +271,7 @@ def numpy_measurements(jac, zero_threshold=None, eps=np.finfo(np.float32).eps):
         gradient_noise_scale=noise,
         rank=rank,
         batch_size=batch,
+        zero_threshold=zero_threshold,
     )
 
 

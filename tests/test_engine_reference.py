@@ -612,7 +612,7 @@ def assert_measurement_matches(m, expected, rtol=1e-4):
     )
     assert np.all(np.diff(m.eigenvalues.numpy()) <= 0)
     assert np.all(m.eigenvalues.numpy() >= 0)
-    for name in ("energy", "trace", "gradient_norm"):
+    for name in ("energy", "trace", "gradient_norm", "zero_threshold"):
         np.testing.assert_allclose(
             float(getattr(m, name)), expected[name], rtol=rtol, err_msg=name
         )

@@ -89,7 +89,9 @@ def huge_mse(y_true, y_pred):
 # -- non-finite values ---------------------------------------------------------
 
 
-def test_gram_overflow_is_skipped_and_training_is_unchanged(tmp_path):
+def test_gradients_too_large_for_a_float32_gram_are_measured(tmp_path):
+    """Per-example gradients near 1e25 are finite in float32; their squares
+    overflow float32 but not the float64 Gram products: measured, kept."""
     x, y = regression_data()
     kwargs = {"loss": huge_mse, "lr": 1e-27, "epochs": 2}
     plain, _ = fit(x, y, [], **kwargs)
@@ -98,6 +100,29 @@ def test_gram_overflow_is_skipped_and_training_is_unchanged(tmp_path):
         x, y, [keras_fim.FisherCallback(log_dir, every_n_steps=1)], **kwargs
     )
     assert all(np.isfinite(w).all() for w in measured.get_weights())
+    assert_same_weights(plain, measured)
+    assert counters(measured) == (4, 0)
+    assert messages == []
+    scalars, _ = read_scalars(log_dir)
+    assert [v for _, v in scalars["fisher/rank"]] == [8.0] * 4  # full rank
+    assert all(v > 1e40 for _, v in scalars["fisher/eigenvalue_max"])
+
+
+def test_a_gram_that_overflows_float64_is_skipped(tmp_path):
+    """A float64 model whose gradients' squares overflow even float64: the
+    measured steps are skipped (rank 0, nothing drawn), training unchanged."""
+    keras.config.set_floatx("float64")
+    x, y = (a.astype("float64") for a in regression_data())
+
+    def enormous_mse(y_true, y_pred):
+        return 1e170 * keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1)
+
+    kwargs = {"loss": enormous_mse, "lr": 1e-200, "epochs": 2}
+    plain, _ = fit(x, y, [], **kwargs)
+    log_dir = str(tmp_path)
+    measured, messages = fit(
+        x, y, [keras_fim.FisherCallback(log_dir, every_n_steps=1)], **kwargs
+    )
     assert_same_weights(plain, measured)
     assert counters(measured) == (0, 4)  # all 4 measured steps skipped
     state = measured.fisher_state
@@ -133,11 +158,14 @@ def test_one_bad_example_in_a_batch(fault, jit_compile):
     kernel = plain.get_weights()[0]
     assert not np.isfinite(kernel).all() or np.abs(kernel).max() > 1e10
     assert_same_weights(plain, measured)
-    kept, skipped = counters(measured)
-    assert skipped >= 1 and kept + skipped == 2  # the bad step at least
     if fault == "nan_input":
-        assert skipped == 2  # NaN weights after the first update
-    assert len(messages) == 1 and SKIP_WARNING in messages[0]
+        assert counters(measured) == (0, 2)  # NaN weights after the first update
+        assert len(messages) == 1 and SKIP_WARNING in messages[0]
+    else:
+        # An infinite loss with finite per-example gradients (their squares
+        # fit the float64 Gram products): both steps are measured.
+        assert counters(measured) == (2, 0)
+        assert messages == []
 
 
 # -- degenerate spectra ----------------------------------------------------------

@@ -300,6 +300,7 @@ def as_measurement(step):
         gradient_noise_scale=nan,
         rank=tf.constant(step["measured"], tf.int32),
         batch_size=tf.constant(step["measured"], tf.int32),
+        zero_threshold=nan,
     )
 
 

@@ -263,13 +263,9 @@ def _read_variables(model) -> tuple[list, list]:
 
 
 def gram_from_gradients(gradients: list) -> tf.Tensor:
-    """The Gram matrix ``J J^T`` of per-example gradients, summed per variable."""
-    gram = None
-    for g in gradients:
-        flat = tf.reshape(g, [tf.shape(g)[0], -1])
-        block = tf.matmul(flat, flat, transpose_b=True)
-        gram = block if gram is None else gram + tf.cast(block, gram.dtype)
-    return gram
+    """The Gram matrix ``J J^T`` of per-example gradients, summed per
+    variable, in float64 (`keras_fim.engine.gram.gram_of`)."""
+    return tf.add_n([gram_module.gram_of(g) for g in gradients])
 
 
 def _check_memory_budget(memory_budget):
@@ -482,8 +478,10 @@ def measure(
     """Measures the approximate Fisher of one mini-batch.
 
     Arguments as in `per_example_gradients`; `zero_threshold` as in
-    `keras_fim.measurements.spectrum_from_gram`. Works eagerly and inside a
-    `tf.function` (a compiled train step).
+    `keras_fim.measurements.spectrum_from_gram`, its default derived from
+    the precision of the dtype the layers compute in
+    (`contribution_precision`). Works eagerly and inside a `tf.function` (a
+    compiled train step).
 
     Returns:
         A `keras_fim.FisherMeasurement`.
@@ -500,8 +498,23 @@ def measure(
     """
     from keras_fim.measurements import spectrum_from_gram
 
-    gram = fisher_gram(model, x, y, sample_weight, max_examples=max_examples)
-    return spectrum_from_gram(gram, zero_threshold)
+    batch_pass, units, examples = _record(
+        model, x, y, sample_weight, max_examples, True
+    )
+    blocks, _ = grams_from_calls(units, batch_pass.calls, examples)
+    return spectrum_from_gram(
+        sum_blocks(blocks), zero_threshold, contribution_precision(units)
+    )
+
+
+def contribution_precision(units) -> float:
+    """The unit round-off of the least precise dtype the units compute in:
+    the relative precision their contributions carry (float32's eps for a
+    float32 model, float16's under ``mixed_float16``)."""
+    from keras_fim.measurements import unit_roundoff
+
+    dtypes = {layer.compute_dtype for layer, _ in units} or {"float32"}
+    return max(unit_roundoff(dtype) for dtype in dtypes)
 
 
 # -- measuring inside a training step ------------------------------------------

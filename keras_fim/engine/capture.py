@@ -41,7 +41,9 @@ def differentiable_outputs(outputs) -> list:
 
     Keras's softmax and sigmoid attach their input as `_keras_logits`, and the
     cross-entropy losses differentiate through that tensor instead of the
-    probabilities. Both must be recorded for the cotangents to be complete.
+    probabilities. Both must be recorded for the cotangents to be complete;
+    the logits' cotangent must be that of the loss's direct use of them only
+    (see `_separate_logits`).
     """
     flat = []
     for o in keras.tree.flatten(outputs):
@@ -50,6 +52,24 @@ def differentiable_outputs(outputs) -> list:
             logits = getattr(o, "_keras_logits", None)
             flat.append(logits if tf.is_tensor(logits) else tf.zeros_like(o))
     return flat
+
+
+def _separate_logits(outputs) -> None:
+    """Gives each output's `_keras_logits` a tensor of its own (an identity).
+
+    The attached logits are the tensor the probabilities were computed
+    from, so the derivative of the loss with respect to them is the *total*
+    one, through the probabilities too. A rule adds the activation's
+    backward pass of the probabilities' cotangent to the logits' cotangent,
+    so the latter must be the direct path alone: the one a loss takes when
+    it reads `_keras_logits` (a loss that casts the probabilities, or reads
+    them itself, takes the other path; both counted would double the
+    contributions of a softmax layer).
+    """
+    for o in keras.tree.flatten(outputs):
+        logits = getattr(o, "_keras_logits", None)
+        if tf.is_tensor(o) and o.dtype.is_floating and tf.is_tensor(logits):
+            o._keras_logits = tf.identity(logits)
 
 
 def _cotangent_probe(tensor, sink: list, index: int):
@@ -139,6 +159,8 @@ class _Recorder:
         state = [tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables]
         weights = [tf.convert_to_tensor(v.value) for v in layer.trainable_variables]
         outputs = original(*args, **kwargs)
+        if not self.probe_cotangents:  # probes separate the logits themselves
+            _separate_logits(outputs)
         call = LayerCall(args, kwargs, state, weights, differentiable_outputs(outputs))
         self.calls[id(layer)].append(call)
         if self.probe_cotangents:

@@ -17,6 +17,17 @@ can often be formed without the unit's per-example gradients:
   generic rule): the unit's per-example gradients from its rule, one
   variable at a time, each ``(B, variable size)``.
 
+Every product that forms a block is taken in float64 from the (float32,
+float64, or widened 16-bit) factors (`gram_of`, `_ghost`): a product of two
+float32 numbers is exact in float64, so a block is the exact Gram matrix of
+the contributions the factors describe, up to float64 accumulation. A float32
+Gram would carry absolute errors of about ``eps32 * ||g_i|| ||g_j||`` per
+entry, which hide every eigenvalue below about ``1e-7`` of the largest
+(singular values of ``J`` below ``3e-4`` of the largest), while float32
+contributions resolve singular values down to about ``eps32`` of ``||J||_F``
+(`keras_fim.measurements.noise_floor`). The float64 products cost
+about twice the float32 ones on CPU (`benchmarks/precision.py`).
+
 Costs are counted in multiply-adds and memory in bytes of the largest
 temporary; a path whose temporary exceeds the memory budget is not taken,
 and a materialised kernel gradient is split over output channels until each
@@ -40,6 +51,19 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 PLANNING_BATCH_SIZE = 256
 """The batch size plans assume when the graph does not know it."""
+
+GRAM_DTYPE = tf.float64
+"""The dtype every Gram product is taken in (see the module docstring)."""
+
+_GRAM_ITEMSIZE = GRAM_DTYPE.size
+
+
+def gram_of(rows: tf.Tensor) -> tf.Tensor:
+    """``R R^T`` in float64 for `rows` shaped ``(B, ...)`` (flattened per
+    example): the exact Gram matrix of float32 rows, up to float64
+    accumulation."""
+    flat = tf.cast(tf.reshape(rows, [tf.shape(rows)[0], -1]), GRAM_DTYPE)
+    return tf.matmul(flat, flat, transpose_b=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,29 +106,28 @@ def _kernel_block(name, batch, positions, m, n, itemsize, budget, ghost, materia
     """
     materialise_cost = batch * (positions or 1) * m * n + batch * batch * m * n
     if positions is not None:
-        ghost_bytes = 2 * batch * batch * positions * positions * itemsize
+        ghost_bytes = 2 * batch * batch * positions * positions * _GRAM_ITEMSIZE
         ghost_cost = batch * batch * positions * positions * (m + n)
         if ghost_bytes <= budget and ghost_cost <= materialise_cost:
             return ghost(), Plan(name, "ghost", ghost_cost, ghost_bytes)
-    gradient_bytes = batch * m * n * itemsize
+    # The gradients and their float64 copy for the product.
+    gradient_bytes = batch * m * n * (itemsize + _GRAM_ITEMSIZE)
     chunks = max(1, min(n, math.ceil(gradient_bytes / budget)))
     width = math.ceil(n / chunks)
     block = None
     for start in range(0, n, width):
-        g = materialise(start, start + width)
-        g = tf.reshape(g, [tf.shape(g)[0], -1])
-        part = tf.matmul(g, g, transpose_b=True)
+        part = gram_of(materialise(start, start + width))
         block = part if block is None else block + part
     plan = Plan(name, "materialise", materialise_cost, gradient_bytes / chunks, chunks)
     return block, plan
 
 
 def _ghost(a, d):
-    """``sum_{t,s} (a_it . a_js)(d_it . d_js)`` for a: (B, T, m), d: (B, T, n)."""
+    """``sum_{t,s} (a_it . a_js)(d_it . d_js)`` for a: (B, T, m), d: (B, T, n),
+    in float64."""
     if a.shape[1] == 1:
-        return tf.matmul(a[:, 0], a[:, 0], transpose_b=True) * tf.matmul(
-            d[:, 0], d[:, 0], transpose_b=True
-        )
+        return gram_of(a[:, 0]) * gram_of(d[:, 0])
+    a, d = tf.cast(a, GRAM_DTYPE), tf.cast(d, GRAM_DTYPE)
     return tf.einsum(
         "abts,abts->ab",
         tf.einsum("atm,bsm->abts", a, a),
@@ -114,8 +137,7 @@ def _ghost(a, d):
 
 def _bias_block(sums):
     """The bias block from each call's per-example cotangent sums."""
-    s = tf.add_n(sums)
-    return tf.matmul(s, s, transpose_b=True)
+    return gram_of(tf.add_n(sums))
 
 
 def dense_factors(layer, calls, examples):
@@ -225,7 +247,9 @@ def embedding_block(layer, tokens, d, budget, fallback=False):
     batch, positions = _static_batch(None, d), d.shape[1]
     vocabulary = layer.input_dim
     ghost_bytes = (
-        None if positions is None else 2 * batch * batch * positions**2 * d.dtype.size
+        None
+        if positions is None
+        else 2 * batch * batch * positions**2 * _GRAM_ITEMSIZE
     )
     if ghost_bytes is None or ghost_bytes > budget or positions**2 > vocabulary:
         if not fallback:
@@ -233,13 +257,16 @@ def embedding_block(layer, tokens, d, budget, fallback=False):
         grads = tf.einsum(
             "btv,btn->bvn", tf.one_hot(tokens, vocabulary, dtype=d.dtype), d
         )
-        flat = tf.reshape(grads, [tf.shape(grads)[0], -1])
         size = vocabulary * layer.output_dim
         plan = Plan(
-            layer.name, "materialise", batch * batch * size, batch * size * d.dtype.size
+            layer.name,
+            "materialise",
+            batch * batch * size,
+            batch * size * (d.dtype.size + _GRAM_ITEMSIZE),
         )
-        return tf.matmul(flat, flat, transpose_b=True), plan
+        return gram_of(grads), plan
     same = tf.equal(tokens[:, None, :, None], tokens[None, :, None, :])
+    d = tf.cast(d, GRAM_DTYPE)
     products = tf.einsum("atn,bsn->abts", d, d)
     block = tf.reduce_sum(tf.where(same, products, tf.zeros_like(products)), [2, 3])
     cost = batch * batch * positions * positions * layer.output_dim
@@ -260,12 +287,11 @@ def rule_gram(layer, rule, calls, examples):
     block, batch, size = None, None, 0
     for grads in zip(*per_call, strict=True):
         g = tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
-        flat = tf.reshape(g, [tf.shape(g)[0], -1])
-        part = tf.matmul(flat, flat, transpose_b=True)
-        block = part if block is None else block + tf.cast(part, block.dtype)
-        batch = _static_batch(examples, flat)
-        size = max(size, flat.shape[-1] or 0)
-    itemsize = block.dtype.size
+        part = gram_of(g)
+        block = part if block is None else block + part
+        batch = _static_batch(examples, g)
+        size = max(size, math.prod(g.shape[1:]) if g.shape[1:].is_fully_defined() else 0)
+        itemsize = g.dtype.size + _GRAM_ITEMSIZE
     parameters = sum(math.prod(v.shape) for v in layer.trainable_variables)
     plan = Plan(layer.name, "rule", batch * batch * parameters, batch * size * itemsize)
     return block, plan
@@ -345,9 +371,12 @@ def gradients_payload(name, gradients) -> Payload:
         batch = _static_batch(None, g)
         size = g.shape[-1] or 0
         plan = Plan(
-            name, "materialise", batch * batch * size, batch * size * g.dtype.size
+            name,
+            "materialise",
+            batch * batch * size,
+            batch * size * (g.dtype.size + _GRAM_ITEMSIZE),
         )
-        return tf.matmul(g, g, transpose_b=True), plan
+        return gram_of(g), plan
 
     return Payload([flat], block, "gradients", flat.shape[-1])
 
