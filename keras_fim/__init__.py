@@ -21,7 +21,7 @@ from keras_fim.sampling import DynamicSampling
 from keras_fim.schedules import SamplingContext
 from keras_fim.state import FisherState, SamplingState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DynamicSampling",

@@ -175,7 +175,8 @@ class FisherCallback(keras.callbacks.Callback):
 
     * A measured step is *skipped* when its ``c_k`` or its ``L_K`` term is
       not finite: NaN or inf in the inputs, the loss or the per-example
-      gradients, a Gram matrix that overflows its dtype, or a non-finite
+      gradients, a Gram matrix that overflows (its products are float64:
+      only per-example gradients near 1e150 do), or a non-finite
       eigen-solver result (the solver never sees a non-finite matrix). Its
       spectrum is then NaN with rank 0. A skipped step is counted in
       ``fisher_state.skipped`` (TensorBoard ``fisher/skipped``) and left
@@ -218,8 +219,13 @@ class FisherCallback(keras.callbacks.Callback):
             Defaults to `None` (all).
         zero_threshold: Float in [0, 1) or `None`. Eigenvalues at most
             ``zero_threshold * max eigenvalue`` count as zero for the rank and
-            the truncated condition number. `None` means ``|B| * eps`` of the
-            gradients' dtype. Defaults to `None`.
+            the truncated condition number; ``0`` keeps every positive one
+            (the reference code's exact-zero rule). `None` derives it from
+            the precision the contributions carry: singular values of ``J``
+            below ``4 u ||J||_F`` (``u`` the unit round-off of the dtype the
+            layers compute in) are round-off
+            (`keras_fim.measurements.noise_floor`). The threshold used is
+            logged as ``fisher/zero_threshold``. Defaults to `None`.
         ema_decay: Float in [0, 1), the weight of the old value in the
             exponential average of ``c_k``. Defaults to `0.9`.
         per_layer: Boolean. Also write each layer's own spectrum

@@ -74,7 +74,7 @@ class FisherMeasurement(NamedTuple):
 
 KAPPA = 4.0
 """Unit round-offs of ``||J||_F`` below which a singular value of ``J`` is
-taken for round-off (a margin of 16 over the 0.06-0.25 measured)."""
+taken for round-off (a margin of at least 6 over the 0.06-0.62 measured)."""
 
 SOLVER_FACTOR = 64.0
 """Float64 eps of ``trace(G)``: the Gram's accumulation and eigen-solve."""
@@ -100,10 +100,11 @@ def noise_floor(precision: float) -> float:
     the paper's ResNet with BatchNorm, ``||E||_2`` reaches ``70 u ||J||_F``
     at batch 512, almost all of it a relative perturbation of the leading
     directions (the largest eigenvalue moves by ``1e-6`` of itself), while
-    the smaller half of the singular values moved by at most ``0.25 u
-    ||J||_F`` (``benchmarks/precision.py`` prints all three). A singular
-    value at most ``KAPPA u ||J||_F`` (16 times that) is therefore taken
-    for round-off, and since ``||J||_F^2 = trace(G)`` the eigenvalues of
+    the smaller half of the singular values moved by at most ``0.62 u
+    ||J||_F`` (batch 16; at most 0.25 from batch 32 to 512;
+    ``benchmarks/precision.py`` prints all three). A singular value at most
+    ``KAPPA u ||J||_F`` (at least 6 times that) is therefore taken for
+    round-off, and since ``||J||_F^2 = trace(G)`` the eigenvalues of
     ``G`` below ``(KAPPA u)^2 trace(G)`` count as zero. The Gram products
     are exact in float64 (`keras_fim.engine.gram`); their accumulation and
     the float64 eigen-solve add errors of about ``eps64 trace(G)`` to the

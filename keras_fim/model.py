@@ -45,7 +45,8 @@ class FisherModel(keras.Model):
             to 0.
         max_examples: Integer >= 2 or `None`, examples measured per batch.
         zero_threshold: Float in [0, 1) or `None`, the relative zero
-            threshold of the eigenvalues.
+            threshold of the eigenvalues (`None`: derived from the precision
+            of the contributions; see `FisherCallback`).
         ema_decay: Float in [0, 1), weight of the old value in the EMA of c_k.
         log_dir: Path or `None`, where TensorBoard event files go.
         per_layer: Boolean, also log each layer's own spectrum.

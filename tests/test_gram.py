@@ -55,6 +55,22 @@ def assert_blocks_match(actual, expected):
         np.testing.assert_allclose(actual[name], block, atol=2e-6 * scale, err_msg=name)
 
 
+def assert_small_eigenvalues_resolved(actual, expected):
+    """Each block's eigenvalues down to 1e-11 of its largest match the
+    reference's to 2 %. The blocks of nearly identical examples have
+    eigenvalues far below float32's eps of the largest: a block formed with
+    float32 products gets them wrong by orders of magnitude."""
+    smallest = []
+    for name, block in expected.items():
+        assert actual[name].dtype == np.float64, name
+        want = np.linalg.eigvalsh(block)[::-1]
+        got = np.linalg.eigvalsh(actual[name])[::-1]
+        resolved = want > 1e-11 * want[0]
+        np.testing.assert_allclose(got[resolved], want[resolved], rtol=2e-2, err_msg=name)
+        smallest.append(want[resolved][-1] / want[0])
+    assert min(smallest) < 1e-8  # the test reaches below float32's resolution
+
+
 # Each case: a model, its input shape, and the path each layer must take
 # under the default budget ("ghost", "materialise" or "rule").
 CASES = {
@@ -123,6 +139,15 @@ def test_paths_match_loop_per_layer(case):
     assert all(p.path != "ghost" for p in plans.values())
     assert any(p.chunks > 1 for p in plans.values())
     assert_blocks_match(squeezed, reference_blocks(model, x, y))
+    # Nearly identical examples, one label: every path, ghost and
+    # materialised, resolves the tiny eigenvalues (float64 products).
+    near = x[:1] + 3e-5 * np.random.default_rng(4).normal(size=x.shape)
+    near, same = near.astype("float32"), np.zeros(6, "int64")
+    expected = reference_blocks(model, near, same)
+    for budget in (None, 64):
+        assert_small_eigenvalues_resolved(
+            engine_blocks(model, near, same, memory_budget=budget)[0], expected
+        )
 
 
 def test_embedding_ghost_and_rule_match_loop():

@@ -285,3 +285,112 @@ def test_fit_keeps_averages_of_the_noise_components_and_their_ratio():
     assert float(state.noise_scale) == pytest.approx(
         expected["trace"] / expected["true"], rel=1e-3
     )
+
+
+# -- undefined noise scales ------------------------------------------------------
+
+
+def _measurement():
+    from keras_fim.measurements import spectrum_from_gram
+
+    return spectrum_from_gram(np.diag([4.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "components, defined",
+    [
+        ((2.0, 0.5), True),
+        ((2.0, -86707.0), False),  # |G|^2 below zero (seen on EfficientNetB0)
+        ((-3.0, 0.5), False),  # tr(Sigma) below zero
+        ((-3.0, -0.5), False),  # both: the ratio would be positive, and wrong
+        ((0.0, 0.5), False),
+    ],
+)
+def test_running_noise_scale_is_undefined_unless_both_estimates_are_positive(
+    components, defined
+):
+    state = keras_fim.FisherState()
+    assert np.isnan(float(state.noise_scale))  # before any measurement
+    state.record(_measurement(), 0.1, 2, 1, 0.9, components)
+    value = float(state.noise_scale)
+    if defined:
+        assert value == pytest.approx(components[0] / components[1])
+    else:
+        assert np.isnan(value)
+    # The averages themselves are kept as estimated, signs included, so
+    # that later measurements can bring them back.
+    assert float(state.true_gradient_sq_ema) == components[1]
+
+
+def test_noise_scale_comes_back_when_the_averages_turn_positive():
+    state = keras_fim.FisherState()
+    state.record(_measurement(), 0.1, 2, 1, 0.5, (4.0, -1.0))
+    assert np.isnan(float(state.noise_scale))
+    state.record(_measurement(), 0.1, 2, 1, 0.5, (4.0, 3.0))  # EMA: 4, 1
+    assert float(state.noise_scale) == pytest.approx(4.0)
+
+
+def test_per_batch_noise_scale_is_undefined_unless_both_estimates_are_positive():
+    from keras_fim.measurements import gradient_noise_scale
+
+    def b_simple(s, m, batch):
+        s, m, batch = (tf.constant(v, tf.float64) for v in (s, m, batch))
+        return float(gradient_noise_scale(s, m, batch))
+
+    assert b_simple(3.0, 1.0, 4.0) == pytest.approx((2 * 4 / 3) / ((4 - 3) / 3))
+    assert np.isnan(b_simple(3.0, 0.5, 4.0))  # |G|^2 estimate (4 m - s) < 0
+    assert np.isnan(b_simple(1.0, 2.0, 4.0))  # tr(Sigma) estimate (s - m) < 0
+    assert np.isnan(b_simple(3.0, 1.0, 1.0))  # a batch of one
+
+
+def test_adascale_gain_is_one_while_the_noise_scale_is_undefined():
+    x, y = np.zeros((64, 3), "float32"), np.zeros((64, 1), "float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    sampling = keras_fim.DynamicSampling(
+        (x, y), schedule=16, learning_rate_scaling="adascale"
+    )
+    sampling.set_model(model)
+    fisher = keras_fim.FisherCallback()
+    fisher.set_model(model)
+    model.sampling_state.reference_batch_size.assign(16)
+    model.fisher_state.true_gradient_sq_ema.assign(-5.0)
+    model.fisher_state.trace_sigma_ema.assign(40.0)
+    assert float(sampling._gain(tf.constant(64))) == 1.0
+    model.fisher_state.true_gradient_sq_ema.assign(1.0)  # B_simple = 40
+    expected = (1 + 40 / 16) / (1 + 40 / 64)
+    assert float(sampling._gain(tf.constant(64))) == pytest.approx(expected)
+
+
+def test_fit_never_logs_a_wrong_signed_noise_scale(tmp_path):
+    """BatchNorm, batches of 8: the half-batch estimates often fall below
+    zero. Whatever is logged is positive; undefined steps are left out."""
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = rng.integers(0, 3, 96)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        verbose=0,
+        callbacks=[keras_fim.FisherCallback(str(tmp_path), every_n_steps=1)],
+    )
+    scalars, _ = read_scalars(str(tmp_path))
+    logged = scalars.get("fisher/noise_scale", [])
+    assert all(v > 0 for _, v in logged)
+    assert all(v > 0 for _, v in scalars.get("fisher/gradient_noise_scale", []))
+    assert len(logged) < 24  # some of the 24 measured steps were undefined
+    state = model.fisher_state
+    if not np.isfinite(float(state.noise_scale)):
+        assert min(float(state.trace_sigma_ema), float(state.true_gradient_sq_ema)) <= 0
