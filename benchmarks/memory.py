@@ -60,8 +60,10 @@ def measure_once(model, batch: int, budget):
 
     @tf.function
     def measurement():
-        units, calls, examples, _ = record_pass(model, x, y)
-        blocks, unit_plans = grams_from_calls(units, calls, examples, budget)
+        record = record_pass(model, x, y)
+        blocks, unit_plans = grams_from_calls(
+            record.units, record.calls, record.examples, budget
+        )
         plans[:] = unit_plans
         return spectrum_from_gram(sum_blocks(blocks)).eigenvalues
 

@@ -11,25 +11,18 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim.engine import (
-    ProbedPass,
-    _check_memory_budget,
-    _read_variables,
-    contribution_precision,
+from keras_fim.engine.distribute import example_counts, gathered_grams
+from keras_fim.engine.gram import check_memory_budget
+from keras_fim.engine.noise import (
     gradient_noise_components,
-    grams_from_calls,
     noise_components_from_gram,
     noise_components_from_groups,
-    record_pass,
-    reuses_training_pass,
-    sum_blocks,
 )
-from keras_fim.engine.distribute import (
-    example_counts,
-    gathered_grams,
-    replicas_in_sync,
-)
-from keras_fim.measurements import spectrum_from_gram
+from keras_fim.engine.pipeline import local_grams, measure_pass
+from keras_fim.engine.probes import ProbedPass, reuses_training_pass
+from keras_fim.engine.record import record_pass
+from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
+from keras_fim.engine.units import read_variables
 from keras_fim.state import FisherState, attach_state
 from keras_fim.train_step import begin_fit, compile_train_function, end_fit
 
@@ -270,7 +263,7 @@ class FisherCallback(keras.callbacks.Callback):
         super().__init__()
         _check_bool("per_layer", per_layer)
         _check_bool("reuse_training_pass", reuse_training_pass)
-        _check_memory_budget(memory_budget)
+        check_memory_budget(memory_budget)
         validate_options(
             every_n_steps,
             dense_epochs,
@@ -471,13 +464,8 @@ class FisherCallback(keras.callbacks.Callback):
     def _measured_step(self, original_step, data):
         """Keras's own step, then the measurement of its batch with the
         variables as the step found them: from the step's own forward and
-        backward pass where that is exact (`engine.ProbedPass`), otherwise
-        from a recorded pass of its own (`engine.record_pass`).
-
-        Under a strategy with several replicas in sync the measurement is
-        that of the global batch (`engine.distribute`): the replicas
-        all-gather their examples' factors, outside any `tf.cond`, and
-        record the same values."""
+        backward pass where that is exact (`engine.probes.ProbedPass`),
+        otherwise from a recorded pass of its own (`engine.record`)."""
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs = self._step_inputs(x)
@@ -493,10 +481,9 @@ class FisherCallback(keras.callbacks.Callback):
             with probe:
                 logs = original_step(data)
             recorded = probe.recorded
-            variable_values = probe.variable_values
         else:
             # Read before the update (the reads precede its writes).
-            variable_values = _read_variables(model)
+            variable_values = read_variables(model)
             logs = original_step(data)
             measured_batch = (x, y, sample_weight)
             if distributed and self._steps_per_execution > 1:
@@ -509,16 +496,18 @@ class FisherCallback(keras.callbacks.Callback):
 
             def recorded():
                 return record_pass(
-                    model, *measured_batch, max_examples, variable_values
+                    model,
+                    *measured_batch,
+                    max_examples=max_examples,
+                    variable_values=variable_values,
                 )
 
-        inputs["variable_values"] = variable_values
-        inputs["update_applied"] = _update_applied(model, inputs["loss_scale"])
+        inputs["update_applied"] = update_applied(model, inputs["loss_scale"])
         if distributed:
-            self._measure_replicas(inputs, recorded)
+            self._measure(inputs, recorded, (x, y, sample_weight), distributed)
         else:
             self._when_measured(
-                lambda: self._measure(inputs, recorded, (x, y, sample_weight))
+                lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
             )
         return logs
 
@@ -549,10 +538,9 @@ class FisherCallback(keras.callbacks.Callback):
             # own step would make only after the measurement.
             model(x, training=False)
         return {
-            "x": x,
             "learning_rate": _current_learning_rate(model),
             "batch_size": tf.shape(keras.tree.flatten(x)[0])[0],
-            "loss_scale": _dynamic_loss_scale(model),
+            "loss_scale": loss_scale(model),
         }
 
     def _warn(self, error) -> None:
@@ -565,102 +553,85 @@ class FisherCallback(keras.callbacks.Callback):
             )
             self._warned = True
 
-    def _measure(self, inputs: dict, recorded, batch) -> None:
-        """Builds the measurement ops of one step (graph mode, one
-        replica): `recorded()` gives the recorded pass, `batch` is
-        ``(x, y, sample_weight)``."""
-        model = self.model
+    def _measure(self, inputs: dict, recorded, batch, distributed: bool) -> None:
+        """Builds one step's measurement ops (graph mode) through the one
+        pipeline (`engine.pipeline.measure_pass`): `recorded()` gives the
+        recorded pass, `batch` is ``(x, y, sample_weight)``.
+
+        Under several replicas in sync the Gram source is the global batch's
+        (`engine.distribute`: the replicas all-gather their examples'
+        factors, outside any `tf.cond`, and record the same values); in a
+        function serving several steps it runs at every step, and
+        `measured` gates the record and the writes."""
+        model, state = self.model, self._state
+        measured = tf.constant(True)
+        if distributed and self._steps_per_execution > 1:
+            measured = self._is_measured(state.step, state.epoch)
         try:
-            units, calls, examples, coupled = recorded()
-            blocks, _ = grams_from_calls(units, calls, examples, self.memory_budget)
-            gram = sum_blocks(blocks)
-            if coupled:
-                # Half batches of a batch-coupled model must be run for real.
-                noise_components = gradient_noise_components(
-                    model, *batch, inputs.get("variable_values")
+            record = recorded()
+            if distributed:
+                sizes, counts = example_counts(
+                    record.examples, self.max_examples, measured
                 )
+                batch_size = tf.reduce_sum(sizes)
+
+                def grams(r):
+                    return gathered_grams(r.units, r.calls, counts, self.memory_budget)[0]
+
+                def coupled_noise(gram):
+                    # The replicas' shards are real batches of their own
+                    # (each normalised with its own statistics).
+                    return noise_components_from_groups(gram, counts)
+
             else:
-                noise_components = noise_components_from_gram(gram)
+                batch_size = inputs["batch_size"]
+                grams = local_grams(self.memory_budget)
+
+                def coupled_noise(gram):
+                    # Half batches of a batch-coupled model are run for real.
+                    return gradient_noise_components(
+                        model, *batch, record.variable_values
+                    )
+
             # A non-finite Gram gives an all-NaN measurement, which
             # `FisherState.record` counts as skipped.
-            precision = contribution_precision(units)
-            measurement = spectrum_from_gram(gram, self.zero_threshold, precision)
-            layers = self._layer_spectra(blocks, precision)
-        except Exception as error:  # never let a measurement stop training
-            self._warn(error)
-            return
-        state = self._state
-        state.record(
-            measurement,
-            inputs["learning_rate"],
-            inputs["batch_size"],
-            self._steps_represented(state.epoch),
-            self.ema_decay,
-            noise_components,
-            update_applied=inputs["update_applied"],
-        )
-        if self._writer is not None:
-            self._write(
-                measurement, layers, inputs["learning_rate"], inputs["batch_size"]
+            result = measure_pass(
+                record,
+                grams=grams,
+                noise=coupled_noise if record.coupled else noise_components_from_gram,
+                zero_threshold=self.zero_threshold,
+                per_layer=self.per_layer,
             )
-
-    def _measure_replicas(self, inputs: dict, recorded) -> None:
-        """`_measure` under several replicas in sync: the global batch's
-        Gram from every replica's examples (`engine.distribute`), the same
-        record on every replica. In a function that serves several steps it
-        runs at every step (collectives and writes to mirrored variables
-        may not sit in a `tf.cond`), and `measured` gates the record."""
-        state = self._state
-        if self._steps_per_execution > 1:
-            measured = self._is_measured(state.step, state.epoch)
-        else:
-            measured = tf.constant(True)
-        try:
-            units, calls, local_batch, coupled = recorded()
-            sizes, counts = example_counts(local_batch, self.max_examples, measured)
-            blocks, _ = gathered_grams(units, calls, counts, self.memory_budget)
-            gram = sum_blocks(blocks)
-            if coupled:
-                # The replicas' shards are real batches of their own (each
-                # normalised with its own statistics): the small batches.
-                noise_components = noise_components_from_groups(gram, counts)
-            else:
-                noise_components = noise_components_from_gram(gram)
-            precision = contribution_precision(units)
-            measurement = spectrum_from_gram(gram, self.zero_threshold, precision)
-            layers = self._layer_spectra(blocks, precision)
         except Exception as error:  # never let a measurement stop training
             self._warn(error)
             return
-        batch_size = tf.reduce_sum(sizes)
         state.record(
-            measurement,
+            result.measurement,
             inputs["learning_rate"],
             batch_size,
             self._steps_represented(state.epoch),
             self.ema_decay,
-            noise_components,
+            result.noise_components,
             measured=measured,
             update_applied=inputs["update_applied"],
         )
         if self._writer is None:
             return
+
+        def write():
+            self._write(
+                result.measurement, result.layers, inputs["learning_rate"], batch_size
+            )
+            return tf.constant(True)
+
+        if not distributed:
+            write()
+            return
         first = tf.equal(
             tf.distribute.get_replica_context().replica_id_in_sync_group, 0
         )
-
-        def write():
-            self._write(measurement, layers, inputs["learning_rate"], batch_size)
-            return tf.constant(True)
-
         # Only the first replica writes (no collective in this branch).
         tf.cond(measured & first, write, lambda: tf.constant(False))
-
-    def _layer_spectra(self, blocks, precision) -> dict:
-        return {
-            name: spectrum_from_gram(block, self.zero_threshold, precision)
-            for name, block in (blocks.items() if self.per_layer else ())
-        }
 
     def _write(self, measurement, layers, learning_rate, batch_size) -> None:
         state = self._state
@@ -711,25 +682,6 @@ def _first_examples(batch, measured):
     size = tf.shape(first)[0]
     keep = tf.where(measured, size, tf.minimum(size, 1))
     return keras.tree.map_structure(lambda t: t if t is None else t[:keep], batch)
-
-
-def _dynamic_loss_scale(model):
-    """The loss scale of a `LossScaleOptimizer` as the step finds it, or
-    `None`."""
-    optimizer = getattr(model, "optimizer", None)
-    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return None
-    return tf.cast(optimizer.scale_loss(tf.constant(1.0)), tf.float32)
-
-
-def _update_applied(model, scale_before):
-    """Whether the step applied its update: a `LossScaleOptimizer` halves
-    its scale instead when the scaled gradients were not finite (an
-    overflow), and never lowers it otherwise."""
-    if scale_before is None:
-        return True
-    scale_after = tf.cast(model.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
-    return scale_after >= scale_before
 
 
 def _current_learning_rate(model) -> tf.Tensor:

@@ -395,9 +395,9 @@ def test_failed_measurement_never_stops_training():
             np.testing.assert_array_equal(a, b)
         assert int(measured.fisher_state.measurements) == 0
     finally:
-        from keras_fim.engine.rules import RULES
+        from keras_fim.engine.rules import DEFAULT_REGISTRY
 
-        RULES.pop(Odd)
+        DEFAULT_REGISTRY.unregister(Odd)
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])

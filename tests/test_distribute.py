@@ -229,12 +229,12 @@ def test_payloads_of_parts_give_the_whole_batchs_blocks(name):
     model, x = _models()[name]
     model.compile(loss="sparse_categorical_crossentropy")
     y = np.arange(len(x)) % 3
-    units, calls, examples, _ = record_pass(model, x, y)
-    blocks, _ = grams_from_calls(units, calls, examples)
+    whole = record_pass(model, x, y)
+    blocks, _ = grams_from_calls(whole.units, whole.calls, whole.examples)
     parts = []
     for part in (slice(0, 6), slice(6, 10)):
-        units, calls, examples, _ = record_pass(model, x[part], y[part])
-        parts.append(payloads_from_calls(units, calls, examples))
+        record = record_pass(model, x[part], y[part])
+        parts.append(payloads_from_calls(record.units, record.calls, record.examples))
     for key, payload in parts[0].items():
         tensors = [
             tf.concat([a, b], 0)

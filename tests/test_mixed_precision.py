@@ -76,8 +76,10 @@ def probed_spectrum(model, x, y):
         probe = ProbedPass(model, x)
         with probe:
             model.train_step((x, y))
-        units, calls, examples, _ = probe.recorded()
-        return sum_blocks(grams_from_calls(units, calls, examples)[0])
+        record = probe.recorded()
+        return sum_blocks(
+            grams_from_calls(record.units, record.calls, record.examples)[0]
+        )
 
     return spectrum_from_gram(step(tf.constant(x), tf.constant(y)))
 

@@ -120,7 +120,7 @@ def _dispatching_call(layer, original):
     return call
 
 
-class _Recorder:
+class Recorder:
     """Records the calls of `layers` made by this thread while entered.
 
     With `probe_cotangents`, each recorded output also passes through a
@@ -237,9 +237,8 @@ def _widened(tensor):
 class BatchPass:
     """Result of `record_batch_pass`."""
 
-    per_example_loss: tf.Tensor  # (batch,)
     calls: dict[int, list[LayerCall]]
-    batch_gradient: list  # d(sum_i l_i)/d(theta), aligned with trainable vars
+    variable_values: tuple[list, list]  # (trainable, non_trainable) run with
 
 
 def record_batch_pass(
@@ -260,16 +259,19 @@ def record_batch_pass(
     multiplied by before differentiating and the results are divided by
     again in float32, as Keras's loss scaling does under ``mixed_float16``
     (16-bit cotangents then neither underflow nor, with the optimizer's
-    own scale, overflow more than the training step's). Cotangents and
-    gradients of 16-bit tensors are returned in float32.
+    own scale, overflow more than the training step's). Cotangents of
+    16-bit tensors are returned in float32. Only the layers' cotangents are
+    computed, not the weights' gradient.
     """
     if variable_values is None:
         trainable = [v.value for v in model.trainable_variables]
         non_trainable = [v.value for v in model.non_trainable_variables]
     else:
         trainable, non_trainable = (list(values) for values in variable_values)
-    recorder = _Recorder(units)
-    with tf.GradientTape(persistent=True) as tape:
+    recorder = Recorder(units)
+    with tf.GradientTape() as tape:
+        # Watched so that the ops reading them are recorded; their own
+        # gradient is never asked for.
         tape.watch(trainable)
         with recorder:
             kwargs = {"training": training} if model._call_has_training_arg else {}
@@ -280,18 +282,14 @@ def record_batch_pass(
             total = total * tf.cast(loss_scale, total.dtype)
     outputs = [call.outputs for records in recorder.calls.values() for call in records]
     flat_outputs = [o for group in outputs for o in group]
-    grads = tape.gradient(
-        total,
-        flat_outputs + trainable,
-        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+    cotangents = tape.gradient(
+        total, flat_outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
     )
-    del tape
-    grads = [_unscaled(g, loss_scale) for g in grads]
-    cotangents, batch_gradient = grads[: len(flat_outputs)], grads[len(flat_outputs) :]
+    cotangents = [_unscaled(g, loss_scale) for g in cotangents]
     position = 0
     for records in recorder.calls.values():
         for call in records:
             n = len(call.outputs)
             call.cotangents = cotangents[position : position + n]
             position += n
-    return BatchPass(losses, recorder.calls, batch_gradient)
+    return BatchPass(recorder.calls, (trainable, non_trainable))

@@ -23,13 +23,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-
-def replicas_in_sync() -> int:
-    """The replicas in sync of the current replica context (1 outside one
-    or in cross-replica context)."""
-    context = tf.distribute.get_replica_context()
-    return 1 if context is None else int(context.num_replicas_in_sync)
-
+from keras_fim.engine.gram import check_memory_budget, payloads_from_calls
+from keras_fim.engine.record import record_pass
 
 def _padded(tensor, rows):
     rank = tensor.shape.rank
@@ -74,9 +69,7 @@ def gathered_grams(units, calls, counts, memory_budget):
     (`example_counts`), over all replicas: ``(blocks, plans)`` as
     `engine.grams_from_calls` gives them on one device for the global batch.
     Called in replica context by every replica."""
-    from keras_fim.engine import _check_memory_budget, payloads_from_calls
-
-    budget = _check_memory_budget(memory_budget)
+    budget = check_memory_budget(memory_budget)
     context = tf.distribute.get_replica_context()
     mine = tf.gather(counts, context.replica_id_in_sync_group)
     # At least one row is computed (and sent): an empty gather crashes.
@@ -133,14 +126,13 @@ def payload_sizes(model, x, y, sample_weight=None) -> dict:
     ...               np.zeros((2, 10), "float32"))
     {'hidden': ('factors', 4160), 'head': ('factors', 1064)}
     """
-    from keras_fim.engine import payloads_from_calls, record_pass
-
     sizes = {}
 
     @tf.function
     def trace(x, y, sample_weight):
-        units, calls, examples, _ = record_pass(model, x, y, sample_weight)
-        for name, p in payloads_from_calls(units, calls, examples).items():
+        record = record_pass(model, x, y, sample_weight)
+        payloads = payloads_from_calls(record.units, record.calls, record.examples)
+        for name, p in payloads.items():
             sizes[name] = (p.kind, bytes_gathered({name: p}, 1))
 
     # Traced only: the shapes are all that is needed.

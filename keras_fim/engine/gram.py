@@ -39,12 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Callable
 
-import keras
 import tensorflow as tf
-
-from keras_fim.engine import rules
-from keras_fim.engine.capture import LayerCall
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 """Bytes: the default bound on one unit's largest temporary (1 GiB)."""
@@ -140,43 +138,9 @@ def _bias_block(sums):
     return gram_of(tf.add_n(sums))
 
 
-def dense_factors(layer, calls, examples):
-    """A plain Dense unit's ``(a, d)``: inputs and pre-activation cotangents,
-    every call's positions together, ``(B, T, in)`` and ``(B, T, out)``."""
-    pairs = [rules.dense_inputs_and_cotangents(layer, c, examples) for c in calls]
-    a = tf.concat([p[0] for p in pairs], axis=1)
-    d = tf.concat([p[1] for p in pairs], axis=1)
-    return a, d
-
-
-def dense_block(layer, a, d, budget):
-    """A Dense unit's block from its `dense_factors`."""
-    block, plan = _kernel_block(
-        layer.name,
-        _static_batch(None, d),
-        a.shape[1],
-        a.shape[-1],
-        d.shape[-1],
-        d.dtype.size,
-        budget,
-        lambda: _ghost(a, d),
-        lambda start, stop: tf.einsum("bti,btj->bij", a, d[..., start:stop]),
-    )
-    if layer.use_bias:
-        block += _bias_block([tf.reduce_sum(d, axis=1)])
-    return block, plan
-
-
-def dense_gram(layer, calls, examples, budget):
-    """Dense (every call's positions together); `None` if not plain."""
-    if not rules._dense_is_plain(layer):
-        return None
-    a, d = dense_factors(layer, calls, examples)
-    return dense_block(layer, a, d, budget)
-
-
 def convolution_block(layer, operands, budget):
-    """A plain convolution unit's block from its calls' operands."""
+    """A plain convolution unit's block from its calls' operands
+    (`keras_fim.engine.rules.ConvolutionOperands`)."""
     sizes = [o.positions for o in operands]
     positions = None if None in sizes else sum(sizes)
     kernel = layer.kernel.shape
@@ -208,42 +172,11 @@ def convolution_block(layer, operands, budget):
     return block, plan
 
 
-def convolution_gram(layer, calls, examples, budget):
-    """Plain 1D/2D convolutions; `None` for other kinds."""
-    if not rules.convolution_is_plain(layer):
-        return None
-    operands = [rules.convolution_operands(layer, c, examples) for c in calls]
-    return convolution_block(layer, operands, budget)
-
-
-def _embedding_is_plain(layer) -> bool:
-    return not getattr(layer, "lora_enabled", False) and not layer.quantization_mode
-
-
-def embedding_factors(layer, calls, examples):
-    """An Embedding unit's tokens ``(B, T)`` and cotangents ``(B, T, dim)``,
-    every call's positions together."""
-
-    def tokens_and_cotangents(call):
-        d = call.cotangents[0][:examples]
-        batch = tf.shape(d)[0]
-        tokens = tf.cast(call.args[0][:examples], tf.int32)
-        return (
-            tf.reshape(tokens, [batch, -1]),
-            tf.reshape(d, [batch, -1, d.shape[-1]]),
-        )
-
-    pairs = [tokens_and_cotangents(c) for c in calls]
-    tokens = tf.concat([p[0] for p in pairs], axis=1)
-    d = tf.concat([p[1] for p in pairs], axis=1)
-    return tokens, d
-
-
-def embedding_block(layer, tokens, d, budget, fallback=False):
-    """An Embedding unit's block from its `embedding_factors`: the ghost
-    form, or `None` where the rule's ``(B, vocabulary, dim)`` gradients are
-    smaller or the ghost form exceeds `budget` (with `fallback`, those
-    gradients are then formed from the factors)."""
+def embedding_block(layer, tokens, d, budget):
+    """An Embedding unit's block from its tokens ``(B, T)`` and output
+    cotangents ``(B, T, dim)``: the ghost form (rows of equal tokens meet)
+    where it fits `budget` and is smaller than the ``(B, vocabulary, dim)``
+    gradients, otherwise those gradients, scattered from the factors."""
     batch, positions = _static_batch(None, d), d.shape[1]
     vocabulary = layer.input_dim
     ghost_bytes = (
@@ -252,10 +185,11 @@ def embedding_block(layer, tokens, d, budget, fallback=False):
         else 2 * batch * batch * positions**2 * _GRAM_ITEMSIZE
     )
     if ghost_bytes is None or ghost_bytes > budget or positions**2 > vocabulary:
-        if not fallback:
-            return None
-        grads = tf.einsum(
-            "btv,btn->bvn", tf.one_hot(tokens, vocabulary, dtype=d.dtype), d
+        rows = tf.shape(d)[0]
+        examples = tf.broadcast_to(tf.range(rows)[:, None], tf.shape(tokens))
+        # scatter_nd sums the cotangents of repeated tokens.
+        grads = tf.scatter_nd(
+            tf.stack([examples, tokens], axis=-1), d, [rows, vocabulary, d.shape[-1]]
         )
         size = vocabulary * layer.output_dim
         plan = Plan(
@@ -273,59 +207,87 @@ def embedding_block(layer, tokens, d, budget, fallback=False):
     return block, Plan(layer.name, "ghost", cost, ghost_bytes)
 
 
-def embedding_gram(layer, calls, examples, budget):
-    """Embedding: rows of equal tokens meet in the ghost form."""
-    if not _embedding_is_plain(layer):
-        return None
-    tokens, d = embedding_factors(layer, calls, examples)
-    return embedding_block(layer, tokens, d, budget)
+@dataclasses.dataclass
+class GhostFactors:
+    """A unit's Gram block in factored form: what a rule's `factors`
+    returns (`keras_fim.engine.rules.LayerRule`).
+
+    Attributes:
+        tensors: Tensors with the examples first, ``(B, ...)``: the rows the
+            block is formed from (a Dense unit's inputs and cotangents, a
+            convolution's inputs and cotangents, an Embedding's tokens and
+            cotangents). Under a distribution strategy they are what a
+            replica all-gathers when they are fewer values per example than
+            the unit's parameters.
+        block: ``block(tensors, budget) -> (block, Plan)``: the unit's Gram
+            block from such tensors (the local ones, or the gathered ones of
+            the global batch), choosing its path under the memory `budget`.
+    """
+
+    tensors: list
+    block: Callable[[list, float], tuple]
 
 
-def rule_gram(layer, rule, calls, examples):
-    """Any unit: its rule's per-example gradients, a variable at a time."""
-    per_call = [rule(layer, call, examples) for call in calls]
-    block, batch, size = None, None, 0
+def kernel_factors(name: str, a, d, use_bias: bool = False) -> GhostFactors:
+    """`GhostFactors` of a kernel whose per-example gradient is ``g_i =
+    sum_t a_it^T d_it`` (and, with `use_bias`, a bias whose gradient is
+    ``sum_t d_it``): `a` ``(B, T, m)``, `d` ``(B, T, n)``. For a custom
+    layer that is a Dense in disguise; `_kernel_block`'s cost model picks
+    the ghost or the materialised form. `name`: the unit's, for its plan."""
+
+    def block(tensors, budget):
+        a, d = tensors
+        kernel, plan = _kernel_block(
+            name,
+            _static_batch(None, d),
+            a.shape[1],
+            a.shape[-1],
+            d.shape[-1],
+            d.dtype.size,
+            budget,
+            lambda: _ghost(a, d),
+            lambda start, stop: tf.einsum("bti,btj->bij", a, d[..., start:stop]),
+        )
+        if use_bias:
+            kernel += _bias_block([tf.reduce_sum(d, axis=1)])
+        return kernel, plan
+
+    return GhostFactors([a, d], block)
+
+
+def rule_gram(layer, per_example, calls, examples):
+    """Any unit: its per-example gradients (`per_example(layer, call,
+    examples)`), a variable at a time."""
+    per_call = [per_example(layer, call, examples) for call in calls]
+    block, batch, size, itemsize = None, None, 0, _GRAM_ITEMSIZE
     for grads in zip(*per_call, strict=True):
         g = tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
         part = gram_of(g)
         block = part if block is None else block + part
         batch = _static_batch(examples, g)
-        size = max(size, math.prod(g.shape[1:]) if g.shape[1:].is_fully_defined() else 0)
+        known = g.shape[1:].is_fully_defined()
+        size = max(size, math.prod(g.shape[1:]) if known else 0)
         itemsize = g.dtype.size + _GRAM_ITEMSIZE
-    parameters = sum(math.prod(v.shape) for v in layer.trainable_variables)
-    plan = Plan(layer.name, "rule", batch * batch * parameters, batch * size * itemsize)
+    plan = Plan(
+        layer.name, "rule", batch * batch * _parameters(layer), batch * size * itemsize
+    )
     return block, plan
 
 
-GRAM_RULES = {
-    keras.layers.Dense: dense_gram,
-    keras.layers.Conv1D: convolution_gram,
-    keras.layers.Conv2D: convolution_gram,
-    keras.layers.Embedding: embedding_gram,
-}
+def unit_factors(unit, calls, examples) -> GhostFactors | None:
+    """The unit's `GhostFactors` from its rule, or `None` (no factored form)."""
+    layer, rule = unit
+    return None if rule.factors is None else rule.factors(layer, calls, examples)
 
 
-def unit_gram(
-    layer, rule, calls: list[LayerCall], examples, budget: float = DEFAULT_MEMORY_BUDGET
-):
-    """The Gram block of one unit over all its recorded calls, and its plan.
-
-    The special forms apply only where the unit's rule is the built-in one
-    (a rule registered by the user takes precedence).
-    """
-    builtin = {
-        keras.layers.Dense: rules.dense_rule,
-        keras.layers.Conv1D: rules.convolution_rule,
-        keras.layers.Conv2D: rules.convolution_rule,
-        keras.layers.Embedding: rules.per_example_rule,
-    }
-    for cls, gram_rule in GRAM_RULES.items():
-        if isinstance(layer, cls) and rule is builtin[cls]:
-            result = gram_rule(layer, calls, examples, budget)
-            if result is not None:
-                return result
-            break
-    return rule_gram(layer, rule, calls, examples)
+def unit_gram(unit, calls: list, examples, budget: float = DEFAULT_MEMORY_BUDGET):
+    """The Gram block of one unit over all its recorded calls, and its plan:
+    from its rule's factored form where it has one, else from its
+    per-example gradients."""
+    factors = unit_factors(unit, calls, examples)
+    if factors is not None:
+        return factors.block(factors.tensors, budget)
+    return rule_gram(unit.layer, unit.rule.per_example, calls, examples)
 
 
 # -- payloads: what a replica contributes to the global batch's blocks --------
@@ -396,61 +358,129 @@ def _parameters(layer) -> int:
     return sum(math.prod(v.shape) for v in layer.trainable_variables)
 
 
-def unit_payload(layer, rule, calls: list[LayerCall], examples) -> Payload:
+def unit_payload(unit, calls: list, examples) -> Payload:
     """What one replica sends so that every replica can form the unit's
-    Gram block over the global batch: the ghost form's factors where they
-    are fewer values per example than the unit's parameters (Dense and
-    Embedding, as a rule), otherwise the per-example gradients (convolutions
-    with many positions, every other layer). The block formed from the
-    gathered factors is exactly `unit_gram`'s on the global batch."""
-    parameters = _parameters(layer)
-    if isinstance(layer, keras.layers.Dense) and rule is rules.dense_rule:
-        if rules._dense_is_plain(layer):
-            a, d = dense_factors(layer, calls, examples)
-            values = _values(a.shape, d.shape)
-            if values is not None and values <= parameters:
-                return Payload(
-                    [a, d],
-                    lambda t, budget: dense_block(layer, t[0], t[1], budget),
-                    "factors",
-                    values,
-                )
-    elif isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D)) and (
-        rule is rules.convolution_rule
-    ):
-        if rules.convolution_is_plain(layer):
-            operands = [rules.convolution_operands(layer, c, examples) for c in calls]
-            tensors = [t for o in operands for t in (o.x, o.dz)]
-            values = _values(*(t.shape for t in tensors))
-            if values is not None and values <= parameters:
-
-                def block(t, budget):
-                    gathered = [
-                        dataclasses.replace(o, x=t[2 * i], dz=t[2 * i + 1])
-                        for i, o in enumerate(operands)
-                    ]
-                    return convolution_block(layer, gathered, budget)
-
-                return Payload(tensors, block, "factors", values)
-    elif (
-        isinstance(layer, keras.layers.Embedding)
-        and rule is rules.per_example_rule
-        and _embedding_is_plain(layer)
-    ):
-        tokens, d = embedding_factors(layer, calls, examples)
-        values = _values(tokens.shape, d.shape)
-        if values is not None and values <= parameters:
-            return Payload(
-                [tokens, d],
-                lambda t, budget: embedding_block(
-                    layer, t[0], t[1], budget, fallback=True
-                ),
-                "factors",
-                values,
-            )
-    per_call = [rule(layer, call, examples) for call in calls]
+    Gram block over the global batch: its rule's factors where they are
+    fewer values per example than the unit's parameters (Dense and
+    Embedding, as a rule), otherwise the per-example gradients
+    (convolutions with many positions, every other layer). The block formed
+    from the gathered factors is exactly `unit_gram`'s on the global
+    batch."""
+    layer, rule = unit
+    factors = unit_factors(unit, calls, examples)
+    if factors is not None:
+        values = _values(*(t.shape for t in factors.tensors))
+        if values is not None and values <= _parameters(layer):
+            return Payload(factors.tensors, factors.block, "factors", values)
+    per_call = [rule.per_example(layer, call, examples) for call in calls]
     gradients = [
         tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
         for grads in zip(*per_call, strict=True)
     ]
     return gradients_payload(layer.name, gradients)
+
+
+# -- every unit: the model's blocks ----------------------------------------------
+
+
+def check_memory_budget(memory_budget) -> float:
+    """`memory_budget` in bytes (`DEFAULT_MEMORY_BUDGET` for `None`);
+    `ValueError` naming it unless a positive number."""
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, numbers.Real)
+        or not memory_budget > 0
+    ):
+        raise ValueError(
+            "`memory_budget` must be a positive number of bytes (inf: no "
+            f"bound) or None. Received: memory_budget={memory_budget!r}"
+        )
+    return float(memory_budget)
+
+
+def per_variable_gradients(units, calls, examples, variables=None) -> list:
+    """Each example's contribution per variable: one ``(examples,
+    *variable.shape)`` tensor for each of `variables` (zeros for one no unit
+    holds), or for every variable the units hold (in order) if `None`."""
+    by_variable = {}
+    for layer, rule in units:
+        for call in calls[id(layer)]:
+            grads = rule.per_example(layer, call, examples)
+            for v, g in zip(layer.trainable_variables, grads, strict=True):
+                g = tf.cast(g, v.dtype)
+                by_variable[id(v)] = (
+                    by_variable[id(v)] + g if id(v) in by_variable else g
+                )
+    if variables is None:
+        return list(by_variable.values())
+    return [
+        by_variable.get(id(v), tf.zeros([examples, *v.shape], v.dtype))
+        for v in variables
+    ]
+
+
+def gram_from_gradients(gradients: list) -> tf.Tensor:
+    """The Gram matrix ``J J^T`` of per-example gradients, summed per
+    variable, in float64 (`gram_of`)."""
+    return tf.add_n([gram_of(g) for g in gradients])
+
+
+def _shares_weights(units) -> bool:
+    owners = [id(v) for layer, _ in units for v in layer.trainable_variables]
+    return len(owners) != len(set(owners))
+
+
+def unique_names(units) -> list[str]:
+    """The units' layer names, with ``_1``, ``_2``... for repeated ones:
+    the keys of `grams_from_calls` and `payloads_from_calls`."""
+    names, seen = [], {}
+    for layer, _ in units:
+        count = seen.get(layer.name, 0)
+        seen[layer.name] = count + 1
+        names.append(layer.name if count == 0 else f"{layer.name}_{count}")
+    return names
+
+
+def grams_from_calls(units, calls, examples, memory_budget=None):
+    """Per-unit Gram blocks from recorded calls: ``(blocks, plans)``.
+
+    `blocks` maps unit names to ``(examples, examples)`` float64 blocks
+    summing to ``J J^T``. When units share a weight, their contributions
+    must be added before the product, so the whole model is then one block,
+    ``"model"``.
+    """
+    budget = check_memory_budget(memory_budget)
+    if _shares_weights(units):
+        grads = per_variable_gradients(units, calls, examples)
+        return {"model": gram_from_gradients(grads)}, []
+    blocks, plans = {}, []
+    for name, unit in zip(unique_names(units), units, strict=True):
+        unit_calls = calls[id(unit.layer)]
+        if not unit_calls:
+            continue
+        block, plan = unit_gram(unit, unit_calls, examples, budget)
+        blocks[name] = block
+        plans.append(plan)
+    return blocks, plans
+
+
+def payloads_from_calls(units, calls, examples) -> dict:
+    """Per-unit `Payload`s from recorded calls: what a replica all-gathers
+    so that every replica forms the global batch's blocks
+    (`keras_fim.engine.distribute`). Keys as `grams_from_calls`."""
+    if _shares_weights(units):
+        grads = per_variable_gradients(units, calls, examples)
+        return {"model": gradients_payload("model", grads)}
+    payloads = {}
+    for name, unit in zip(unique_names(units), units, strict=True):
+        unit_calls = calls[id(unit.layer)]
+        if unit_calls:
+            payloads[name] = unit_payload(unit, unit_calls, examples)
+    return payloads
+
+
+def sum_blocks(blocks: dict) -> tf.Tensor:
+    """The sum of Gram blocks: ``J J^T``."""
+    return tf.add_n(list(blocks.values()))

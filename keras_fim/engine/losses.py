@@ -17,8 +17,11 @@ import keras
 import tensorflow as tf
 from keras.src.backend import get_keras_mask
 from keras.src.losses import loss as loss_module
+from keras.src.losses.losses import LossFunctionWrapper
 
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+"""Reductions whose compiled loss is ``sum_i l_i / |B|`` in terms of the
+per-example losses ``l_i`` this module returns ("sum": ``sum_i l_i``)."""
 
 
 def _compile_loss(model: keras.Model):
@@ -89,13 +92,14 @@ def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
     batch = tf.shape(values)[0]
     per_example = tf.reshape(values, [batch, -1])
     per_example = tf.reduce_sum(per_example, axis=1)
-    if reduction in _MEAN_REDUCTIONS:
+    if reduction == "mean_with_sample_weight":
+        if weights is not None:
+            per_example *= tf.cast(batch, values.dtype) / tf.reduce_sum(weights)
+    elif reduction in MEAN_REDUCTIONS:
         # Keras divides the sum by the number of loss elements; an example's
         # loss is its share times |B|, i.e. the mean over its own elements.
         elements = tf.cast(tf.size(values), values.dtype)
         per_example *= tf.cast(batch, values.dtype) / elements
-    elif reduction == "mean_with_sample_weight" and weights is not None:
-        per_example *= tf.cast(batch, values.dtype) / tf.reduce_sum(weights)
     return per_example
 
 
@@ -129,3 +133,43 @@ def per_example_losses(
             f"None. Received: loss={compile_loss._user_loss!r}."
         )
     return total
+
+
+def _compiled_losses(model) -> list:
+    """The model's compiled loss objects (built or not yet), `None`s left out."""
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None:
+        return []
+    if compile_loss.built:
+        losses = [fn for _, fn, _, _ in compile_loss._flat_losses]
+    else:
+        losses = keras.tree.flatten(compile_loss._user_loss)
+    return [loss for loss in losses if loss is not None]
+
+
+def reduction_kinds(model) -> set:
+    """``"mean"`` (`MEAN_REDUCTIONS`) or ``"sum"`` (or another reduction's
+    name) for each compiled loss."""
+
+    def reduction(loss):
+        return loss.reduction if isinstance(loss, keras.losses.Loss) else "mean"
+
+    return {
+        "mean" if reduction(loss) in MEAN_REDUCTIONS else reduction(loss)
+        for loss in _compiled_losses(model)
+    }
+
+
+def keras_losses_only(model) -> bool:
+    """Whether every compiled loss is one of Keras's own (whose values keep
+    the batch dimension, as `keras_fim.engine.probes.ProbedPass` assumes)."""
+
+    def builtin(loss):
+        if isinstance(loss, str):
+            return True
+        if isinstance(loss, LossFunctionWrapper):
+            return builtin(loss.fn)
+        owner = type(loss) if isinstance(loss, keras.losses.Loss) else loss
+        return getattr(owner, "__module__", "").startswith("keras.")
+
+    return all(builtin(loss) for loss in _compiled_losses(model))

@@ -9,9 +9,15 @@ example's contribution to the gradient of the summed per-example losses.
 Fast rules exist for the common layers; `generic_rule` handles any layer
 exactly, batch-coupled or not, by differentiating each example's share of the
 layer's output (its output rows dotted with its cotangent rows) on the whole
-recorded batch. The table `RULES` maps layer classes to rules and is looked up
-along the class's MRO, so subclasses inherit their parent's rule;
-`register_rule` adds or replaces entries.
+recorded batch.
+
+A `LayerRule` is what keras-fim knows of one family of layers: its
+per-example rule and, optionally, its Gram block in factored form (the
+"ghost" form's rows, which also serve as the distributed payload). A
+`RuleRegistry` maps layer classes to them, looked up along the class's MRO
+so that subclasses inherit their parent's rule; `builtin_registry()` builds
+keras-fim's own, and `register_rule` adds to the process-wide
+`DEFAULT_REGISTRY` (or to a registry it is given).
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ import keras
 import tensorflow as tf
 
 from keras_fim.engine.capture import LayerCall, differentiable_outputs
+from keras_fim.engine.gram import (
+    GhostFactors,
+    convolution_block,
+    embedding_block,
+    kernel_factors,
+)
 
 Rule = Callable[[keras.layers.Layer, LayerCall, int], list]
 
@@ -416,66 +428,234 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
     return grads
 
 
-# The rule table. Looked up along the MRO: the first class found wins.
-RULES: dict[type, Rule] = {
-    keras.layers.Dense: dense_rule,
-    keras.layers.Conv1D: convolution_rule,
-    keras.layers.Conv2D: convolution_rule,
-    keras.layers.BatchNormalization: affine_normalization_rule,
-    keras.layers.LayerNormalization: affine_normalization_rule,
-    keras.layers.GroupNormalization: affine_normalization_rule,
-    keras.layers.EinsumDense: per_example_rule,
-    keras.layers.Embedding: per_example_rule,
-    keras.layers.Conv3D: convolution_rule,
-    keras.layers.DepthwiseConv1D: convolution_rule,
-    keras.layers.DepthwiseConv2D: convolution_rule,
-    keras.layers.SeparableConv1D: convolution_rule,
-    keras.layers.SeparableConv2D: convolution_rule,
-    keras.layers.Conv1DTranspose: convolution_rule,
-    keras.layers.Conv2DTranspose: convolution_rule,
-    keras.layers.Conv3DTranspose: convolution_rule,
+# -- factored forms: a unit's Gram block without its per-example gradients ------
+
+
+def dense_factors(layer, calls, examples) -> GhostFactors | None:
+    """A plain Dense unit's inputs and pre-activation cotangents, every
+    call's positions together: ``g_W,i = sum_t x_it^T dz_it``."""
+    if not _dense_is_plain(layer):
+        return None
+    pairs = [dense_inputs_and_cotangents(layer, c, examples) for c in calls]
+    a = tf.concat([p[0] for p in pairs], axis=1)
+    d = tf.concat([p[1] for p in pairs], axis=1)
+    return kernel_factors(layer.name, a, d, layer.use_bias)
+
+
+def convolution_factors(layer, calls, examples) -> GhostFactors | None:
+    """A plain 1D/2D convolution's inputs and cotangents, per call
+    (`ConvolutionOperands`); `None` for other convolutions."""
+    if not convolution_is_plain(layer):
+        return None
+    operands = [convolution_operands(layer, c, examples) for c in calls]
+
+    def block(tensors, budget):
+        rows = [
+            dataclasses.replace(o, x=tensors[2 * i], dz=tensors[2 * i + 1])
+            for i, o in enumerate(operands)
+        ]
+        return convolution_block(layer, rows, budget)
+
+    return GhostFactors([t for o in operands for t in (o.x, o.dz)], block)
+
+
+def embedding_factors(layer, calls, examples) -> GhostFactors | None:
+    """An Embedding's tokens ``(B, T)`` and output cotangents ``(B, T,
+    dim)``, every call's positions together: rows of equal tokens meet."""
+    if getattr(layer, "lora_enabled", False) or layer.quantization_mode:
+        return None
+
+    def tokens_and_cotangents(call):
+        d = call.cotangents[0][:examples]
+        batch = tf.shape(d)[0]
+        tokens = tf.cast(call.args[0][:examples], tf.int32)
+        return (
+            tf.reshape(tokens, [batch, -1]),
+            tf.reshape(d, [batch, -1, d.shape[-1]]),
+        )
+
+    pairs = [tokens_and_cotangents(c) for c in calls]
+    tokens = tf.concat([p[0] for p in pairs], axis=1)
+    d = tf.concat([p[1] for p in pairs], axis=1)
+    return GhostFactors(
+        [tokens, d], lambda t, budget: embedding_block(layer, t[0], t[1], budget)
+    )
+
+
+# -- rules and where they are looked up ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How keras-fim handles one family of layers.
+
+    Attributes:
+        per_example: ``per_example(layer, call, examples) -> list``: one
+            ``(examples, *variable.shape)`` tensor per trainable variable of
+            the layer, each example's contribution (see the module
+            docstring). Every rule has one; the generic rule is exact for
+            any layer.
+        factors: Optional ``factors(layer, calls, examples) ->
+            GhostFactors | None``: the unit's Gram block in factored form,
+            from all its calls (`keras_fim.engine.gram.kernel_factors` builds
+            one for a kernel whose gradient is a sum of outer products).
+            Where it is given and returns factors, the block is formed from
+            them (the ghost form or materialised kernels, by cost), and
+            under a distribution strategy they are what replicas all-gather
+            when they are the smaller payload; `None` (or a `None` result)
+            means the block comes from `per_example`.
+    """
+
+    per_example: Rule
+    factors: Callable | None = None
+
+
+GENERIC = LayerRule(generic_rule)
+"""The exact rule for layers with weights of their own and no registered rule."""
+
+
+class RuleRegistry:
+    """Layer classes and their `LayerRule`s, looked up along the MRO: the
+    first class of a layer's MRO that has a rule gives it, so subclasses
+    inherit their parent's rule.
+
+    `builtin_registry()` makes a fresh one with keras-fim's rules;
+    `DEFAULT_REGISTRY` is the process-wide one that `register_rule` writes
+    to and measurements read unless given another.
+    """
+
+    def __init__(self, rules: dict | None = None):
+        self._rules: dict[type, LayerRule] = dict(rules or {})
+
+    def register(self, layer_class: type, rule, *, overwrite: bool = False) -> None:
+        """Adds `rule` (a `LayerRule`) for `layer_class`; see `register_rule`."""
+        if not (
+            isinstance(layer_class, type)
+            and issubclass(layer_class, keras.layers.Layer)
+        ):
+            raise ValueError(
+                "`layer_class` must be a subclass of keras.layers.Layer. "
+                f"Received: layer_class={layer_class!r}"
+            )
+        if not isinstance(rule, LayerRule):
+            raise ValueError(
+                "`rule` must be a LayerRule or a callable (layer, call, "
+                f"examples) -> per-variable gradients. Received: rule={rule!r}"
+            )
+        if layer_class in self._rules and not overwrite:
+            raise ValueError(
+                f"A rule for {layer_class.__name__} is already registered. "
+                "Pass overwrite=True to replace it. "
+                f"Received: layer_class={layer_class.__name__}, "
+                f"overwrite={overwrite}"
+            )
+        self._rules[layer_class] = rule
+
+    def unregister(self, layer_class: type) -> None:
+        """Removes `layer_class`'s own entry (its bases' rules then apply)."""
+        self._rules.pop(layer_class, None)
+
+    def rule_for(self, layer: keras.layers.Layer) -> LayerRule | None:
+        """The rule of `layer`'s class or nearest base class, or `None`."""
+        for cls in type(layer).__mro__:
+            if cls in self._rules:
+                return self._rules[cls]
+        return None
+
+
+def builtin_registry() -> RuleRegistry:
+    """A fresh registry of keras-fim's own rules."""
+    dense = LayerRule(dense_rule, dense_factors)
+    convolution = LayerRule(convolution_rule, convolution_factors)
+    transformed = LayerRule(convolution_rule)  # no factored form
+    normalization = LayerRule(affine_normalization_rule)
+    per_example = LayerRule(per_example_rule)
     # Layers that call their sublayers inside loops (the recorded tensors
     # would live in the loop's graph): one rule for the whole layer.
-    keras.layers.RNN: sequence_rule,
-    keras.layers.Bidirectional: sequence_rule,
-    keras.layers.TimeDistributed: sequence_rule,
-}
+    sequence = LayerRule(sequence_rule)
+    return RuleRegistry(
+        {
+            keras.layers.Dense: dense,
+            keras.layers.Conv1D: convolution,
+            keras.layers.Conv2D: convolution,
+            keras.layers.BatchNormalization: normalization,
+            keras.layers.LayerNormalization: normalization,
+            keras.layers.GroupNormalization: normalization,
+            keras.layers.EinsumDense: per_example,
+            keras.layers.Embedding: LayerRule(per_example_rule, embedding_factors),
+            keras.layers.Conv3D: transformed,
+            keras.layers.DepthwiseConv1D: transformed,
+            keras.layers.DepthwiseConv2D: transformed,
+            keras.layers.SeparableConv1D: transformed,
+            keras.layers.SeparableConv2D: transformed,
+            keras.layers.Conv1DTranspose: transformed,
+            keras.layers.Conv2DTranspose: transformed,
+            keras.layers.Conv3DTranspose: transformed,
+            keras.layers.RNN: sequence,
+            keras.layers.Bidirectional: sequence,
+            keras.layers.TimeDistributed: sequence,
+        }
+    )
 
 
-def register_rule(layer_class: type, rule: Rule, overwrite: bool = False) -> None:
-    """Registers `rule` for `layer_class` (and its subclasses).
+DEFAULT_REGISTRY = builtin_registry()
+"""The process-wide registry: `register_rule` adds to it."""
+
+
+def register_rule(
+    layer_class: type,
+    rule: Rule | LayerRule,
+    *,
+    factors: Callable | None = None,
+    overwrite: bool = False,
+    registry: RuleRegistry | None = None,
+) -> None:
+    """Registers how keras-fim handles `layer_class` (and its subclasses).
 
     Args:
         layer_class: A subclass of `keras.layers.Layer`.
         rule: A callable ``rule(layer, call, examples) -> list`` returning one
             ``(examples, *variable.shape)`` tensor per trainable variable of
-            the layer (see `keras_fim.engine.rules`).
+            the layer (see `keras_fim.engine.rules`), or a `LayerRule`.
+        factors: Optional callable ``factors(layer, calls, examples) ->
+            GhostFactors | None``: the layer's Gram block in factored form
+            (`LayerRule.factors`), used on one device and, as the smaller
+            payload, under a distribution strategy. Only with a callable
+            `rule`.
         overwrite: Boolean, whether to replace an existing entry. Defaults
             to `False`.
+        registry: The `RuleRegistry` to add to; `None` means
+            `DEFAULT_REGISTRY`.
 
     Raises:
-        ValueError: if `layer_class` is not a Keras layer class, or already
-            has a rule and `overwrite` is `False`.
+        ValueError: if `layer_class` is not a Keras layer class, `rule` is
+            neither callable nor a `LayerRule`, or a rule is registered
+            already and `overwrite` is `False`.
+
+    Example:
+
+    >>> import keras, keras_fim
+    >>> from keras_fim.engine.rules import generic_rule
+    >>> class Scale(keras.layers.Layer):
+    ...     def build(self, shape):
+    ...         self.w = self.add_weight(shape=shape[1:])
+    ...     def call(self, x):
+    ...         return x * self.w
+    >>> keras_fim.register_rule(Scale, generic_rule)
     """
-    if not (
-        isinstance(layer_class, type) and issubclass(layer_class, keras.layers.Layer)
-    ):
-        raise ValueError(
-            "`layer_class` must be a subclass of keras.layers.Layer. "
-            f"Received: layer_class={layer_class!r}"
-        )
-    if layer_class in RULES and not overwrite:
-        raise ValueError(
-            f"A rule for {layer_class.__name__} is already registered. "
-            "Pass overwrite=True to replace it. "
-            f"Received: layer_class={layer_class.__name__}, overwrite={overwrite}"
-        )
-    RULES[layer_class] = rule
+    if isinstance(rule, LayerRule):
+        if factors is not None:
+            raise ValueError(
+                "`factors` goes with a callable `rule`; a LayerRule carries "
+                f"its own. Received: rule={rule!r}, factors={factors!r}"
+            )
+    elif callable(rule):
+        rule = LayerRule(rule, factors)
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    registry.register(layer_class, rule, overwrite=overwrite)
 
 
-def rule_for(layer: keras.layers.Layer) -> Rule | None:
-    """The registered rule for `layer`'s class or nearest base class."""
-    for cls in type(layer).__mro__:
-        if cls in RULES:
-            return RULES[cls]
-    return None
+def rule_for(layer: keras.layers.Layer, registry: RuleRegistry | None = None):
+    """The `LayerRule` for `layer`'s class or nearest base class (`None` if
+    none is registered), in `registry` (`DEFAULT_REGISTRY` if `None`)."""
+    return (DEFAULT_REGISTRY if registry is None else registry).rule_for(layer)

@@ -1,0 +1,173 @@
+"""The public measuring functions: one batch, by hand.
+
+`per_example_gradients`, `fisher_gram`, `layer_grams` and `measure` each run
+a recorded pass of their own (`keras_fim.engine.record.record_pass`:
+stateless, in training mode) and go the way every measurement goes
+(`keras_fim.engine.pipeline`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from keras_fim.engine.gram import per_variable_gradients, sum_blocks
+from keras_fim.engine.pipeline import local_grams, measure_pass
+from keras_fim.engine.record import record_pass
+from keras_fim.measurements import FisherMeasurement
+
+
+def per_example_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    max_examples: int | None = None,
+    training: bool = True,
+) -> list:
+    """Each example's contribution to the mini-batch gradient.
+
+    Args:
+        model: A built and compiled `keras.Model`. Its compiled loss, per
+            example and unreduced, is differentiated; regularisation losses
+            are left out.
+        x: The inputs of one batch, as `model.fit` takes them.
+        y: The targets of that batch.
+        sample_weight: Optional sample weights; they multiply each example's
+            loss as in Keras.
+        max_examples: Integer or `None`. Return the contributions of only the
+            first `max_examples` examples (the batch pass still uses the whole
+            batch, so batch statistics are those of the whole batch).
+        training: Boolean, the mode of the batch pass. Defaults to `True`, the
+            mode `fit` trains in (BatchNorm with batch statistics).
+
+    Returns:
+        A list aligned with `model.trainable_variables`, each tensor shaped
+        `(batch, *variable.shape)`. They sum over examples to `|B|` times the
+        gradient of the compiled loss.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(loss="mse")
+    >>> grads = keras_fim.per_example_gradients(
+    ...     model, np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"))
+    >>> [tuple(g.shape) for g in grads]
+    [(4, 3, 2), (4, 2)]
+    """
+    record = record_pass(
+        model, x, y, sample_weight, max_examples=max_examples, training=training
+    )
+    return per_variable_gradients(
+        record.units, record.calls, record.examples, model.trainable_variables
+    )
+
+
+def layer_grams(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    max_examples: int | None = None,
+    memory_budget: float | None = None,
+) -> dict[str, tf.Tensor]:
+    """The Gram matrix ``J J^T`` split by layer: ``{layer name: block}``.
+
+    Each block is the Gram matrix of the per-example contributions to one
+    layer's weights; they sum to `fisher_gram`. The eigenvalues of a block
+    (over the batch size) are that layer's own Fisher spectrum, and its
+    trace its share of the energy ``||J||_F^2``. Blocks are formed without
+    materialising per-example gradients where a cheaper form exists
+    (`keras_fim.engine.gram`). Arguments as in `fisher_gram`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((3,)),
+    ...                           keras.layers.Dense(4, name="hidden"),
+    ...                           keras.layers.Dense(2, name="head")])
+    >>> model.compile(loss="mse")
+    >>> blocks = keras_fim.layer_grams(
+    ...     model, np.ones((5, 3), "float32"), np.zeros((5, 2), "float32"))
+    >>> sorted(blocks), tuple(blocks["head"].shape)
+    (['head', 'hidden'], (5, 5))
+    """
+    record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
+    return local_grams(memory_budget)(record)
+
+
+def fisher_gram(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    max_examples: int | None = None,
+    memory_budget: float | None = None,
+) -> tf.Tensor:
+    """The `(batch, batch)` Gram matrix ``J J^T`` of per-example contributions.
+
+    Its eigenvalues divided by the batch size are the non-zero eigenvalues of
+    the approximate Fisher ``F = J^T J / |B|``. Arguments as in
+    `per_example_gradients`, and `memory_budget`: bytes, or `None` for 1 GiB,
+    the bound on any one layer's largest temporary (see
+    `keras_fim.engine.gram`).
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(loss="mse")
+    >>> gram = keras_fim.fisher_gram(
+    ...     model, np.ones((4, 3), "float32"), np.zeros((4, 2), "float32"))
+    >>> tuple(gram.shape)
+    (4, 4)
+    """
+    blocks = layer_grams(
+        model,
+        x,
+        y,
+        sample_weight,
+        max_examples=max_examples,
+        memory_budget=memory_budget,
+    )
+    return sum_blocks(blocks)
+
+
+def measure(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sample_weight: Any = None,
+    *,
+    max_examples: int | None = None,
+    zero_threshold: float | None = None,
+) -> FisherMeasurement:
+    """Measures the approximate Fisher of one mini-batch.
+
+    Arguments as in `per_example_gradients`; `zero_threshold` as in
+    `keras_fim.measurements.spectrum_from_gram`, its default derived from
+    the precision of the dtype the layers compute in
+    (`keras_fim.engine.pipeline.contribution_precision`). Works eagerly and inside a `tf.function` (a
+    compiled train step).
+
+    Returns:
+        A `keras_fim.FisherMeasurement`.
+
+    Example:
+
+    >>> import numpy as np, keras, keras_fim
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    >>> model.compile(loss="mse")
+    >>> m = keras_fim.measure(model, np.eye(3, dtype="float32"),
+    ...                       np.zeros((3, 2), "float32"))
+    >>> int(m.batch_size), m.eigenvalues.shape
+    (3, TensorShape([3]))
+    """
+    record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
+    return measure_pass(record, zero_threshold=zero_threshold).measurement

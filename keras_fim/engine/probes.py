@@ -1,0 +1,84 @@
+"""Measuring from the training step's own forward and backward pass.
+
+`ProbedPass` records the calls of the model's next forward pass and, through
+identity operations whose gradient is recorded (`capture._cotangent_probe`),
+the cotangents of the training step's own backward pass: no second pass.
+Keras's step differentiates ``s / (R N) sum_i l_i`` (plus weight
+regularisation, which no layer output sees); its cotangents divided by that
+factor (`keras_fim.engine.scaling.training_loss_factor`) are those of the
+per-example losses. `reuses_training_pass` says where this is exact.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from keras_fim.engine import capture
+from keras_fim.engine.losses import keras_losses_only, reduction_kinds
+from keras_fim.engine.record import RecordedPass, measured_examples
+from keras_fim.engine.scaling import training_loss_factor
+from keras_fim.engine.units import batch_size, find_units, read_variables
+
+
+def reuses_training_pass(model: keras.Model, step) -> bool:
+    """Whether `ProbedPass` is exact around `step`: Keras's own train step,
+    loss computation and losses, one kind of loss reduction (so that the
+    training loss is the sum of per-example losses times one factor), and no
+    activity regulariser (whose loss would add to the layers' cotangents).
+    """
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    from keras.src.trainers.trainer import Trainer
+
+    cls = type(model)
+    kinds = reduction_kinds(model)
+    return (
+        getattr(step, "__func__", None) is TensorFlowTrainer.train_step
+        and cls.compute_loss is Trainer.compute_loss
+        and cls._compute_loss is Trainer._compute_loss
+        and model.optimizer is not None
+        and getattr(model, "_compile_loss", None) is not None
+        and keras_losses_only(model)
+        and len(kinds) == 1
+        and kinds <= {"mean", "sum"}
+        and not any(
+            getattr(layer, "activity_regularizer", None) is not None
+            for layer in model._flatten_layers(include_self=True, recursive=True)
+        )
+    )
+
+
+class ProbedPass:
+    """Records the calls of the model's next forward pass, and the
+    cotangents of the training step's own backward pass through them.
+
+    Usage (inside the compiled step): ``with probe: logs = step(data)``,
+    then ``probe.recorded()``, a `keras_fim.engine.record.RecordedPass`.
+    """
+
+    def __init__(self, model, x, max_examples=None, registry=None):
+        if not model.built:
+            raise ValueError("ProbedPass needs a built model.")
+        self.units = find_units(model, registry)
+        self._recorder = capture.Recorder(
+            [unit.layer for unit in self.units], probe_cotangents=True
+        )
+        # Read now, before the step updates the loss scale.
+        self.factor = training_loss_factor(model, batch_size(x))
+        self.examples = measured_examples(x, max_examples)
+        # For measurements that need passes of their own (the half batches of
+        # a coupled model): the variables as the step found them.
+        self.variable_values = read_variables(model)
+
+    def __enter__(self):
+        self._recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._recorder.__exit__(*exc)
+
+    def recorded(self) -> RecordedPass:
+        """The pass the step ran, with its cotangents unscaled."""
+        self._recorder.collect_probed_cotangents(self.factor)
+        return RecordedPass(
+            self.units, self._recorder.calls, self.examples, self.variable_values
+        )

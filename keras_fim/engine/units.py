@@ -1,0 +1,83 @@
+"""Units: the layers whose calls a measurement records, each with its rule.
+
+A unit is a layer whose trainable weights one rule handles
+(`keras_fim.engine.rules`). Layers own disjoint weights, so the Gram matrix
+``J J^T`` is a sum of one block per unit (`keras_fim.engine.gram`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import keras
+import tensorflow as tf
+
+from keras_fim.engine import rules
+
+
+class Unit(NamedTuple):
+    """A layer and the `keras_fim.engine.rules.LayerRule` that handles it."""
+
+    layer: keras.layers.Layer
+    rule: rules.LayerRule
+
+
+def own_trainable_variables(layer) -> list:
+    """`layer`'s trainable variables that none of its sublayers holds."""
+    inner = {
+        id(v)
+        for sub in layer._flatten_layers(include_self=False, recursive=True)
+        for v in sub.trainable_variables
+    }
+    return [v for v in layer.trainable_variables if id(v) not in inner]
+
+
+def find_units(model: keras.Model, registry: rules.RuleRegistry | None = None) -> list:
+    """The layers whose calls are recorded, each with the rule that handles it.
+
+    A layer with a registered rule is one unit (the rule covers all its
+    weights); a layer holding weights of its own with no rule is handled by
+    the exact generic rule as a whole; otherwise we descend into sublayers.
+    `registry`: where rules are looked up (the process-wide one if `None`).
+    """
+    registry = rules.DEFAULT_REGISTRY if registry is None else registry
+    units, seen = [], set()
+
+    def visit(layer, is_root):
+        if id(layer) in seen or not layer.trainable_variables:
+            return
+        seen.add(id(layer))
+        rule = None if is_root else registry.rule_for(layer)
+        if rule is None and own_trainable_variables(layer):
+            rule = rules.GENERIC
+        if rule is not None:
+            units.append(Unit(layer, rule))
+            return
+        for sub in layer._flatten_layers(include_self=False, recursive=False):
+            visit(sub, False)
+
+    visit(model, True)
+    return units
+
+
+def is_coupled(unit: Unit) -> bool:
+    """Whether a unit may mix examples: BatchNorm (training mode in `fit`
+    unless frozen) and whatever the generic rule handles."""
+    if unit.rule is rules.GENERIC:
+        return True
+    layer = unit.layer
+    return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+
+
+def batch_size(x: Any) -> tf.Tensor:
+    """The number of examples of a batch's inputs (its first tensor's)."""
+    first = next(t for t in keras.tree.flatten(x) if t is not None)
+    return tf.shape(first)[0]
+
+
+def read_variables(model: keras.Model) -> tuple[list, list]:
+    """The model's trainable and non-trainable values, read now."""
+    return (
+        [tf.convert_to_tensor(v.value) for v in model.trainable_variables],
+        [tf.convert_to_tensor(v.value) for v in model.non_trainable_variables],
+    )

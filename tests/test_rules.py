@@ -1,0 +1,161 @@
+"""Rules as objects in a registry (`keras_fim.engine.rules`): a user's layer
+with a per-example rule *and* a factored (ghost) form, used on one device and
+as the payload a replica all-gathers; registries built by the factory and
+injected; what happens to a layer whose rule fails (`fail_mode`)."""
+
+import fim_reference as ref
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fim
+from keras_fim.engine import grams_from_calls, payloads_from_calls, record_pass
+from keras_fim.engine.gram import kernel_factors
+from keras_fim.engine.rules import (
+    GENERIC,
+    LayerRule,
+    RuleRegistry,
+    builtin_registry,
+    dense_rule,
+    register_rule,
+)
+
+
+class Affine(keras.layers.Layer):
+    """A Dense in disguise: keras-fim has no rule for it."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, shape):
+        self.kernel = self.add_weight(shape=(shape[-1], self.units), name="kernel")
+        self.bias = self.add_weight(shape=(self.units,), name="bias")
+
+    def call(self, x):
+        return tf.tanh(x @ self.kernel + self.bias)
+
+
+def affine_cotangent(call, examples):
+    """The cotangent before the tanh, from the recorded output and its
+    cotangent: d tanh(z) = (1 - y^2) dy."""
+    y, dy = call.outputs[0][:examples], call.cotangents[0][:examples]
+    return (1 - y**2) * dy
+
+
+def affine_per_example(layer, call, examples):
+    x, dz = call.args[0][:examples], affine_cotangent(call, examples)
+    return [tf.einsum("bi,bj->bij", x, dz), dz]
+
+
+CALLS_SEEN = []
+
+
+def affine_factors(layer, calls, examples):
+    CALLS_SEEN.append(layer.name)
+    a = tf.concat([c.args[0][:examples][:, None] for c in calls], axis=1)
+    d = tf.concat([affine_cotangent(c, examples)[:, None] for c in calls], axis=1)
+    return kernel_factors(layer.name, a, d, use_bias=True)
+
+
+def model_and_batch(n=10):
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            Affine(6, name="affine"),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(5)
+    return model, rng.normal(size=(n, 5)).astype("float32"), rng.integers(0, 3, n)
+
+
+def loop_block(model, x, y, layer_name):
+    grads = ref.loop_per_example_gradients(model, x, y)
+    by_id = dict(zip([id(v) for v in model.trainable_variables], grads, strict=True))
+    jac = ref.flatten_gradients(
+        [by_id[id(v)] for v in model.get_layer(layer_name).trainable_variables]
+    )
+    return jac @ jac.T
+
+
+def test_a_custom_layer_with_a_ghost_form_uses_it_locally_and_distributed():
+    model, x, y = model_and_batch()
+    registry = builtin_registry()
+    register_rule(Affine, affine_per_example, factors=affine_factors, registry=registry)
+    expected = loop_block(model, x, y, "affine")
+
+    record = record_pass(model, x, y, registry=registry)
+    blocks, plans = grams_from_calls(record.units, record.calls, record.examples)
+    assert {p.layer: p.path for p in plans}["affine"] == "ghost"
+    np.testing.assert_allclose(blocks["affine"], expected, rtol=1e-5, atol=1e-7)
+
+    # Distributed: each replica sends the factors (fewer values than the
+    # parameters), and the block of the gathered factors is the global one.
+    parts = []
+    for part in (slice(0, 4), slice(4, 10)):
+        shard = record_pass(model, x[part], y[part], registry=registry)
+        parts.append(payloads_from_calls(shard.units, shard.calls, shard.examples))
+    payload = parts[0]["affine"]
+    assert payload.kind == "factors"
+    gathered = [
+        tf.concat([a, b], 0)
+        for a, b in zip(payload.tensors, parts[1]["affine"].tensors, strict=True)
+    ]
+    block, plan = payload.block(gathered, 1 << 30)
+    assert plan.path == "ghost"
+    np.testing.assert_allclose(block, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_without_a_registered_rule_the_generic_rule_is_exact():
+    model, x, y = model_and_batch()
+    record = record_pass(model, x, y)  # the process-wide registry: no Affine
+    units = {unit.layer.name: unit.rule for unit in record.units}
+    assert units["affine"] is GENERIC
+    blocks, plans = grams_from_calls(record.units, record.calls, record.examples)
+    assert {p.layer: p.path for p in plans}["affine"] == "rule"
+    np.testing.assert_allclose(
+        blocks["affine"], loop_block(model, x, y, "affine"), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_an_injected_partial_registry_leaves_other_layers_to_the_generic_rule():
+    model, x, y = model_and_batch()
+    partial = RuleRegistry({Affine: LayerRule(affine_per_example)})
+    record = record_pass(model, x, y, registry=partial)
+    rules = {unit.layer.name: unit.rule for unit in record.units}
+    assert rules["affine"].per_example is affine_per_example
+    assert rules["head"] is GENERIC  # no Dense rule in this registry
+    blocks, _ = grams_from_calls(record.units, record.calls, record.examples)
+    np.testing.assert_allclose(
+        blocks["head"], loop_block(model, x, y, "head"), rtol=1e-5, atol=1e-7
+    )
+    # The process-wide registry is untouched by either.
+    assert keras_fim.engine.rules.rule_for(Affine(2)) is None
+
+
+def test_registries_from_the_factory_are_independent():
+    first, second = builtin_registry(), builtin_registry()
+    register_rule(Affine, affine_per_example, registry=first)
+    assert first.rule_for(Affine(2)).per_example is affine_per_example
+    assert second.rule_for(Affine(2)) is None
+    assert first.rule_for(keras.layers.Dense(2)).per_example is dense_rule
+
+
+def test_register_rule_errors_name_the_argument():
+    registry = builtin_registry()
+    with pytest.raises(ValueError, match="layer_class"):
+        register_rule(int, affine_per_example, registry=registry)
+    with pytest.raises(ValueError, match="`rule`"):
+        register_rule(Affine, "not a rule", registry=registry)
+    with pytest.raises(ValueError, match="factors"):
+        register_rule(
+            Affine, LayerRule(affine_per_example), factors=affine_factors,
+            registry=registry,
+        )
+    register_rule(Affine, affine_per_example, registry=registry)
+    with pytest.raises(ValueError, match="overwrite=True"):
+        register_rule(Affine, affine_per_example, registry=registry)
