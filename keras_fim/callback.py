@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim.engine.distribute import example_counts, gathered_grams
-from keras_fim.engine.gram import check_memory_budget
+from keras_fim.engine.gram import check_fail_mode, check_memory_budget
 from keras_fim.engine.noise import (
     gradient_noise_components,
     noise_components_from_gram,
@@ -234,6 +234,14 @@ class FisherCallback(keras.callbacks.Callback):
             that is exact (Keras's own `train_step` and loss, one kind of
             loss reduction, no activity regulariser); otherwise, or when
             `False`, run a separate pass. Defaults to `True`.
+        fail_mode: String, what a layer whose rule fails while the
+            measurement is built does (as BackPACK's ``fail_mode``):
+            ``"error"`` leaves the whole measurement out for this `fit`, with
+            one warning giving the cause; ``"warn"`` leaves that layer out of
+            ``J`` (the spectrum is the other layers') with one warning naming
+            it; ``"skip"`` does the same silently. Layers without a
+            registered rule are not failures: the exact generic rule handles
+            them. Defaults to `"error"`.
 
     Example:
 
@@ -259,11 +267,13 @@ class FisherCallback(keras.callbacks.Callback):
         per_layer: bool = False,
         memory_budget: float | None = None,
         reuse_training_pass: bool = True,
+        fail_mode: str = "error",
     ):
         super().__init__()
         _check_bool("per_layer", per_layer)
         _check_bool("reuse_training_pass", reuse_training_pass)
         check_memory_budget(memory_budget)
+        check_fail_mode(fail_mode)
         validate_options(
             every_n_steps,
             dense_epochs,
@@ -281,6 +291,7 @@ class FisherCallback(keras.callbacks.Callback):
         self.per_layer = per_layer
         self.memory_budget = memory_budget
         self.reuse_training_pass = reuse_training_pass
+        self.fail_mode = fail_mode
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}
@@ -300,6 +311,7 @@ class FisherCallback(keras.callbacks.Callback):
             "per_layer": self.per_layer,
             "memory_budget": self.memory_budget,
             "reuse_training_pass": self.reuse_training_pass,
+            "fail_mode": self.fail_mode,
         }
 
     @property
@@ -576,7 +588,9 @@ class FisherCallback(keras.callbacks.Callback):
                 batch_size = tf.reduce_sum(sizes)
 
                 def grams(r):
-                    return gathered_grams(r.units, r.calls, counts, self.memory_budget)[0]
+                    return gathered_grams(
+                        r.units, r.calls, counts, self.memory_budget, self.fail_mode
+                    )[0]
 
                 def coupled_noise(gram):
                     # The replicas' shards are real batches of their own
@@ -585,7 +599,7 @@ class FisherCallback(keras.callbacks.Callback):
 
             else:
                 batch_size = inputs["batch_size"]
-                grams = local_grams(self.memory_budget)
+                grams = local_grams(self.memory_budget, self.fail_mode)
 
                 def coupled_noise(gram):
                     # Half batches of a batch-coupled model are run for real.

@@ -21,6 +21,7 @@ _OPTIONS = (
     "per_layer",
     "memory_budget",
     "reuse_training_pass",
+    "fail_mode",
 )
 
 
@@ -54,6 +55,8 @@ class FisherModel(keras.Model):
             largest temporary while measuring.
         reuse_training_pass: Boolean, measure from the training step's own
             pass where exact.
+        fail_mode: String, ``"error"``, ``"warn"`` or ``"skip"``: what a
+            layer whose rule fails does (see `FisherCallback`).
         **kwargs: Keyword arguments of `keras.Model`.
 
     Example:
@@ -90,6 +93,7 @@ class FisherModel(keras.Model):
         per_layer: bool = False,
         memory_budget: float | None = None,
         reuse_training_pass: bool = True,
+        fail_mode: str = "error",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -104,6 +108,7 @@ class FisherModel(keras.Model):
             per_layer=per_layer,
             memory_budget=memory_budget,
             reuse_training_pass=reuse_training_pass,
+            fail_mode=fail_mode,
         )
         self.fisher_state = FisherState()
         # Tracked here (a plain model gets it untracked from DynamicSampling),

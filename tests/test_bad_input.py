@@ -94,6 +94,9 @@ FISHER_BAD = [
     ("reuse_training_pass", 0),
     ("reuse_training_pass", "no"),
     ("reuse_training_pass", None),
+    ("fail_mode", "ignore"),
+    ("fail_mode", None),
+    ("fail_mode", True),
 ]
 
 

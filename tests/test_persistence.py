@@ -39,6 +39,7 @@ NON_DEFAULT = {
     "per_layer": True,
     "memory_budget": 2**28,
     "reuse_training_pass": False,
+    "fail_mode": "warn",
 }
 
 

@@ -159,3 +159,65 @@ def test_register_rule_errors_name_the_argument():
     register_rule(Affine, affine_per_example, registry=registry)
     with pytest.raises(ValueError, match="overwrite=True"):
         register_rule(Affine, affine_per_example, registry=registry)
+
+
+# -- fail_mode -------------------------------------------------------------------
+
+
+def broken_rule(layer, call, examples):
+    raise NotImplementedError("no per-example gradients for this layer")
+
+
+@pytest.fixture
+def broken_affine():
+    register_rule(Affine, broken_rule)
+    yield
+    keras_fim.engine.rules.DEFAULT_REGISTRY.unregister(Affine)
+
+
+def test_fail_mode_error_raises(broken_affine):
+    model, x, y = model_and_batch()
+    with pytest.raises(NotImplementedError, match="no per-example gradients"):
+        keras_fim.measure(model, x, y)
+
+
+@pytest.mark.parametrize("fail_mode", ["warn", "skip"])
+def test_fail_mode_leaves_the_failing_layer_out(broken_affine, fail_mode):
+    import warnings
+
+    model, x, y = model_and_batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gram = keras_fim.fisher_gram(model, x, y, fail_mode=fail_mode)
+        blocks = keras_fim.layer_grams(model, x, y, fail_mode=fail_mode)
+    messages = [str(w.message) for w in caught if "keras-fim leaves" in str(w.message)]
+    assert sorted(blocks) == ["head"]
+    # J is the other layers' only.
+    np.testing.assert_allclose(gram, loop_block(model, x, y, "head"), rtol=1e-5, atol=1e-7)
+    if fail_mode == "warn":
+        assert messages and all("'affine'" in m for m in messages)
+    else:
+        assert messages == []
+
+
+def test_fail_mode_in_fit_measures_the_rest_and_trains_as_keras(broken_affine):
+    def train(callbacks):
+        model, x, y = model_and_batch(32)
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+        return model
+
+    plain = train([])
+    with pytest.warns(UserWarning, match="keras-fim leaves layer 'affine'"):
+        measured = train([keras_fim.FisherCallback(every_n_steps=1, fail_mode="warn")])
+    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(measured.fisher_state.measurements) == 4
+
+
+def test_fail_mode_is_checked():
+    with pytest.raises(ValueError, match="fail_mode"):
+        keras_fim.FisherCallback(fail_mode="ignore")
+    model, x, y = model_and_batch()
+    with pytest.raises(ValueError, match="fail_mode"):
+        keras_fim.measure(model, x, y, fail_mode="loud")

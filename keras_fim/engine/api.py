@@ -75,6 +75,7 @@ def layer_grams(
     *,
     max_examples: int | None = None,
     memory_budget: float | None = None,
+    fail_mode: str = "error",
 ) -> dict[str, tf.Tensor]:
     """The Gram matrix ``J J^T`` split by layer: ``{layer name: block}``.
 
@@ -83,7 +84,9 @@ def layer_grams(
     (over the batch size) are that layer's own Fisher spectrum, and its
     trace its share of the energy ``||J||_F^2``. Blocks are formed without
     materialising per-example gradients where a cheaper form exists
-    (`keras_fim.engine.gram`). Arguments as in `fisher_gram`.
+    (`keras_fim.engine.gram`). Arguments as in `fisher_gram`; `fail_mode`:
+    what a layer whose rule fails does, ``"error"`` (raise, the default),
+    ``"warn"`` or ``"skip"`` (left out of ``J``, with or without a warning).
 
     Example:
 
@@ -98,7 +101,7 @@ def layer_grams(
     (['head', 'hidden'], (5, 5))
     """
     record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
-    return local_grams(memory_budget)(record)
+    return local_grams(memory_budget, fail_mode)(record)
 
 
 def fisher_gram(
@@ -109,6 +112,7 @@ def fisher_gram(
     *,
     max_examples: int | None = None,
     memory_budget: float | None = None,
+    fail_mode: str = "error",
 ) -> tf.Tensor:
     """The `(batch, batch)` Gram matrix ``J J^T`` of per-example contributions.
 
@@ -116,7 +120,9 @@ def fisher_gram(
     the approximate Fisher ``F = J^T J / |B|``. Arguments as in
     `per_example_gradients`, and `memory_budget`: bytes, or `None` for 1 GiB,
     the bound on any one layer's largest temporary (see
-    `keras_fim.engine.gram`).
+    `keras_fim.engine.gram`); `fail_mode`: what a layer whose rule fails
+    does, ``"error"`` (raise, the default), ``"warn"`` or ``"skip"`` (left
+    out of ``J``, with or without a warning).
 
     Example:
 
@@ -135,6 +141,7 @@ def fisher_gram(
         sample_weight,
         max_examples=max_examples,
         memory_budget=memory_budget,
+        fail_mode=fail_mode,
     )
     return sum_blocks(blocks)
 
@@ -147,14 +154,16 @@ def measure(
     *,
     max_examples: int | None = None,
     zero_threshold: float | None = None,
+    fail_mode: str = "error",
 ) -> FisherMeasurement:
     """Measures the approximate Fisher of one mini-batch.
 
-    Arguments as in `per_example_gradients`; `zero_threshold` as in
+    Arguments as in `per_example_gradients`, `fail_mode` as in
+    `fisher_gram`; `zero_threshold` as in
     `keras_fim.measurements.spectrum_from_gram`, its default derived from
     the precision of the dtype the layers compute in
-    (`keras_fim.engine.pipeline.contribution_precision`). Works eagerly and inside a `tf.function` (a
-    compiled train step).
+    (`keras_fim.engine.pipeline.contribution_precision`). Works eagerly and
+    inside a `tf.function` (a compiled train step).
 
     Returns:
         A `keras_fim.FisherMeasurement`.
@@ -170,4 +179,5 @@ def measure(
     (3, TensorShape([3]))
     """
     record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
-    return measure_pass(record, zero_threshold=zero_threshold).measurement
+    grams = local_grams(fail_mode=fail_mode)
+    return measure_pass(record, grams=grams, zero_threshold=zero_threshold).measurement

@@ -64,7 +64,7 @@ def example_counts(batch, max_examples, measured):
     return sizes, counts
 
 
-def gathered_grams(units, calls, counts, memory_budget):
+def gathered_grams(units, calls, counts, memory_budget, fail_mode="error"):
     """The Gram blocks of the examples `counts` says every replica measures
     (`example_counts`), over all replicas: ``(blocks, plans)`` as
     `engine.grams_from_calls` gives them on one device for the global batch.
@@ -73,7 +73,7 @@ def gathered_grams(units, calls, counts, memory_budget):
     context = tf.distribute.get_replica_context()
     mine = tf.gather(counts, context.replica_id_in_sync_group)
     # At least one row is computed (and sent): an empty gather crashes.
-    payloads = payloads_from_calls(units, calls, tf.maximum(mine, 1))
+    payloads = payloads_from_calls(units, calls, tf.maximum(mine, 1), fail_mode)
     rows = tf.maximum(tf.reduce_max(counts), 1)
     local = [_padded(t, rows) for p in payloads.values() for t in p.tensors]
     gathered = context.all_gather(local, axis=0)

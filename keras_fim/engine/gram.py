@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -382,6 +383,52 @@ def unit_payload(unit, calls: list, examples) -> Payload:
 
 # -- every unit: the model's blocks ----------------------------------------------
 
+FAIL_MODES = ("error", "warn", "skip")
+"""What a measurement does with a layer whose rule fails while it is built
+(BackPACK's ``fail_mode``): raise, or leave the layer out of ``J`` with one
+warning, or silently."""
+
+
+def check_fail_mode(fail_mode) -> str:
+    """`fail_mode`, or `ValueError` naming it unless one of `FAIL_MODES`."""
+    if not isinstance(fail_mode, str) or fail_mode not in FAIL_MODES:
+        raise ValueError(
+            f"`fail_mode` must be one of {FAIL_MODES}. Received: fail_mode={fail_mode!r}"
+        )
+    return fail_mode
+
+
+def _per_unit(units, calls, fail_mode, build) -> dict:
+    """``{name: build(unit, unit_calls)}`` for the units that were called;
+    a unit whose `build` raises is left out under ``fail_mode`` "warn" (one
+    warning naming it) or "skip", and raises under "error"."""
+    check_fail_mode(fail_mode)
+    results = {}
+    for name, unit in zip(unique_names(units), units, strict=True):
+        unit_calls = calls[id(unit.layer)]
+        if not unit_calls:
+            continue
+        try:
+            results[name] = build(unit, unit_calls)
+        except Exception as error:
+            if fail_mode == "error":
+                raise
+            if fail_mode == "warn":
+                warnings.warn(
+                    f"keras-fim leaves layer {unit.layer.name!r} out of the "
+                    "measurement: its rule failed "
+                    f"({type(error).__name__}: {error}). The spectrum is "
+                    "that of the other layers' weights; fail_mode='error' "
+                    "makes this an error.",
+                    stacklevel=2,
+                )
+    if not results and any(calls[id(unit.layer)] for unit in units):
+        raise ValueError(
+            "keras-fim could measure no layer: every layer's rule failed "
+            f"(fail_mode={fail_mode!r})."
+        )
+    return results
+
 
 def check_memory_budget(memory_budget) -> float:
     """`memory_budget` in bytes (`DEFAULT_MEMORY_BUDGET` for `None`);
@@ -443,42 +490,41 @@ def unique_names(units) -> list[str]:
     return names
 
 
-def grams_from_calls(units, calls, examples, memory_budget=None):
+def grams_from_calls(units, calls, examples, memory_budget=None, fail_mode="error"):
     """Per-unit Gram blocks from recorded calls: ``(blocks, plans)``.
 
     `blocks` maps unit names to ``(examples, examples)`` float64 blocks
-    summing to ``J J^T``. When units share a weight, their contributions
-    must be added before the product, so the whole model is then one block,
-    ``"model"``.
+    summing to ``J J^T`` (over the measured layers: see `FAIL_MODES`). When
+    units share a weight, their contributions must be added before the
+    product, so the whole model is then one block, ``"model"``.
     """
     budget = check_memory_budget(memory_budget)
     if _shares_weights(units):
         grads = per_variable_gradients(units, calls, examples)
         return {"model": gram_from_gradients(grads)}, []
-    blocks, plans = {}, []
-    for name, unit in zip(unique_names(units), units, strict=True):
-        unit_calls = calls[id(unit.layer)]
-        if not unit_calls:
-            continue
-        block, plan = unit_gram(unit, unit_calls, examples, budget)
-        blocks[name] = block
-        plans.append(plan)
-    return blocks, plans
+    built = _per_unit(
+        units,
+        calls,
+        fail_mode,
+        lambda unit, unit_calls: unit_gram(unit, unit_calls, examples, budget),
+    )
+    blocks = {name: block for name, (block, _) in built.items()}
+    return blocks, [plan for _, plan in built.values()]
 
 
-def payloads_from_calls(units, calls, examples) -> dict:
+def payloads_from_calls(units, calls, examples, fail_mode="error") -> dict:
     """Per-unit `Payload`s from recorded calls: what a replica all-gathers
     so that every replica forms the global batch's blocks
     (`keras_fim.engine.distribute`). Keys as `grams_from_calls`."""
     if _shares_weights(units):
         grads = per_variable_gradients(units, calls, examples)
         return {"model": gradients_payload("model", grads)}
-    payloads = {}
-    for name, unit in zip(unique_names(units), units, strict=True):
-        unit_calls = calls[id(unit.layer)]
-        if unit_calls:
-            payloads[name] = unit_payload(unit, unit_calls, examples)
-    return payloads
+    return _per_unit(
+        units,
+        calls,
+        fail_mode,
+        lambda unit, unit_calls: unit_payload(unit, unit_calls, examples),
+    )
 
 
 def sum_blocks(blocks: dict) -> tf.Tensor:

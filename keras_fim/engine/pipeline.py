@@ -50,12 +50,15 @@ class Measured:
     layers: dict
 
 
-def local_grams(memory_budget: float | None = None) -> GramSource:
-    """The Gram source of one device: the recorded batch's own blocks."""
+def local_grams(
+    memory_budget: float | None = None, fail_mode: str = "error"
+) -> GramSource:
+    """The Gram source of one device: the recorded batch's own blocks
+    (`memory_budget`, `fail_mode`: as `keras_fim.engine.gram.grams_from_calls`)."""
 
     def grams(record: RecordedPass) -> dict:
         return grams_from_calls(
-            record.units, record.calls, record.examples, memory_budget
+            record.units, record.calls, record.examples, memory_budget, fail_mode
         )[0]
 
     return grams
