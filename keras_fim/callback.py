@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-import os
 import warnings
 from typing import Any
 
@@ -24,109 +22,14 @@ from keras_fim.engine.record import record_pass
 from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
 from keras_fim.engine.units import read_variables
 from keras_fim.state import FisherState, attach_state
+from keras_fim.validation import (
+    check_bool,
+    check_compiled_loss,
+    check_int,
+    check_log_dir,
+    check_real,
+)
 from keras_fim.train_step import begin_fit, compile_train_function, end_fit
-
-
-def _check_int(name, value, minimum, allow_none=False):
-    if value is None and allow_none:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
-        raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_log_dir(log_dir, name: str = "log_dir") -> str | None:
-    """`log_dir` as a `str` (or `None`); `ValueError` naming `name` when it is
-    not a path, or when a part of it that exists is not a directory (a path
-    under a regular file). Remote paths (``gs://...``) pass unchecked."""
-    if log_dir is None:
-        return None
-    if not isinstance(log_dir, (str, bytes, os.PathLike)):
-        raise ValueError(
-            f"`{name}` must be None or a path (str or os.PathLike). "
-            f"Received: {name}={log_dir!r} of type {type(log_dir).__name__}"
-        )
-    path = os.fsdecode(os.fspath(log_dir))
-    if not path:
-        raise ValueError(
-            f"`{name}` must be None or a non-empty path. Received: {name}={path!r}"
-        )
-    if "://" not in path:
-        part = os.path.abspath(path)
-        while not os.path.exists(part) and os.path.dirname(part) != part:
-            part = os.path.dirname(part)
-        if os.path.exists(part) and not os.path.isdir(part):
-            raise ValueError(
-                f"`{name}` must be a directory that can be created or written. "
-                f"Received: {name}={path!r}, but {part!r} is a file, not a "
-                "directory."
-            )
-    return path
-
-
-def validate_options(
-    every_n_steps, dense_epochs, max_examples, zero_threshold, ema_decay, log_dir
-) -> None:
-    """Raises `ValueError` naming the first invalid option."""
-    _check_int("every_n_steps", every_n_steps, 1)
-    _check_int("dense_epochs", dense_epochs, 0)
-    _check_int("max_examples", max_examples, 2, allow_none=True)
-    if zero_threshold is not None and (
-        not _is_real(zero_threshold) or not 0 <= zero_threshold < 1
-    ):
-        raise ValueError(
-            "`zero_threshold` must be None or a float in [0, 1). "
-            f"Received: zero_threshold={zero_threshold!r}"
-        )
-    if not _is_real(ema_decay) or not 0 <= ema_decay < 1:
-        raise ValueError(
-            f"`ema_decay` must be a float in [0, 1). Received: ema_decay={ema_decay!r}"
-        )
-    check_log_dir(log_dir)
-
-
-def check_compiled_loss(model: keras.Model) -> None:
-    """`ValueError` unless `model` is compiled with a loss keras-fim can
-    split per example (checked at the start of `fit`, before any step)."""
-    if not getattr(model, "compiled", False):
-        raise ValueError(
-            "keras-fim measures the gradients of the compiled loss, so the "
-            f"model must be compiled. Received: model {model.name!r}, not "
-            "compiled. Call `model.compile(optimizer=..., loss=...)` first."
-        )
-    loss = getattr(model, "loss", None)
-    leaves = [v for v in keras.tree.flatten(loss) if v is not None] if loss else []
-    if getattr(model, "_compile_loss", None) is None or not leaves:
-        raise ValueError(
-            "keras-fim measures the gradient of each example's compiled loss, "
-            "so the model must be compiled with a `loss`: a Keras loss, its "
-            "name, or a function of (y_true, y_pred) giving one value per "
-            f"example. Received: loss={loss!r} for model {model.name!r}. A "
-            "model trained only through `add_loss` (for instance fitted on "
-            "inputs without labels) has no per-example loss to measure."
-        )
-    for leaf in leaves:
-        if isinstance(leaf, keras.losses.Loss) and leaf.reduction in (None, "none"):
-            raise ValueError(
-                "keras-fim needs a loss that Keras reduces over the batch, to "
-                f"split it per example. Received: loss={leaf!r} (name "
-                f"{leaf.name!r}) with reduction={leaf.reduction!r}. Allowed "
-                "reductions: 'sum_over_batch_size' (the default), 'mean', "
-                "'sum', 'mean_with_sample_weight'."
-            )
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False. Received: {name}={value!r}")
 
 
 class FisherCallback(keras.callbacks.Callback):
@@ -270,28 +173,19 @@ class FisherCallback(keras.callbacks.Callback):
         fail_mode: str = "error",
     ):
         super().__init__()
-        _check_bool("per_layer", per_layer)
-        _check_bool("reuse_training_pass", reuse_training_pass)
-        check_memory_budget(memory_budget)
-        check_fail_mode(fail_mode)
-        validate_options(
-            every_n_steps,
-            dense_epochs,
-            max_examples,
-            zero_threshold,
-            ema_decay,
-            log_dir,
-        )
         self.log_dir = check_log_dir(log_dir)
-        self.every_n_steps = every_n_steps
-        self.dense_epochs = dense_epochs
-        self.max_examples = max_examples
-        self.zero_threshold = zero_threshold
-        self.ema_decay = float(ema_decay)
-        self.per_layer = per_layer
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, 1)
+        self.dense_epochs = check_int("dense_epochs", dense_epochs, 0)
+        self.max_examples = check_int("max_examples", max_examples, 2, allow_none=True)
+        self.zero_threshold = check_real(
+            "zero_threshold", zero_threshold, 0, 1, include_high=False, allow_none=True
+        )
+        self.ema_decay = check_real("ema_decay", ema_decay, 0, 1, include_high=False)
+        self.per_layer = check_bool("per_layer", per_layer)
+        check_memory_budget(memory_budget)
         self.memory_budget = memory_budget
-        self.reuse_training_pass = reuse_training_pass
-        self.fail_mode = fail_mode
+        self.reuse_training_pass = check_bool("reuse_training_pass", reuse_training_pass)
+        self.fail_mode = check_fail_mode(fail_mode)
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}

@@ -19,6 +19,8 @@ import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
+from keras_fim.validation import check_bool, check_int, check_real, is_real
+
 
 class SamplingContext(NamedTuple):
     """What a schedule sees when it chooses the next batch size.
@@ -68,39 +70,15 @@ class SamplingContext(NamedTuple):
 
 
 def check_size(name: str, value, num_examples: int | None = None) -> int:
-    """`value` as a batch size, or `ValueError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    value = int(value)
-    if value < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value}"
-        )
-    if num_examples is not None and value > num_examples:
+    """`value` as a batch size (at most `num_examples` if given), or
+    `ValueError` naming `name`."""
+    size = check_int(name, value, 1)
+    if num_examples is not None and size > num_examples:
         raise ValueError(
             f"`{name}` must be at most the number of examples in one pass "
-            f"({num_examples}). Received: {name}={value}"
+            f"({num_examples}). Received: {name}={size}"
         )
-    return value
-
-
-def check_number(name: str, value, *, above: float, inclusive: bool) -> float:
-    """`value` as a finite float ``>= above`` (``> above`` unless
-    `inclusive`), or `ValueError` naming `name`, the value and the range."""
-    bound = "" if math.isinf(above) else f" {'>=' if inclusive else '>'} {above:g}"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value < above
-        or (value == above and not inclusive)
-    ):
-        raise ValueError(
-            f"`{name}` must be a finite number{bound}. Received: {name}={value!r}"
-        )
-    return float(value)
+    return size
 
 
 class BatchSizeSchedule:
@@ -171,13 +149,7 @@ class Staged(BatchSizeSchedule):
                 f"`fractions` must have one entry per size ({len(self._sizes)}). "
                 f"Received: fractions={fractions!r}"
             )
-        if any(
-            isinstance(f, bool)
-            or not isinstance(f, numbers.Real)
-            or not math.isfinite(f)
-            or f <= 0
-            for f in fractions
-        ):
+        if any(not is_real(f) or not math.isfinite(f) or f <= 0 for f in fractions):
             raise ValueError(
                 "`fractions` must be positive finite numbers. "
                 f"Received: fractions={fractions!r}"
@@ -268,7 +240,7 @@ class Geometric(_PeriodicGrowth):
         every_examples: int | None = None,
     ):
         super().__init__(initial, maximum, every_epochs, every_examples)
-        self.factor = check_number("factor", factor, above=1, inclusive=True)
+        self.factor = check_real("factor", factor, 1)
 
     def __call__(self, context: SamplingContext) -> int:
         return self._capped(
@@ -380,25 +352,11 @@ class Automatic(BatchSizeSchedule):
                 f"`signal` must be one of {SIGNALS} or a function. Received: signal={signal!r}"
             )
         self.signal = signal
-        self.threshold = check_number(
-            "threshold", threshold, above=-math.inf, inclusive=False
-        )
-        self.factor = check_number("factor", factor, above=1, inclusive=False)
+        self.threshold = check_real("threshold", threshold)
+        self.factor = check_real("factor", factor, 1, include_low=False)
         self.min_steps = check_size("min_steps", min_steps)
-        if (
-            isinstance(min_measurements, bool)
-            or not isinstance(min_measurements, numbers.Integral)
-            or min_measurements < 0
-        ):
-            raise ValueError(
-                f"`min_measurements` must be an integer >= 0. Received: min_measurements={min_measurements!r}"
-            )
-        self.min_measurements = int(min_measurements)
-        if not isinstance(powers_of_two, bool):
-            raise ValueError(
-                "`powers_of_two` must be True or False. "
-                f"Received: powers_of_two={powers_of_two!r}"
-            )
+        self.min_measurements = check_int("min_measurements", min_measurements, 0)
+        check_bool("powers_of_two", powers_of_two)
         self.powers_of_two = powers_of_two
 
     def signal_value(self, context: SamplingContext) -> float | None:

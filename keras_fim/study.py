@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ from keras_fim import datasets, models
 from keras_fim.callback import FisherCallback
 from keras_fim.sampling import DynamicSampling
 from keras_fim.schedules import Staged
+from keras_fim.validation import check_choice, check_int, check_real
 
 MODELS = ("resnet", "densenet")
 SCHEDULES = ("fixed", "staged")
@@ -92,7 +92,7 @@ class RunConfig:
     data_dir: str | None = None
 
     def __post_init__(self):
-        _check_choice("model", self.model, MODELS)
+        check_choice("model", self.model, MODELS)
         if self.depth is None:  # a frozen dataclass: set the resolved default once
             object.__setattr__(self, "depth", SMALLEST_DEPTH[self.model])
         remainder = 2 if self.model == "resnet" else 4
@@ -106,28 +106,14 @@ class RunConfig:
                 f"`depth` must be 6n+{remainder} and >= {SMALLEST_DEPTH[self.model]} for "
                 f"model={self.model!r}. Received: depth={self.depth!r}"
             )
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice(
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice(
             "learning_rate_decay", self.learning_rate_decay, LEARNING_RATE_DECAYS
         )
         for name in ("batch_size", "epochs", "every_n_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"`{name}` must be a positive integer. Received: {name}={value!r}"
-                )
-        for name in ("learning_rate", "weight_decay"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(
-                    f"`{name}` must be a finite number >= 0. Received: {name}={value!r}"
-                )
-        if self.learning_rate == 0:
-            raise ValueError("`learning_rate` must be > 0. Received: learning_rate=0")
+            check_int(name, getattr(self, name), 1)
+        check_real("learning_rate", self.learning_rate, 0, include_low=False)
+        check_real("weight_decay", self.weight_decay, 0)
 
     @property
     def name(self) -> str:
@@ -150,14 +136,6 @@ class RunConfig:
             "epochs": self.epochs,
             "seed": self.seed,
         }
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(
-            f"`{name}` must be one of {', '.join(map(repr, allowed))}. "
-            f"Received: {name}={value!r}"
-        )
 
 
 def grid(

@@ -39,11 +39,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import warnings
 from collections.abc import Callable
 
 import tensorflow as tf
+
+from keras_fim.validation import check_choice, check_real
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 """Bytes: the default bound on one unit's largest temporary (1 GiB)."""
@@ -391,11 +392,7 @@ warning, or silently."""
 
 def check_fail_mode(fail_mode) -> str:
     """`fail_mode`, or `ValueError` naming it unless one of `FAIL_MODES`."""
-    if not isinstance(fail_mode, str) or fail_mode not in FAIL_MODES:
-        raise ValueError(
-            f"`fail_mode` must be one of {FAIL_MODES}. Received: fail_mode={fail_mode!r}"
-        )
-    return fail_mode
+    return check_choice("fail_mode", fail_mode, FAIL_MODES)
 
 
 def _per_unit(units, calls, fail_mode, build) -> dict:
@@ -432,19 +429,10 @@ def _per_unit(units, calls, fail_mode, build) -> dict:
 
 def check_memory_budget(memory_budget) -> float:
     """`memory_budget` in bytes (`DEFAULT_MEMORY_BUDGET` for `None`);
-    `ValueError` naming it unless a positive number."""
+    `ValueError` naming it unless a positive number (inf: no bound)."""
     if memory_budget is None:
         return DEFAULT_MEMORY_BUDGET
-    if (
-        isinstance(memory_budget, bool)
-        or not isinstance(memory_budget, numbers.Real)
-        or not memory_budget > 0
-    ):
-        raise ValueError(
-            "`memory_budget` must be a positive number of bytes (inf: no "
-            f"bound) or None. Received: memory_budget={memory_budget!r}"
-        )
-    return float(memory_budget)
+    return check_real("memory_budget", memory_budget, 0, include_low=False, allow_inf=True)
 
 
 def per_variable_gradients(units, calls, examples, variables=None) -> list:

@@ -21,6 +21,7 @@ from keras_fim.engine.capture import LayerCall, record_batch_pass
 from keras_fim.engine.losses import per_example_losses
 from keras_fim.engine.scaling import pass_loss_factor
 from keras_fim.engine.units import Unit, batch_size, find_units, is_coupled
+from keras_fim.validation import check_int
 
 
 @dataclasses.dataclass
@@ -46,19 +47,6 @@ class RecordedPass:
         """Whether a unit may mix examples (BatchNorm in training mode, the
         generic rule): half batches must then be run for real."""
         return any(is_coupled(unit) for unit in self.units)
-
-
-def check_max_examples(max_examples) -> None:
-    """`ValueError` unless `max_examples` is a positive integer or `None`."""
-    if max_examples is not None and (
-        isinstance(max_examples, bool)
-        or not isinstance(max_examples, int)
-        or max_examples < 1
-    ):
-        raise ValueError(
-            "`max_examples` must be a positive integer or None. "
-            f"Received: max_examples={max_examples!r}"
-        )
 
 
 def measured_examples(x: Any, max_examples: int | None) -> tf.Tensor:
@@ -95,7 +83,7 @@ def record_pass(
             "keras-fim needs a built model (call it on data or train it first). "
             f"Received: model={model.name!r} with built=False."
         )
-    check_max_examples(max_examples)
+    check_int("max_examples", max_examples, 1, allow_none=True)
     units = find_units(model, registry)
     batch_pass = record_batch_pass(
         model,
