@@ -91,11 +91,13 @@ def gradient_noise_components(
     return unbiased_components(batch, half, big, small)
 
 
-def unbiased_components(batch, half, big, small):
-    """McCandlish et al.'s unbiased estimates from the squared gradient norms
-    of a batch (`big`) and of its halves (`small`, their mean)."""
+def unbiased_components(batch, half, big, small, defined=None):
+    """McCandlish et al.'s unbiased estimates (eq. A.2-A.3) from the squared
+    gradient norms of a batch of `batch` examples (`big`) and of smaller
+    batches of `half` examples (`small`, their mean); NaN unless `defined`
+    (by default: at least 2 examples)."""
     batch_f, half_f = tf.cast(batch, tf.float64), tf.cast(half, tf.float64)
-    defined = batch >= 2
+    defined = batch_f >= 2 if defined is None else defined
     safe = tf.where(defined, batch_f - half_f, 1.0)
     true_gradient_sq = (batch_f * big - half_f * small) / safe
     trace_sigma = (small - big) / tf.where(defined, 1.0 / half_f - 1.0 / batch_f, 1.0)
@@ -148,10 +150,5 @@ def noise_components_from_groups(gram: tf.Tensor, counts: tf.Tensor):
     ) / tf.maximum(used, 1.0)
     batch_f = tf.cast(batch, tf.float64)
     big = tf.reduce_sum(gram) / batch_f**2
-    half_f = batch_f / tf.maximum(used, 1.0)
-    defined = used >= 2
-    safe = tf.where(defined, batch_f - half_f, 1.0)
-    true_gradient_sq = (batch_f * big - half_f * small) / safe
-    trace_sigma = (small - big) / tf.where(defined, 1.0 / half_f - 1.0 / batch_f, 1.0)
-    nan = tf.constant(float("nan"), tf.float64)
-    return tf.where(defined, trace_sigma, nan), tf.where(defined, true_gradient_sq, nan)
+    mean_size = batch_f / tf.maximum(used, 1.0)
+    return unbiased_components(batch_f, mean_size, big, small, defined=used >= 2)

@@ -102,24 +102,3 @@ def record_pass(
         measured_examples(x, max_examples),
         batch_pass.variable_values,
     )
-
-
-def per_variable_gradients(record: RecordedPass, variables=None) -> list:
-    """Each example's contribution per variable: one ``(examples,
-    *variable.shape)`` tensor for each of `variables` (zeros for one no unit
-    holds), or for every variable the units hold (in order) if `None`."""
-    by_variable = {}
-    for layer, rule in record.units:
-        for call in record.calls[id(layer)]:
-            grads = rule.per_example(layer, call, record.examples)
-            for v, g in zip(layer.trainable_variables, grads, strict=True):
-                g = tf.cast(g, v.dtype)
-                by_variable[id(v)] = (
-                    by_variable[id(v)] + g if id(v) in by_variable else g
-                )
-    if variables is None:
-        return list(by_variable.values())
-    return [
-        by_variable.get(id(v), tf.zeros([record.examples, *v.shape], v.dtype))
-        for v in variables
-    ]
