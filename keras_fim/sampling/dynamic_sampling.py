@@ -218,8 +218,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     @property
     def _planner(self) -> SamplingPlanner:
-        # From the attributes at every use, as they were read before the
-        # planner was split out.
+        # Built from the attributes at every use: `seed`, `shuffle` and
+        # `drop_remainder` changed between fits take effect, as they always did.
         return SamplingPlanner(
             self.num_examples, self.seed, self.shuffle, self.drop_remainder
         )
