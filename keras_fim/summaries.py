@@ -53,6 +53,11 @@ SCALARS = (
     "skipped",
 )
 
+# `DynamicSampling`'s tags, under "sampling/": every trained step's ...
+SAMPLING_SCALARS = ("batch_size", "learning_rate", "learning_rate_gain")
+# ... and, for `Automatic`, the signal and its threshold at every decision.
+SAMPLING_DECISION_SCALARS = ("signal", "threshold")
+
 
 def create_writer(log_dir: str):
     """A summary writer for ``<log_dir>/train``, with the chart layout of
@@ -276,3 +281,33 @@ def write_layer_measurements(
                     value = tf.cast(value, tf.float64)
                     with tf.summary.record_if(tf.math.is_finite(value)):
                         tf.summary.scalar(tag, value)
+
+
+def write_sampling_step(
+    writer,
+    step: tf.Tensor,
+    batch_size: tf.Tensor,
+    learning_rate: tf.Tensor,
+    learning_rate_gain: tf.Tensor,
+) -> None:
+    """Writes one step trained by `DynamicSampling` (graph-safe):
+    ``sampling/batch_size``, ``sampling/learning_rate`` (the rate applied)
+    and ``sampling/learning_rate_gain``."""
+    values = {
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "learning_rate_gain": learning_rate_gain,
+    }
+    # An absolute name scope, as for "fisher/".
+    with writer.as_default(step=step), tf.name_scope("sampling/"):
+        for name in SAMPLING_SCALARS:
+            tf.summary.scalar(name, values[name])
+
+
+def write_sampling_decision(writer, step: int, signal: float, threshold: float) -> None:
+    """Writes the signal of an `Automatic` decision and the threshold it is
+    compared with: ``sampling/signal`` and ``sampling/threshold``."""
+    values = {"signal": signal, "threshold": threshold}
+    with writer.as_default(step=step):
+        for name in SAMPLING_DECISION_SCALARS:
+            tf.summary.scalar(f"sampling/{name}", values[name])

@@ -1,24 +1,15 @@
-"""`DynamicSampling`: a mini-batch size that changes inside one `model.fit`.
+"""`DynamicSampling`: the callback that drives the sampling inside `fit`.
 
-How it works, and why this way (see docs/sampling.md):
-
-* The examples are held in memory (in `tf.Variable`s) and the batches are
-  gathered from a per-pass permutation. Which examples the next batches hold
-  is decided in Python before every execution of the train function and
-  handed to the pipeline through small variables; the pipeline has no
-  prefetch, so the batch trained is always the batch decided (prefetch would
-  make the size change a timing-dependent number of steps later, and a
-  resumed run could not repeat it).
-* An epoch is one pass over the data. The callback ends it by raising
-  `OutOfRangeError` before the first step of the next pass, the signal Keras
-  itself uses for a dataset that ran out, so no phantom step is run. The
-  dataset declares a large cardinality, which keeps Keras from fixing the
-  number of steps per epoch after the first one.
-* The callback is Keras's progress bar too (a `ProgbarLogger`, which `fit`
-  then does not add a second time), so the bar counts this epoch's steps.
-* The learning-rate coupling multiplies whatever rate the optimizer gives
-  (a float, a schedule, one changed by other callbacks) by a gain computed
-  inside the compiled step from the size of the batch actually trained.
+It wires the parts of the package together: the schedule decides the size
+before every execution of the train function, the planner
+(`planner.SamplingPlanner`) which rows of the pass's permutation the batches
+take, the pipeline (`dataset.InMemoryExamples`) gathers them, and a step
+wrapper scales the learning rate by `learning_rate.learning_rate_gain` and
+advances `model.sampling_state`. The callback ends every epoch at the end of
+a pass by raising `OutOfRangeError` before the next pass's first step (the
+signal Keras itself uses for a dataset that ran out, so no phantom step is
+run), and it is Keras's progress bar too (a `ProgbarLogger`, which `fit`
+then does not add a second time), so the bar counts this epoch's steps.
 """
 
 from __future__ import annotations
@@ -33,6 +24,14 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim.callback import check_log_dir
+from keras_fim.sampling.dataset import InMemoryExamples, count_examples, materialize
+from keras_fim.sampling.learning_rate import (
+    LEARNING_RATE_SCALINGS,
+    ScaledLearningRate,
+    innermost_optimizer,
+    learning_rate_gain,
+)
+from keras_fim.sampling.planner import ExecutionPlan, SamplingPlanner
 from keras_fim.schedules import (
     Automatic,
     BatchSizeSchedule,
@@ -48,130 +47,7 @@ from keras_fim.train_step import (
     end_fit,
 )
 
-LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
-
-# What the dataset tells Keras its cardinality is: any number larger than the
-# steps of one epoch keeps Keras from learning a fixed epoch length.
-_DECLARED_CARDINALITY = 2**62
 _RAN_OUT_WARNING = "Your input ran out of data"
-
-
-class _DeclaredCardinality(tf.data.Dataset):
-    """`dataset`, reporting `cardinality` instead of "unknown"."""
-
-    def __init__(self, dataset: tf.data.Dataset, cardinality: int):
-        self._dataset = dataset
-        self._declared = cardinality
-        super().__init__(dataset._variant_tensor)
-
-    def _inputs(self):
-        return [self._dataset]
-
-    @property
-    def element_spec(self):
-        return self._dataset.element_spec
-
-    def cardinality(self):
-        return tf.constant(self._declared, tf.int64)
-
-
-def _materialize(data, batched: bool | None):
-    """The examples of `data` as a structure of numpy arrays."""
-    if isinstance(data, tf.data.Dataset):
-        leaves = keras.tree.flatten(data.element_spec)
-        for leaf in leaves:
-            if not isinstance(leaf, tf.TensorSpec):
-                raise ValueError(
-                    "`data` must hold dense tensors only; "
-                    f"received an element with {type(leaf).__name__} {leaf}."
-                )
-        if batched is None:
-            # A `.batch()` without drop_remainder leaves the leading
-            # dimension unknown; any other dataset is taken as unbatched.
-            batched = all(leaf.shape.rank and leaf.shape[0] is None for leaf in leaves)
-        if batched:
-            data = data.unbatch()
-        chunks = [element for element in data.batch(4096).as_numpy_iterator()]
-        if not chunks:
-            raise ValueError(
-                "`data` must hold at least one example; the dataset is empty."
-            )
-        return keras.tree.map_structure(
-            lambda *parts: np.concatenate(parts, axis=0), *chunks
-        )
-    if isinstance(data, list):
-        data = tuple(data)
-    try:
-        arrays = keras.tree.map_structure(np.asarray, data)
-    except Exception as error:
-        raise ValueError(
-            "`data` must be a tf.data.Dataset or (nested tuples/dicts of) arrays. "
-            f"Received: {type(data).__name__} ({error})"
-        ) from error
-    # As Keras's own array adapter: floating arrays in the float type.
-    arrays = keras.tree.map_structure(
-        lambda a: (
-            a.astype(keras.config.floatx())
-            if np.issubdtype(a.dtype, np.floating)
-            else a
-        ),
-        arrays,
-    )
-    for array in keras.tree.flatten(arrays):
-        if array.ndim == 0 or array.dtype == object:
-            raise ValueError(
-                "`data` must hold arrays with a leading example dimension. "
-                f"Received an array of shape {array.shape} and dtype {array.dtype}."
-            )
-    return arrays
-
-
-def _count_examples(arrays) -> int:
-    counts = {int(a.shape[0]) for a in keras.tree.flatten(arrays)}
-    if len(counts) != 1:
-        raise ValueError(
-            "Every array in `data` must have the same number of examples "
-            f"(leading dimension). Received: {sorted(counts)}"
-        )
-    count = counts.pop()
-    if count == 0:
-        raise ValueError(
-            "`data` must hold at least one example. Received: arrays with a "
-            "leading dimension of 0."
-        )
-    return count
-
-
-class _ScaledLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """The optimizer's own rate times `gain`; installed only while a step is
-    being traced, so nothing outside the compiled step changes."""
-
-    def __init__(self, base, gain):
-        self.base = base
-        self.gain = gain
-
-    def __call__(self, step):
-        base = self.base
-        if isinstance(base, keras.optimizers.schedules.LearningRateSchedule):
-            rate = base(step)
-        elif isinstance(base, keras.Variable):
-            rate = base.value
-        elif callable(base):
-            rate = base()
-        else:
-            rate = base
-        rate = tf.convert_to_tensor(rate)
-        return rate * tf.cast(self.gain, rate.dtype)
-
-    def get_config(self):  # never serialised: it lives inside one trace
-        return {}
-
-
-def _innermost_optimizer(optimizer):
-    # LossScaleOptimizer (mixed precision) delegates to `inner_optimizer`.
-    while hasattr(optimizer, "inner_optimizer"):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
 
 
 class DynamicSampling(keras.callbacks.ProgbarLogger):
@@ -305,8 +181,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             )
         log_dir = check_log_dir(log_dir)
 
-        arrays = _materialize(data, batched)
-        self.num_examples = _count_examples(arrays)
+        arrays = materialize(data, batched)
+        self.num_examples = count_examples(arrays)
         if fixed_size:
             size = check_size("schedule", schedule, self.num_examples)
             schedule = Staged([size])
@@ -332,67 +208,21 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self.log_dir = log_dir
         self.batch_sizes_per_epoch: list[list[int]] = []
 
-        with tf.init_scope(), tf.device("/cpu:0"):
-            self._examples = keras.tree.map_structure(
-                lambda a: tf.Variable(a, trainable=False), arrays
-            )
-            self._order = tf.Variable(
-                tf.range(self.num_examples, dtype=tf.int64), trainable=False
-            )
-            self._starts = tf.Variable(
-                tf.zeros([0], tf.int64), shape=[None], trainable=False
-            )
-            self._sizes = tf.Variable(
-                tf.zeros([0], tf.int64), shape=[None], trainable=False
-            )
-            self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._preprocess = preprocess
-        self.dataset = self._make_dataset()
+        self._examples = InMemoryExamples(arrays, preprocess)
+        self.dataset = self._examples.dataset
         self._state: SamplingState | None = None
         self._writer = None
         self._mirror: dict | None = None
-        self._planned: list[int] = []
+        self._plan: ExecutionPlan | None = None
         self._ended_by_sampling = False
 
-    # -- the pipeline ------------------------------------------------------
-
-    def _make_dataset(self) -> tf.data.Dataset:
-        # Plain tensor code: nothing for autograph to convert.
-        @tf.autograph.experimental.do_not_convert
-        def planned(_):
-            return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
-
-        @tf.autograph.experimental.do_not_convert
-        def gather(_):
-            slot = self._slot.assign_add(1) - 1
-            start, size = self._starts[slot], self._sizes[slot]
-            indices = self._order[start : start + size]
-            return keras.tree.map_structure(
-                lambda v: tf.gather(v, indices), self._examples
-            )
-
-        dataset = (
-            tf.data.Dataset.range(_DECLARED_CARDINALITY).take_while(planned).map(gather)
+    @property
+    def _planner(self) -> SamplingPlanner:
+        # Built from the attributes at every use: `seed`, `shuffle` and
+        # `drop_remainder` changed between fits take effect, as they always did.
+        return SamplingPlanner(
+            self.num_examples, self.seed, self.shuffle, self.drop_remainder
         )
-        if self._preprocess is not None:
-            dataset = dataset.map(self._preprocess)
-        options = tf.data.Options()
-        # No prefetch anywhere: the batch trained must be the batch planned.
-        options.autotune.enabled = False
-        options.experimental_optimization.inject_prefetch = False
-        options.deterministic = True
-        return _DeclaredCardinality(
-            dataset.with_options(options), _DECLARED_CARDINALITY
-        )
-
-    def _set_order(self, data_pass: int) -> None:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, data_pass]).permutation(
-                self.num_examples
-            )
-        else:
-            order = np.arange(self.num_examples)
-        self._order.assign(order.astype(np.int64))
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -455,11 +285,14 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 # TensorBoard drops what an interrupted run wrote from here on.
                 summaries.start_session(self._writer, self._mirror["step"] + 1)
         mirror = self._mirror
-        if mirror["position"] >= self.num_examples:  # the last pass is done
-            mirror["data_pass"] += 1
-            mirror["position"] = 0
-            self._state.write({"data_pass": mirror["data_pass"], "position": 0})
-        self._set_order(mirror["data_pass"])
+        planner = self._planner
+        data_pass, position = planner.epoch_start(
+            mirror["data_pass"], mirror["position"]
+        )
+        if data_pass != mirror["data_pass"]:  # the last pass is done
+            mirror["data_pass"], mirror["position"] = data_pass, position
+            self._state.write({"data_pass": data_pass, "position": position})
+        self._examples.set_order(planner.permutation(data_pass))
         self._epoch = epoch
         self._epoch_steps = 0
         self._ended_by_sampling = False
@@ -471,7 +304,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         mirror = self._mirror
-        if mirror["position"] >= self.num_examples:
+        planner = self._planner
+        if planner.pass_done(mirror["position"]):
             self._ended_by_sampling = True
             # Keras's own signal that the data ran out: the epoch ends here,
             # before this step's train function is called.
@@ -479,45 +313,28 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 None, None, "keras-fim: end of a pass over the data"
             )
         size = self._decide(self._context())
-        remaining = self.num_examples - mirror["position"]
-        if self.drop_remainder and remaining < size:
-            mirror["position"] = self.num_examples
-            self._state.position.assign(self.num_examples)
+        plan = planner.plan(mirror["position"], size, self._steps_per_execution)
+        if not plan.batches:
+            mirror["position"] = plan.end
+            self._state.position.assign(plan.end)
             self._ended_by_sampling = True
             raise tf.errors.OutOfRangeError(None, None, "keras-fim: remainder dropped")
-        starts, sizes, position = [], [], mirror["position"]
-        for _ in range(self._steps_per_execution):
-            if position >= self.num_examples or (
-                self.drop_remainder and self.num_examples - position < size
-            ):
-                break
-            take = min(size, self.num_examples - position)
-            starts.append(position)
-            sizes.append(take)
-            position += take
-        self._starts.assign(starts)
-        self._sizes.assign(sizes)
-        self._slot.assign(0)
-        self._planned = sizes
+        self._examples.set_batches(plan.batches)
+        self._plan = plan
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         mirror = self._mirror
-        trained = sum(self._planned)
+        plan, self._plan = self._plan, None
+        trained = sum(plan.sizes)
         mirror["position"] += trained
         mirror["examples_seen"] += trained
-        mirror["step"] += len(self._planned)
-        self._epoch_steps += len(self._planned)
-        self.batch_sizes_per_epoch[-1].extend(self._planned)
-        if (
-            self.drop_remainder
-            and mirror["position"] < self.num_examples
-            and self.num_examples - mirror["position"] < mirror["batch_size"]
-            and len(self._planned) < self._steps_per_execution
-        ):
+        mirror["step"] += len(plan.batches)
+        self._epoch_steps += len(plan.batches)
+        self.batch_sizes_per_epoch[-1].extend(plan.sizes)
+        if plan.end != mirror["position"]:
             # The execution stopped at a remainder that will be dropped.
-            mirror["position"] = self.num_examples
-            self._state.position.assign(self.num_examples)
-        self._planned = []
+            mirror["position"] = plan.end
+            self._state.position.assign(plan.end)
         # Keras numbers a short last execution as if it were full; the bar
         # counts the steps actually taken.
         self._update_progbar(self._epoch_steps - 1, logs)
@@ -600,9 +417,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         if isinstance(self.schedule, Automatic) and self._writer is not None:
             signal = self.schedule.signal_value(context)
             if signal is not None and context.measurements_since_change:
-                with self._writer.as_default(step=context.step + 1):
-                    tf.summary.scalar("sampling/signal", signal)
-                    tf.summary.scalar("sampling/threshold", self.schedule.threshold)
+                summaries.write_sampling_decision(
+                    self._writer, context.step + 1, signal, self.schedule.threshold
+                )
         if size != current:
             mirror["batch_size"] = size
             mirror["last_change_step"] = context.step
@@ -627,10 +444,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         return size
 
     def _steps_left(self, size: int) -> int:
-        remaining = self.num_examples - self._mirror["position"]
-        if self.drop_remainder:
-            return remaining // size
-        return math.ceil(remaining / size)
+        return self._planner.steps_left(self._mirror["position"], size)
 
     # -- the train step ----------------------------------------------------
 
@@ -639,9 +453,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
             gain = self._gain(batch)
-            optimizer = _innermost_optimizer(self.model.optimizer)
+            optimizer = innermost_optimizer(self.model.optimizer)
             base = optimizer._learning_rate
-            scaled = _ScaledLearningRate(base, gain)
+            scaled = ScaledLearningRate(base, gain)
             learning_rate = scaled(optimizer.iterations)
             if self.learning_rate_scaling != "none":
                 optimizer._learning_rate = scaled
@@ -654,33 +468,20 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             state.position.assign_add(batch)
             state.examples_seen.assign_add(batch)
             if self._writer is not None:
-                with (
-                    self._writer.as_default(step=state.step),
-                    tf.name_scope("sampling/"),
-                ):
-                    tf.summary.scalar("batch_size", batch)
-                    tf.summary.scalar("learning_rate", learning_rate)
-                    tf.summary.scalar("learning_rate_gain", gain)
+                summaries.write_sampling_step(
+                    self._writer, state.step, batch, learning_rate, gain
+                )
             return logs
 
         return sampled_step
 
     def _gain(self, batch: tf.Tensor) -> tf.Tensor:
-        ratio = tf.cast(batch, tf.float64) / tf.cast(
-            tf.maximum(self._state.reference_batch_size, 1), tf.float64
-        )
-        if self.learning_rate_scaling == "linear":
-            return ratio
-        if self.learning_rate_scaling == "sqrt":
-            return tf.sqrt(ratio)
+        noise_scale = None
         if self.learning_rate_scaling == "adascale":
-            # While B_simple is undefined the gain is 1 (no noise measured).
-            noise = self.model.fisher_state.noise_scale
-            noise = tf.where(tf.math.is_finite(noise), noise, tf.zeros_like(noise))
-            reference = tf.cast(
-                tf.maximum(self._state.reference_batch_size, 1), tf.float64
-            )
-            return (1.0 + noise / reference) / (
-                1.0 + noise / tf.cast(batch, tf.float64)
-            )
-        return tf.constant(1.0, tf.float64)
+            noise_scale = self.model.fisher_state.noise_scale
+        return learning_rate_gain(
+            self.learning_rate_scaling,
+            batch,
+            self._state.reference_batch_size,
+            noise_scale,
+        )
