@@ -23,7 +23,6 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim.callback import check_log_dir
 from keras_fim.sampling.dataset import InMemoryExamples, count_examples, materialize
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
@@ -40,6 +39,7 @@ from keras_fim.schedules import (
     check_size,
 )
 from keras_fim.state import SamplingState, attach_state
+from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 from keras_fim.train_step import (
     add_step_wrapper,
     begin_fit,
@@ -151,30 +151,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "`schedule` must be a keras_fim.schedules schedule, a function "
                 f"of a SamplingContext, or an integer. Received: schedule={schedule!r}"
             )
-        if learning_rate_scaling not in LEARNING_RATE_SCALINGS:
-            raise ValueError(
-                f"`learning_rate_scaling` must be one of {LEARNING_RATE_SCALINGS}. "
-                f"Received: learning_rate_scaling={learning_rate_scaling!r}"
-            )
-        for name, value in (
-            ("shuffle", shuffle),
-            ("drop_remainder", drop_remainder),
-            ("allow_shrink", allow_shrink),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be a bool. Received: {name}={value!r}")
-        if batched is not None and not isinstance(batched, bool):
-            raise ValueError(
-                f"`batched` must be None or a bool. Received: batched={batched!r}"
-            )
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, (int, np.integer))
-            or seed < 0
-        ):
-            raise ValueError(
-                f"`seed` must be a non-negative integer. Received: seed={seed!r}"
-            )
+        check_choice(
+            "learning_rate_scaling", learning_rate_scaling, LEARNING_RATE_SCALINGS
+        )
+        check_bool("shuffle", shuffle)
+        check_bool("drop_remainder", drop_remainder)
+        check_bool("allow_shrink", allow_shrink)
+        if batched is not None:
+            check_bool("batched", batched)
+        seed = check_int("seed", seed, 0)
         if preprocess is not None and not callable(preprocess):
             raise ValueError(
                 f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}"
