@@ -31,7 +31,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from keras_fim import datasets, models
+from keras_fim import datasets, models, summaries
 from keras_fim.callback import FisherCallback
 from keras_fim.sampling import DynamicSampling
 from keras_fim.schedules import Staged
@@ -208,7 +208,9 @@ class _EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         with self._writer.as_default():
             tf.summary.scalar(
-                "study/iterations", int(self.model.optimizer.iterations), step=epoch + 1
+                summaries.ITERATIONS,
+                int(self.model.optimizer.iterations),
+                step=epoch + 1,
             )
         self._writer.flush()
         if self._on_epoch is not None:
@@ -290,8 +292,10 @@ def train(
         "seconds": seconds,
     }
     with run_writer.as_default():
-        tf.summary.scalar("study/test_error", result["test_error"], step=config.epochs)
-        tf.summary.scalar("study/test_loss", result["test_loss"], step=config.epochs)
+        tf.summary.scalar(
+            summaries.TEST_ERROR, result["test_error"], step=config.epochs
+        )
+        tf.summary.scalar(summaries.TEST_LOSS, result["test_loss"], step=config.epochs)
     run_writer.close()
     _write_json_atomically(log_dir / RESULT_FILE, result)
     return result
@@ -332,9 +336,9 @@ def write_hparams_config(root: str | os.PathLike, configs: Sequence[RunConfig]) 
         for name in names
     ]
     metrics = [
-        hp.Metric("study/test_error", display_name="test error"),
-        hp.Metric("fisher/C_K_bar", group="train", display_name="C_K bar"),
-        hp.Metric("fisher/L_K", group="train", display_name="L_K"),
+        hp.Metric(summaries.TEST_ERROR, display_name="test error"),
+        hp.Metric(summaries.C_K_BAR, group="train", display_name="C_K bar"),
+        hp.Metric(summaries.L_K, group="train", display_name="L_K"),
         hp.Metric("epoch_accuracy", group="validation", display_name="test accuracy"),
     ]
     with tf.summary.create_file_writer(str(root)).as_default():

@@ -58,6 +58,16 @@ SAMPLING_SCALARS = ("batch_size", "learning_rate", "learning_rate_gain")
 # ... and, for `Automatic`, the signal and its threshold at every decision.
 SAMPLING_DECISION_SCALARS = ("signal", "threshold")
 
+# Full tag names that other modules write or read (the study, the reports).
+C_K_BAR = "fisher/C_K_bar"
+L_K = "fisher/L_K"
+LEARNING_RATE = "fisher/learning_rate"
+RANK = "fisher/rank"
+SPECTRUM = "fisher/spectrum"
+TEST_ERROR = "study/test_error"
+TEST_LOSS = "study/test_loss"
+ITERATIONS = "study/iterations"
+
 
 def create_writer(log_dir: str):
     """A summary writer for ``<log_dir>/train``, with the chart layout of
@@ -260,7 +270,7 @@ def write_measurement(
                 tf.summary.scalar(name, value)
         nonzero = measurement.eigenvalues[: measurement.rank]
         tf.summary.histogram("log10_eigenvalues", tf.math.log(nonzero) / math.log(10.0))
-        tf.summary.write("fisher/spectrum", measurement.eigenvalues)
+        tf.summary.write(SPECTRUM, measurement.eigenvalues)
 
 
 def write_layer_measurements(

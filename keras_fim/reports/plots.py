@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from keras_fim import summaries
 from keras_fim.reports.ranking import Ranking
 from keras_fim.reports.records import RunRecord
 
-LABELS = {"fisher/C_K_bar": r"$\bar{C}_K$", "fisher/L_K": r"$L_K$"}
+LABELS = {summaries.C_K_BAR: r"$\bar{C}_K$", summaries.L_K: r"$L_K$"}
 
 
 def _figure(width: float, height: float):
@@ -81,7 +82,12 @@ def characterisation_map(runs: Sequence[RunRecord]):
     figure = _figure(8, 6.5)
     axis = figure.subplots()
     named = [
-        (run.name, run.final("fisher/C_K_bar"), run.final("fisher/L_K"), run.test_error)
+        (
+            run.name,
+            run.final(summaries.C_K_BAR),
+            run.final(summaries.L_K),
+            run.test_error,
+        )
         for run in runs
         if run.test_error is not None
     ]

@@ -6,9 +6,10 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from keras_fim import summaries
 from keras_fim.reports.records import RunRecord
 
-MEASUREMENTS = {"C_K_bar": "fisher/C_K_bar", "L_K": "fisher/L_K"}
+MEASUREMENTS = {"C_K_bar": summaries.C_K_BAR, "L_K": summaries.L_K}
 
 
 @dataclasses.dataclass

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_fim import summaries
+
 TRAIN, VALIDATION = "train", "validation"
 
 
@@ -49,15 +51,15 @@ class RunRecord:
     @property
     def iterations(self) -> int:
         """The number of training steps the run logged."""
-        steps, values = self.series("study/iterations")
+        steps, values = self.series(summaries.ITERATIONS)
         if len(values):
             return int(values[-1])
-        return int(self.series("fisher/C_K_bar")[0].max(initial=0))
+        return int(self.series(summaries.C_K_BAR)[0].max(initial=0))
 
     def epochs_at(self, steps: np.ndarray) -> np.ndarray | None:
         """Fractional epochs of the given steps (from ``study/iterations``),
         or `None` where the run did not record its epoch ends."""
-        epochs, ends = self.series("study/iterations")
+        epochs, ends = self.series(summaries.ITERATIONS)
         if not len(ends):
             return None
         return np.interp(
@@ -68,7 +70,7 @@ class RunRecord:
         """``(steps, sum of the learning rates of steps 1..step)`` at the
         measured steps, each measured rate held over the steps since the
         previous measurement (as L_K scales its sum by the sampling ratio)."""
-        steps, rates = self.series("fisher/learning_rate")
+        steps, rates = self.series(summaries.LEARNING_RATE)
         gaps = np.diff(np.concatenate([[0], steps]))
         return steps, np.cumsum(rates * gaps)
 
@@ -105,7 +107,7 @@ def _tensors(accumulator) -> tuple[dict, list]:
     for tag in accumulator.Tags()["tensors"]:
         events = accumulator.Tensors(tag)
         arrays = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
-        if tag == "fisher/spectrum":
+        if tag == summaries.SPECTRUM:
             spectra = [(e.step, a.astype(float)) for e, a in zip(events, arrays)]
         elif arrays and all(a.ndim == 0 and a.dtype.kind in "fiu" for a in arrays):
             scalars[tag] = (
@@ -150,14 +152,14 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunRecord:
     own_scalars, _ = _tensors(own)
     scalars.update(own_scalars)
     test_error = None
-    if "study/test_error" in scalars:
-        test_error = float(scalars["study/test_error"][1][-1])
+    if summaries.TEST_ERROR in scalars:
+        test_error = float(scalars[summaries.TEST_ERROR][1][-1])
     elif (path / VALIDATION).is_dir():
         accuracy = _tensors(_accumulator(path / VALIDATION))[0].get("epoch_accuracy")
         if accuracy is not None:
             test_error = 1.0 - float(accuracy[1][-1])
     # Eigenvalues past the rank are below the zero threshold: drop them.
-    rank_steps, ranks = scalars.get("fisher/rank", ([], []))
+    rank_steps, ranks = scalars.get(summaries.RANK, ([], []))
     rank_at = dict(zip(np.asarray(rank_steps).tolist(), np.asarray(ranks).tolist()))
     spectra = [(s, v[: int(rank_at.get(s, len(v)))]) for s, v in spectra]
     spectrum_steps = np.array([s for s, _ in spectra], dtype=np.int64)
@@ -200,6 +202,6 @@ def find_runs(log_dir: str | os.PathLike) -> list[RunRecord]:
         record = read_run(
             run, name=str(run.relative_to(log_dir)) if run != log_dir else "."
         )
-        if "fisher/C_K_bar" in record.scalars:
+        if summaries.C_K_BAR in record.scalars:
             runs.append(record)
     return sorted(runs, key=lambda run: _natural(run.name))
