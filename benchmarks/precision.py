@@ -40,7 +40,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EPS32 = float(np.finfo(np.float32).eps)
@@ -130,9 +130,11 @@ def measure(folder: str, dtype: str, batch_sizes: list[int]) -> dict:
             row["old_c_k"], row["old_rank"] = float(old.condition_number), int(old.rank)
             gradients = per_example_gradients(model, x, y)
             compiled = tf.function(lambda x, y: keras_fim.measure(model, x, y))
-            row["measure_ms"] = _timed(lambda: compiled(x, y).rank.numpy())
+            row["measure_ms"] = _timed(
+                lambda f=compiled, x=x, y=y: f(x, y).rank.numpy()
+            )
             products = {
-                "gram32_ms": lambda g: tf.add_n(
+                "gram32_ms": lambda g, size=size: tf.add_n(
                     [
                         tf.matmul(r, r, transpose_b=True)
                         for r in (tf.reshape(t, [size, -1]) for t in g)
@@ -141,8 +143,8 @@ def measure(folder: str, dtype: str, batch_sizes: list[int]) -> dict:
                 "gram64_ms": keras_fim.engine.gram_from_gradients,
             }
             for name, fn in products.items():
-                compiled_product = tf.function(fn)
-                row[name] = _timed(lambda f=compiled_product: f(gradients).numpy())
+                product = tf.function(fn)
+                row[name] = _timed(lambda f=product, g=gradients: f(g).numpy())
         else:
             error = np.load(path).astype(np.float64) - flat
             norm = np.linalg.norm(flat)
@@ -176,11 +178,21 @@ def main() -> None:
         runs = {}
         for dtype in ("float32", "float64"):  # float32 first: it saves J
             out = subprocess.run(
-                [sys.executable, __file__, "--batch-sizes", args.batch_sizes,
-                 "--worker", f"{dtype},{folder}"],
-                check=True, capture_output=True, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    "--batch-sizes",
+                    args.batch_sizes,
+                    "--worker",
+                    f"{dtype},{folder}",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
             ).stdout
-            runs[dtype] = {int(k): v for k, v in json.loads(out.splitlines()[-1]).items()}
+            runs[dtype] = {
+                int(k): v for k, v in json.loads(out.splitlines()[-1]).items()
+            }
     print(describe())
     print(
         f"ResNet-8 + BN on digits after {args.epochs} epochs (float32), the "

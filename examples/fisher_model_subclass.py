@@ -63,7 +63,7 @@ def main(argv=None) -> None:
         validation_data=(x_test, y_test),
     )
     for epoch, (c, energy) in enumerate(
-        zip(history.history["C_K_bar"], history.history["L_K"])
+        zip(history.history["C_K_bar"], history.history["L_K"], strict=True)
     ):
         print(f"epoch {epoch + 1}: C_K_bar={c:.4g} L_K={energy:.4g}")
 

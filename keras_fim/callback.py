@@ -22,6 +22,7 @@ from keras_fim.engine.record import record_pass
 from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
 from keras_fim.engine.units import read_variables
 from keras_fim.state import FisherState, attach_state
+from keras_fim.train_step import begin_fit, compile_train_function, end_fit
 from keras_fim.validation import (
     check_bool,
     check_compiled_loss,
@@ -29,7 +30,6 @@ from keras_fim.validation import (
     check_log_dir,
     check_real,
 )
-from keras_fim.train_step import begin_fit, compile_train_function, end_fit
 
 
 class FisherCallback(keras.callbacks.Callback):
@@ -184,7 +184,9 @@ class FisherCallback(keras.callbacks.Callback):
         self.per_layer = check_bool("per_layer", per_layer)
         check_memory_budget(memory_budget)
         self.memory_budget = memory_budget
-        self.reuse_training_pass = check_bool("reuse_training_pass", reuse_training_pass)
+        self.reuse_training_pass = check_bool(
+            "reuse_training_pass", reuse_training_pass
+        )
         self.fail_mode = check_fail_mode(fail_mode)
         self._state: FisherState | None = None
         self._writer = None

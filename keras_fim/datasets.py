@@ -32,7 +32,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -390,7 +390,7 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> DataSplits
             )
         try:
             builder.download_and_prepare()
-        except Exception as error:  # noqa: BLE001 - any failure: not available
+        except Exception as error:
             reason = f"the download failed ({type(error).__name__}: {error})"
             raise _unavailable(name, data_dir, builder, reason) from error
 

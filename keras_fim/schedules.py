@@ -15,7 +15,6 @@ train function (every step, or every `steps_per_execution` steps).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 

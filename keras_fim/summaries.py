@@ -154,7 +154,7 @@ def start_session(writer, first_step: int) -> None:
         with writer.as_default():
             summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
         writer.flush()
-    except Exception as error:  # noqa: BLE001 - logs never stop training
+    except Exception as error:
         warnings.warn(
             "keras-fim could not mark the start of this fit in the TensorBoard "
             "events, so points an interrupted run wrote after its last backup "

@@ -1,4 +1,4 @@
-"""Checks of argument values, for every public class and the command line.
+r"""Checks of argument values, for every public class and the command line.
 
 Each check returns the value (normalised: numpy numbers become Python ones)
 or raises `ValueError` with one message shape: the argument's name, what is
@@ -69,9 +69,9 @@ def check_real(
     if value is None and allow_none:
         return None
     allowed = (
-        "a number" if low is None and high is None else _interval(
-            low, high, include_low, include_high
-        )
+        "a number"
+        if low is None and high is None
+        else _interval(low, high, include_low, include_high)
     )
     if allow_inf:
         allowed += " (inf allowed)"
@@ -79,9 +79,8 @@ def check_real(
         _fail(name, allowed, value, allow_none)
     if math.isinf(value) and not allow_inf:
         _fail(name, allowed, value, allow_none)
-    inside = (
-        (low is None or value > low or (include_low and value == low))
-        and (high is None or value < high or (include_high and value == high))
+    inside = (low is None or value > low or (include_low and value == low)) and (
+        high is None or value < high or (include_high and value == high)
     )
     if not inside:
         _fail(name, allowed, value, allow_none)

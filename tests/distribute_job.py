@@ -122,7 +122,10 @@ def _weights_diff(a, b) -> float:
     import numpy as np
 
     return float(
-        max(np.abs(u - v).max() for u, v in zip(a.get_weights(), b.get_weights()))
+        max(
+            np.abs(u - v).max()
+            for u, v in zip(a.get_weights(), b.get_weights(), strict=True)
+        )
     )
 
 

@@ -233,7 +233,10 @@ def flatten_gradients(gradients):
     return np.concatenate([g.reshape(batch, -1) for g in gradients], axis=1)
 
 
-def numpy_measurements(jac, zero_threshold=None, eps=np.finfo(np.float32).eps):
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def numpy_measurements(jac, zero_threshold=None, eps=EPS32):
     """Every `FisherMeasurement` field, from ``J`` (B x P), with numpy.
 
     The default threshold is the documented one (docs/concepts.md): an

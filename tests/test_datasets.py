@@ -171,7 +171,7 @@ def test_tfds_sets_preprocessed(mocked, name):
         expected = (images.astype(np.float32) / 255.0 - mean) / std
         np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(y, labels)
-        assert 0 <= y.min() and y.max() < num_classes
+        assert y.min() >= 0 and y.max() < num_classes
     spec = data.train.element_spec
     assert spec[0].shape == shape and spec[0].dtype == tf.float32
     assert spec[1].shape == () and spec[1].dtype == tf.int64

@@ -344,5 +344,5 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
         np.testing.assert_allclose(
             w0[scenario]["C_K_bar"], one[scenario]["C_K_bar"], rtol=RTOL
         )
-        for a, b in zip(w0[scenario]["weights"], one[scenario]["weights"]):
+        for a, b in zip(w0[scenario]["weights"], one[scenario]["weights"], strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)

@@ -32,7 +32,9 @@ def labels(n, classes=3, seed=0):
 def reference_blocks(model, x, y, **kwargs):
     """float64 Gram blocks per layer from a loop over examples."""
     grads = ref.loop_per_example_gradients(model, x, y, **kwargs)
-    by_variable = dict(zip([id(v) for v in model.trainable_variables], grads))
+    by_variable = dict(
+        zip([id(v) for v in model.trainable_variables], grads, strict=True)
+    )
     blocks = {}
     for layer in model.layers:
         owned = [by_variable[id(v)] for v in layer.trainable_variables]
@@ -68,7 +70,9 @@ def assert_small_eigenvalues_resolved(actual, expected):
         want = np.linalg.eigvalsh(block)[::-1]
         got = np.linalg.eigvalsh(actual[name])[::-1]
         resolved = want > 1e-11 * want[0]
-        np.testing.assert_allclose(got[resolved], want[resolved], rtol=2e-2, err_msg=name)
+        np.testing.assert_allclose(
+            got[resolved], want[resolved], rtol=2e-2, err_msg=name
+        )
         smallest.append(want[resolved][-1] / want[0])
     assert min(smallest) < 1e-8  # the test reaches below float32's resolution
 

@@ -5,6 +5,7 @@ architecture descriptions (He et al. 2016, section 4.2; Huang et al. 2017,
 section 3) and against the figures the papers publish.
 """
 
+import itertools
 import math
 
 import keras
@@ -161,7 +162,7 @@ def test_resnet_projection_adds_exactly_the_projections(batch_norm, widths):
     # Option B: a 1x1 conv (+ BN) only where the shape changes (each stage's
     # first block; the first stage's too when widths[0] is not the stem's).
     expected = (0, 0)
-    for cin, cout in zip(widths[:-1], widths[1:], strict=True):
+    for cin, cout in itertools.pairwise(widths):
         expected = _add(expected, _conv(1, cin, cout, not batch_norm))
         if batch_norm:
             expected = _add(expected, _bn(cout))
@@ -272,9 +273,9 @@ def test_resnet_default_is_unchanged():
     names = [type(layer).__name__ for layer in model.layers]
     block = ["Conv2D", "BatchNormalization", "ReLU", "Conv2D", "BatchNormalization"]
     expected = ["InputLayer", "Conv2D", "BatchNormalization", "ReLU"]
-    expected += block + ["Add", "ReLU"]
+    expected += [*block, "Add", "ReLU"]
     for _ in range(2):
-        expected += block + ["ZeroPadShortcut", "Add", "ReLU"]
+        expected += [*block, "ZeroPadShortcut", "Add", "ReLU"]
     expected += ["GlobalAveragePooling2D", "Dense"]
     assert names == expected
     assert model.count_params() == 75_770

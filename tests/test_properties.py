@@ -20,6 +20,7 @@ Models are built once per shape (module cache) in float64 and their weights,
 data, permutations, scales and weights are drawn by hypothesis.
 """
 
+import itertools
 import math
 import os
 import tempfile
@@ -362,7 +363,7 @@ def test_running_values_are_the_same_across_resumes(
 
     cuts = sorted({round(f * len(steps)) for f in cut_fractions})
     bounds = [0, *cuts, len(steps)]
-    segments = [steps[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    segments = [steps[a:b] for a, b in itertools.pairwise(bounds)]
     with tempfile.TemporaryDirectory() as directory:
         model = tiny_model()
         state = attach_state(model)

@@ -72,7 +72,7 @@ def test_read_run_returns_what_was_written(tmp_path):
     }
     assert run.iterations == 12
     np.testing.assert_array_equal(run.spectra[0], [5, 10])
-    for read, written in zip(run.spectra[1], spectra):
+    for read, written in zip(run.spectra[1], spectra, strict=True):
         np.testing.assert_allclose(read, written)
     # Epochs by linear interpolation between epoch ends: step 6 ends epoch 1.
     np.testing.assert_allclose(run.epochs_at(np.array([3, 6, 9, 12])), [0.5, 1, 1.5, 2])
@@ -92,14 +92,14 @@ def test_cumulative_learning_rate_and_early_values_against_loops(tmp_path):
     )
     run = read_run(tmp_path / "r")
     expected, previous, total = [], 0, 0.0
-    for step, rate in zip(steps, rates):
+    for step, rate in zip(steps, rates, strict=True):
         total += rate * (step - previous)
         previous = step
         expected.append(total)
     np.testing.assert_allclose(run.cumulative_learning_rate()[1], expected, rtol=1e-6)
     for fraction in (0.05, 0.1, 0.3, 0.5, 0.99, 1.0):
         limit = fraction * 20
-        within = [v for s, v in zip(steps, values) if s <= limit]
+        within = [v for s, v in zip(steps, values, strict=True) if s <= limit]
         want = within[-1] if within else values[0]
         assert run.value_at_fraction("fisher/C_K_bar", fraction) == pytest.approx(want)
     assert math.isnan(run.value_at_fraction("fisher/absent", 0.5))
@@ -196,7 +196,7 @@ def test_write_report_writes_page_and_figures(tmp_path):
             epoch_ends=[3],
             spectra=[np.array([3.0, 1.0])] * 3,
         )
-    path, ranking = write_report(
+    path, _ranking = write_report(
         tmp_path / "logs", tmp_path / "out", image_format="svg"
     )
     page = path.read_text()

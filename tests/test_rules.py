@@ -153,7 +153,9 @@ def test_register_rule_errors_name_the_argument():
         register_rule(Affine, "not a rule", registry=registry)
     with pytest.raises(ValueError, match="factors"):
         register_rule(
-            Affine, LayerRule(affine_per_example), factors=affine_factors,
+            Affine,
+            LayerRule(affine_per_example),
+            factors=affine_factors,
             registry=registry,
         )
     register_rule(Affine, affine_per_example, registry=registry)
@@ -193,7 +195,9 @@ def test_fail_mode_leaves_the_failing_layer_out(broken_affine, fail_mode):
     messages = [str(w.message) for w in caught if "keras-fim leaves" in str(w.message)]
     assert sorted(blocks) == ["head"]
     # J is the other layers' only.
-    np.testing.assert_allclose(gram, loop_block(model, x, y, "head"), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        gram, loop_block(model, x, y, "head"), rtol=1e-5, atol=1e-7
+    )
     if fail_mode == "warn":
         assert messages and all("'affine'" in m for m in messages)
     else:
@@ -204,7 +208,9 @@ def test_fail_mode_in_fit_measures_the_rest_and_trains_as_keras(broken_affine):
     def train(callbacks):
         model, x, y = model_and_batch(32)
         model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+        model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
+        )
         return model
 
     plain = train([])

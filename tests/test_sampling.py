@@ -84,7 +84,7 @@ def staged_ref(sizes, fractions=None):
 
     def size_of(c):
         progress = (c.data_pass + c.position / c.num_examples) / c.epochs
-        for size, end in zip(sizes, ends):
+        for size, end in zip(sizes, ends, strict=True):
             if progress < end:
                 return size
         return sizes[-1]
@@ -186,7 +186,7 @@ def test_each_example_once_per_epoch_in_the_reference_order(case, drop_remainder
     # The train step really received those sizes (not only the bookkeeping).
     assert [len(b[0]) for b in model._seen] == [s for e in expected_sizes for s in e]
     for epoch, (seen, batches) in enumerate(
-        zip(ids_per_epoch(model, expected_sizes), plan)
+        zip(ids_per_epoch(model, expected_sizes), plan, strict=True)
     ):
         expected = [int(i) for b in batches for i in b]
         assert seen == expected, f"epoch {epoch}"
@@ -244,7 +244,7 @@ def test_steps_per_execution_decides_once_per_execution(drop_remainder):
     expected_sizes = [[len(b) for b in batches] for batches in plan]
     assert sampling.batch_sizes_per_epoch == expected_sizes
     assert [len(b[0]) for b in model._seen] == [s for e in expected_sizes for s in e]
-    for seen, batches in zip(ids_per_epoch(model, expected_sizes), plan):
+    for seen, batches in zip(ids_per_epoch(model, expected_sizes), plan, strict=True):
         assert seen == [int(i) for b in batches for i in b]
 
 
@@ -304,11 +304,13 @@ def test_structure_and_rows_of_every_batch(source):
     batches = [b for e in plan for b in e]
     assert len(model._seen) == len(batches)
     expected_full = as_float32((x, y, sw))
-    for seen, index in zip(model._seen, batches):
+    for seen, index in zip(model._seen, batches, strict=True):
         sx, sy, _ = seen
         assert set(sx) == {"a", "b"} and set(sy) == {"out1", "out2"}
         expected = keras.tree.map_structure(lambda a, i=index: a[i], expected_full)
-        for got, want in zip(keras.tree.flatten(seen), keras.tree.flatten(expected)):
+        for got, want in zip(
+            keras.tree.flatten(seen), keras.tree.flatten(expected), strict=True
+        ):
             assert got.dtype == np.float32
             np.testing.assert_array_equal(got, want)
 
@@ -514,9 +516,10 @@ def test_learning_rate_gain_on_a_learning_rate_schedule():
 def test_learning_rate_gain_with_steps_per_execution():
     x, y = linear_problem()
     model = linear_model(0.05, steps_per_execution=2)
-    schedule = lambda c: (
-        4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)
-    )
+
+    def schedule(c):
+        return 4 if c.examples_seen < 30 else (8 if c.examples_seen < 90 else 16)
+
     sampling = keras_fim.DynamicSampling(
         (x, y), schedule, seed=5, learning_rate_scaling="sqrt"
     )
@@ -533,7 +536,10 @@ def test_learning_rate_scheduler_callback_still_sets_the_base_rate():
     sampling = keras_fim.DynamicSampling(
         (x, y), Staged([4, 8, 16]), seed=5, learning_rate_scaling="linear"
     )
-    rates = lambda epoch: 0.05 * 0.5**epoch
+
+    def rates(epoch):
+        return 0.05 * 0.5**epoch
+
     model.fit(
         sampling.dataset,
         epochs=3,
@@ -571,7 +577,7 @@ def test_several_fits_continue_the_passes():
     plan = reference_plan(N, 2, lambda c: 16, seed=2, first_pass=2)
     sizes = [[len(b) for b in e] for e in plan]
     assert sampling.batch_sizes_per_epoch[-2:] == sizes
-    for seen, batches in zip(ids_per_epoch(model, sizes), plan):
+    for seen, batches in zip(ids_per_epoch(model, sizes), plan, strict=True):
         assert seen == [int(i) for b in batches for i in b]
     assert second["data_pass"] - first["data_pass"] == 2
     assert second["step"] == 2 * first["step"] == 4 * 7
@@ -659,7 +665,10 @@ def test_bad_callable_schedule_raises_during_fit(schedule, match):
 
 def test_shrinking_callable_allowed_with_allow_shrink():
     model = plain_model()
-    schedule = lambda c: 8 if c.step < 2 else 4
+
+    def schedule(c):
+        return 8 if c.step < 2 else 4
+
     sampling = keras_fim.DynamicSampling(
         small_xy(), schedule, allow_shrink=True, shuffle=False
     )
@@ -681,7 +690,7 @@ def test_fisher_dependent_options_need_a_fisher_callback(kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
     # Raised at fit start: nothing was trained.
-    for a, b in zip(before, model.get_weights()):
+    for a, b in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -693,7 +702,10 @@ def test_a_failed_fit_does_not_change_later_fits(case):
     failed, fresh = linear_model(0.05), linear_model(0.05)
     start = fresh.get_weights()
     if case == "schedule_error_during_fit":
-        schedule = lambda c: 4 if c.step < 2 else 2  # shrinks: ValueError
+
+        def schedule(c):
+            return 4 if c.step < 2 else 2  # shrinks: ValueError
+
         sampling = keras_fim.DynamicSampling(
             (x, y), schedule, learning_rate_scaling="linear"
         )
@@ -702,8 +714,11 @@ def test_a_failed_fit_does_not_change_later_fits(case):
         sampling = keras_fim.DynamicSampling(
             (x, y), 4, learning_rate_scaling="adascale"
         )
+
         # The leftover wrapper is compiled into the FisherCallback's functions.
-        callbacks = lambda: [keras_fim.FisherCallback(every_n_steps=1)]
+        def callbacks():
+            return [keras_fim.FisherCallback(every_n_steps=1)]
+
     with pytest.raises(ValueError):
         failed.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
     state = failed.sampling_state.read()
@@ -720,7 +735,7 @@ def test_a_failed_fit_does_not_change_later_fits(case):
             callbacks=callbacks(),
         )
     assert failed.sampling_state.read() == state  # a plain fit does not sample
-    for a, b in zip(failed.get_weights(), fresh.get_weights()):
+    for a, b in zip(failed.get_weights(), fresh.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -740,11 +755,13 @@ def test_jit_compile_gives_the_same_weights():
 
     (plain, sizes), (xla, xla_sizes) = train(False), train(True)
     assert sizes == xla_sizes
-    for a, b in zip(plain, xla):
+    for a, b in zip(plain, xla, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # And both follow the replay (XLA compiled one step per batch shape).
     plan = reference_plan(50, 3, staged_ref([4, 8, 16]), seed=5)
-    for got, want in zip(xla, replay_sgd(x, y, plan, lambda t: 0.05, "sqrt")):
+    for got, want in zip(
+        xla, replay_sgd(x, y, plan, lambda t: 0.05, "sqrt"), strict=True
+    ):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -144,7 +144,7 @@ def test_grid_errors():
 
 @pytest.mark.parametrize("command", [[], ["train"], ["study"], ["report"]])
 def test_cli_help(command):
-    result = CliRunner().invoke(main, command + ["--help"])
+    result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage: " in result.output
 
@@ -166,7 +166,7 @@ def test_cli_bad_arguments(arguments, message):
 
 
 def test_cli_report_prints_ranking_and_path(tiny_study, tmp_path):
-    root, configs, results = tiny_study
+    root, _configs, results = tiny_study
     result = CliRunner().invoke(
         main, ["report", str(root), "--output", str(tmp_path / "r")]
     )

@@ -104,7 +104,7 @@ def test_scalar_endpoints_return_the_logged_values(tensorboard):
 
 
 def test_histogram_custom_scalar_and_hparams_endpoints(tensorboard):
-    url, (root, configs, results) = tensorboard
+    url, (_root, configs, results) = tensorboard
     histograms = _get(url, "/data/plugin/histograms/tags")
     assert all(
         "fisher/log10_eigenvalues" in histograms[f"{c.name}/train"] for c in configs
@@ -214,7 +214,7 @@ def _wait_for(condition, what, seconds=60):
 
 
 def test_dashboards_list_and_draw_the_keras_fim_charts(tensorboard, browser_page):
-    url, (root, configs, _) = tensorboard
+    url, (_root, configs, _) = tensorboard
     page = browser_page
     runs = len(configs)
 
@@ -224,7 +224,8 @@ def test_dashboards_list_and_draw_the_keras_fim_charts(tensorboard, browser_page
     for tag in ("fisher/C_K_bar", "fisher/L_K"):
         card = page.locator("tf-scalar-card").filter(has_text=f"tag: {tag}")
         _wait_for(
-            lambda: card.count() == 1 and _drawn_lines(card) >= runs, f"{tag} drawn"
+            lambda card=card: card.count() == 1 and _drawn_lines(card) >= runs,
+            f"{tag} drawn",
         )
     _screenshot(page, "scalars")
 

@@ -49,7 +49,7 @@ import numpy as np
 
 # benchmarks/rss.py: peak RSS from /proc (plain Python, shared with the TF side).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import rss  # noqa: E402
+import rss
 
 ENGINES = ("torch_func", "backpack", "jax")
 FRAMEWORK = {"torch_func": "torch", "backpack": "torch", "jax": "jax"}
@@ -446,7 +446,7 @@ def make_jax_step(spec, threads, lr=0.01):
     @jax.jit
     def step(p, s, x, y):
         (loss, new_s), g = jax.value_and_grad(mean_loss, has_aux=True)(p, s, x, y)
-        return [pi - lr * gi for pi, gi in zip(p, g)], new_s, loss
+        return [pi - lr * gi for pi, gi in zip(p, g, strict=True)], new_s, loss
 
     state = {"p": params, "s": stats}
 
@@ -492,7 +492,7 @@ def child_main(a):
             gram = np.asarray(to_numpy(out), dtype="float64")
             gram = 0.5 * (gram + gram.T)
             result["eigenvalues"] = np.linalg.eigvalsh(gram)[::-1].tolist()
-    except Exception as e:  # noqa: BLE001 - reported, never raised
+    except Exception as e:
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
     with open(a.result, "w") as f:
@@ -622,7 +622,7 @@ def meta(a, spec):
             versions[name] = version(
                 {"backpack": "backpack-for-pytorch"}.get(name, module)
             )
-        except Exception:  # noqa: BLE001
+        except Exception:
             versions[name] = None
     return {
         "arch": spec["arch"],

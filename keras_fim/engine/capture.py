@@ -131,7 +131,7 @@ class Recorder:
     def __init__(self, layers, probe_cotangents: bool = False):
         self.layers = layers
         self.probe_cotangents = probe_cotangents
-        self.calls: dict[int, list[LayerCall]] = {id(l): [] for l in layers}
+        self.calls: dict[int, list[LayerCall]] = {id(layer): [] for layer in layers}
         self.sinks: list[tuple[LayerCall, list]] = []
 
     def _probe(self, outputs, call: LayerCall):

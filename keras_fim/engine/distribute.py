@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras_fim.engine.gram import check_memory_budget, payloads_from_calls
 from keras_fim.engine.record import record_pass
 
+
 def _padded(tensor, rows):
     rank = tensor.shape.rank
     pad = [[0, rows - tf.shape(tensor)[0]]] + [[0, 0]] * (rank - 1)

@@ -182,9 +182,7 @@ def embedding_block(layer, tokens, d, budget):
     batch, positions = _static_batch(None, d), d.shape[1]
     vocabulary = layer.input_dim
     ghost_bytes = (
-        None
-        if positions is None
-        else 2 * batch * batch * positions**2 * _GRAM_ITEMSIZE
+        None if positions is None else 2 * batch * batch * positions**2 * _GRAM_ITEMSIZE
     )
     if ghost_bytes is None or ghost_bytes > budget or positions**2 > vocabulary:
         rows = tf.shape(d)[0]
@@ -432,7 +430,9 @@ def check_memory_budget(memory_budget) -> float:
     `ValueError` naming it unless a positive number (inf: no bound)."""
     if memory_budget is None:
         return DEFAULT_MEMORY_BUDGET
-    return check_real("memory_budget", memory_budget, 0, include_low=False, allow_inf=True)
+    return check_real(
+        "memory_budget", memory_budget, 0, include_low=False, allow_inf=True
+    )
 
 
 def per_variable_gradients(units, calls, examples, variables=None) -> list:

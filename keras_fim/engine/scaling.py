@@ -40,7 +40,9 @@ def training_loss_factor(model: keras.Model, batch) -> tf.Tensor:
     ``s``)."""
     scale = loss_scale(model)
     scale = tf.constant(1.0) if scale is None else scale
-    normaliser = 1.0 if reduction_kinds(model) == {"sum"} else tf.cast(batch, tf.float32)
+    normaliser = (
+        1.0 if reduction_kinds(model) == {"sum"} else tf.cast(batch, tf.float32)
+    )
     return scale / (replicas_in_sync() * normaliser)
 
 

@@ -32,7 +32,7 @@ def trajectories(runs: Sequence[RunRecord]):
     learning rate (log y axes), the paper's three views."""
     figure = _figure(13, 7)
     axes = figure.subplots(2, 3, squeeze=False)
-    for run, color in zip(runs, _colors(len(runs))):
+    for run, color in zip(runs, _colors(len(runs)), strict=True):
         for row, tag in enumerate(LABELS):
             steps, values = run.series(tag)
             if not len(values):
@@ -118,7 +118,7 @@ def characterisation_map(runs: Sequence[RunRecord]):
     )
     if levels is None:
         figure.colorbar(scatter, ax=axis, label="test error %")
-    for (name, c, lk, error), in_percent in zip(named, errors):
+    for (name, c, lk, _error), in_percent in zip(named, errors, strict=True):
         axis.annotate(
             f"{name}\n{in_percent:.1f}%",
             (c, lk),
@@ -142,7 +142,7 @@ def spectra(runs: Sequence[RunRecord], panels: int = 12):
     rows = max(1, math.ceil(len(shown) / columns))
     figure = _figure(3.4 * columns, 2.6 * rows)
     axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).ravel()
-    for axis, run in zip(axes, shown):
+    for axis, run in zip(axes, shown, strict=False):
         steps, values = run.spectra
         quantiles = np.array(
             [
@@ -176,10 +176,10 @@ def early_versus_final(ranking: Ranking):
     figure = _figure(10, 4)
     axes = figure.subplots(1, 2)
     errors = [row["test_error"] * 100 for row in ranking.rows]
-    for axis, name in zip(axes, ("C_K_bar", "L_K")):
+    for axis, name in zip(axes, ("C_K_bar", "L_K"), strict=True):
         values = [row[f"early_{name}"] for row in ranking.rows]
         axis.scatter(values, errors)
-        for row, x, y in zip(ranking.rows, values, errors):
+        for row, x, y in zip(ranking.rows, values, errors, strict=True):
             axis.annotate(
                 row["run"],
                 (x, y),

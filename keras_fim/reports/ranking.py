@@ -78,7 +78,11 @@ def rank_runs(runs: Sequence[RunRecord], early_fraction: float = 0.1) -> Ranking
 
 
 def _spearman(a: list[float], b: list[float]) -> tuple[float, float]:
-    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
+    pairs = [
+        (x, y)
+        for x, y in zip(a, b, strict=True)
+        if math.isfinite(x) and math.isfinite(y)
+    ]
     if (
         len(pairs) < 3
         or len({x for x, _ in pairs}) < 2

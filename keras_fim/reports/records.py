@@ -51,7 +51,7 @@ class RunRecord:
     @property
     def iterations(self) -> int:
         """The number of training steps the run logged."""
-        steps, values = self.series(summaries.ITERATIONS)
+        _steps, values = self.series(summaries.ITERATIONS)
         if len(values):
             return int(values[-1])
         return int(self.series(summaries.C_K_BAR)[0].max(initial=0))
@@ -108,7 +108,9 @@ def _tensors(accumulator) -> tuple[dict, list]:
         events = accumulator.Tensors(tag)
         arrays = [tensor_util.make_ndarray(e.tensor_proto) for e in events]
         if tag == summaries.SPECTRUM:
-            spectra = [(e.step, a.astype(float)) for e, a in zip(events, arrays)]
+            spectra = [
+                (e.step, a.astype(float)) for e, a in zip(events, arrays, strict=True)
+            ]
         elif arrays and all(a.ndim == 0 and a.dtype.kind in "fiu" for a in arrays):
             scalars[tag] = (
                 np.array([e.step for e in events], dtype=np.int64),
@@ -160,7 +162,9 @@ def read_run(path: str | os.PathLike, name: str | None = None) -> RunRecord:
             test_error = 1.0 - float(accuracy[1][-1])
     # Eigenvalues past the rank are below the zero threshold: drop them.
     rank_steps, ranks = scalars.get(summaries.RANK, ([], []))
-    rank_at = dict(zip(np.asarray(rank_steps).tolist(), np.asarray(ranks).tolist()))
+    rank_at = dict(
+        zip(np.asarray(rank_steps).tolist(), np.asarray(ranks).tolist(), strict=True)
+    )
     spectra = [(s, v[: int(rank_at.get(s, len(v)))]) for s, v in spectra]
     spectrum_steps = np.array([s for s, _ in spectra], dtype=np.int64)
     return RunRecord(

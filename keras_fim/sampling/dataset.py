@@ -59,7 +59,7 @@ def materialize(data, batched: bool | None):
             batched = all(leaf.shape.rank and leaf.shape[0] is None for leaf in leaves)
         if batched:
             data = data.unbatch()
-        chunks = [element for element in data.batch(4096).as_numpy_iterator()]
+        chunks = list(data.batch(4096).as_numpy_iterator())
         if not chunks:
             raise ValueError(
                 "`data` must hold at least one example; the dataset is empty."

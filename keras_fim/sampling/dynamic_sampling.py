@@ -14,6 +14,7 @@ then does not add a second time), so the bar counts this epoch's steps.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -39,13 +40,13 @@ from keras_fim.schedules import (
     check_size,
 )
 from keras_fim.state import SamplingState, attach_state
-from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 from keras_fim.train_step import (
     add_step_wrapper,
     begin_fit,
     compile_train_function,
     end_fit,
 )
+from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
 _RAN_OUT_WARNING = "Your input ran out of data"
 
@@ -175,7 +176,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
         for i, size in enumerate(known):
             check_size(f"schedule size {i}", size, self.num_examples)
-        if not allow_shrink and any(b < a for a, b in zip(known, known[1:])):
+        if not allow_shrink and any(b < a for a, b in itertools.pairwise(known)):
             raise ValueError(
                 f"`schedule` shrinks the batch ({known}) but allow_shrink=False. "
                 "Pass allow_shrink=True to allow it."
