@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
+from keras_fim._keras_compat import is_default_strategy
 from keras_fim.engine.distribute import example_counts, gathered_grams
 from keras_fim.engine.gram import check_fail_mode, check_memory_budget
 from keras_fim.engine.noise import (
@@ -577,10 +578,7 @@ def _unsupported_strategy(strategy) -> str | None:
         tf.distribute.MultiWorkerMirroredStrategy,
         tf.distribute.OneDeviceStrategy,
     )
-    # The default strategy (no scope) is a private class.
-    if isinstance(strategy, supported) or (
-        type(strategy).__name__ == "_DefaultDistributionStrategy"
-    ):
+    if isinstance(strategy, supported) or is_default_strategy(strategy):
         return None
     return type(strategy).__name__
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import inspect
 
 import keras
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
 
+from keras_fim._keras_compat import Functional, functional_init_arguments
 from keras_fim.callback import FisherCallback
 from keras_fim.state import FisherState, SamplingState
 
@@ -137,6 +136,22 @@ class FisherModel(keras.Model):
         return {**config, **self.fisher_options}
 
 
-@keras.saving.register_keras_serializable(package="keras_fim")
 class FunctionalFisherModel(FisherModel, Functional):
-    """What ``FisherModel(inputs, outputs, ...)`` builds (a `FisherModel`)."""
+    """What ``FisherModel(inputs, outputs, ...)`` builds (a `FisherModel`).
+
+    Named ``FisherModel`` and registered as ``keras_fim>FisherModel`` (and,
+    for files saved by keras-fim 0.1, as ``keras_fim>FunctionalFisherModel``),
+    so that a saved functional `FisherModel` loads back as a class named
+    `FisherModel`."""
+
+
+keras.saving.register_keras_serializable("keras_fim", "FunctionalFisherModel")(
+    FunctionalFisherModel
+)
+FunctionalFisherModel.__name__ = FunctionalFisherModel.__qualname__ = "FisherModel"
+# Registered last under this name: what "keras_fim>FisherModel" loads as (a
+# FisherModel saved from Python is functional; subclasses have names of
+# their own).
+keras.saving.register_keras_serializable("keras_fim", "FisherModel")(
+    FunctionalFisherModel
+)

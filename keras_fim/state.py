@@ -11,6 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_fim._keras_compat import distribute_strategy, set_instance_attribute
 from keras_fim.measurements import FisherMeasurement
 
 
@@ -213,7 +214,7 @@ def attach_state(
     if state is None:
         # Under the model's distribution strategy, as its own variables:
         # mirrored, each written once per step ("only_first_replica").
-        strategy = getattr(model, "_distribute_strategy", None)
+        strategy = distribute_strategy(model)
         if strategy is not None:
             with strategy.scope():
                 state = factory()
@@ -223,5 +224,5 @@ def attach_state(
         # `summary()` stay those of the user's model (a Sequential would not
         # track it anyway). Keras's weight saving walks the model's
         # attributes, so `save_weights`/`BackupAndRestore` still keep it.
-        object.__setattr__(model, attribute, state)
+        set_instance_attribute(model, attribute, state)
     return state

@@ -33,6 +33,7 @@ import warnings
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
+from keras_fim._keras_compat import import_event
 from keras_fim.measurements import FisherMeasurement
 
 SCALARS = (
@@ -149,10 +150,7 @@ def start_session(writer, first_step: int) -> None:
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
     )
     try:
-        from tensorflow.python.ops import summary_ops_v2
-
-        with writer.as_default():
-            summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
+        import_event(writer, event.SerializeToString())
         writer.flush()
     except Exception as error:
         warnings.warn(

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import keras
 
+from keras_fim._keras_compat import set_instance_attribute, unset_instance_attribute
+
 StepFunction = Callable[[object], dict]
 StepWrapper = Callable[[StepFunction], StepFunction]
 
@@ -29,8 +31,8 @@ def _model_dict(model: keras.Model, name: str) -> dict:
     value = model.__dict__.get(name)
     if value is None:
         value = {}
-        # object.__setattr__: keep Keras's attribute tracking out of it.
-        object.__setattr__(model, name, value)
+        # Kept out of Keras's attribute tracking.
+        set_instance_attribute(model, name, value)
     return value
 
 
@@ -72,7 +74,7 @@ def _guard(model: keras.Model) -> None:
                 end_fit(model, key)
         return original(model, force=force)
 
-    object.__setattr__(model, "make_train_function", make_train_function)
+    set_instance_attribute(model, "make_train_function", make_train_function)
 
 
 def compile_train_function(model: keras.Model, inner: StepWrapper | None = None):
@@ -85,9 +87,9 @@ def compile_train_function(model: keras.Model, inner: StepWrapper | None = None)
         step = wrapper(step)
     # `make_train_function` compiles whatever `model.train_step` is when it
     # runs; the instance attribute is removed right after.
-    object.__setattr__(model, "train_step", step)
+    set_instance_attribute(model, "train_step", step)
     try:
         model.make_train_function(force=True)
         return model.train_function
     finally:
-        object.__delattr__(model, "train_step")
+        unset_instance_attribute(model, "train_step")

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 import keras
 
+from keras_fim._keras_compat import compile_loss
+
 
 def _fail(name: str, allowed: str, value, allow_none: bool = False):
     if allow_none:
@@ -143,7 +145,7 @@ def check_compiled_loss(model: keras.Model) -> None:
         )
     loss = getattr(model, "loss", None)
     leaves = [v for v in keras.tree.flatten(loss) if v is not None] if loss else []
-    if getattr(model, "_compile_loss", None) is None or not leaves:
+    if compile_loss(model) is None or not leaves:
         raise ValueError(
             "keras-fim measures the gradient of each example's compiled loss, "
             "so the model must be compiled with a `loss`: a Keras loss, its "

@@ -23,6 +23,16 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_fim._keras_compat import (
+    call_has_training_arg,
+    get_keras_mask,
+    keras_logits,
+    set_instance_attribute,
+    set_keras_logits,
+    set_keras_mask,
+    unset_instance_attribute,
+)
+
 
 @dataclasses.dataclass
 class LayerCall:
@@ -49,8 +59,8 @@ def differentiable_outputs(outputs) -> list:
     for o in keras.tree.flatten(outputs):
         if tf.is_tensor(o) and o.dtype.is_floating:
             flat.append(o)
-            logits = getattr(o, "_keras_logits", None)
-            flat.append(logits if tf.is_tensor(logits) else tf.zeros_like(o))
+            logits = keras_logits(o)
+            flat.append(tf.zeros_like(o) if logits is None else logits)
     return flat
 
 
@@ -67,9 +77,9 @@ def _separate_logits(outputs) -> None:
     contributions of a softmax layer).
     """
     for o in keras.tree.flatten(outputs):
-        logits = getattr(o, "_keras_logits", None)
-        if tf.is_tensor(o) and o.dtype.is_floating and tf.is_tensor(logits):
-            o._keras_logits = tf.identity(logits)
+        logits = keras_logits(o)
+        if tf.is_tensor(o) and o.dtype.is_floating and logits is not None:
+            set_keras_logits(o, tf.identity(logits))
 
 
 def _cotangent_probe(tensor, sink: list, index: int):
@@ -141,12 +151,12 @@ class Recorder:
         for o in keras.tree.flatten(outputs):
             if tf.is_tensor(o) and o.dtype.is_floating:
                 new = _cotangent_probe(o, sink, position)
-                logits = getattr(o, "_keras_logits", None)
-                if tf.is_tensor(logits):
-                    new._keras_logits = _cotangent_probe(logits, sink, position + 1)
-                mask = getattr(o, "_keras_mask", None)
+                logits = keras_logits(o)
+                if logits is not None:
+                    set_keras_logits(new, _cotangent_probe(logits, sink, position + 1))
+                mask = get_keras_mask(o)
                 if mask is not None:
-                    new._keras_mask = mask
+                    set_keras_mask(new, mask)
                 probed.append(new)
                 position += 2
             else:
@@ -187,9 +197,9 @@ class Recorder:
             for layer in self.layers:
                 entry = _INSTALLED.get(id(layer))
                 if entry is None:
-                    # object.__setattr__: a plain instance attribute, invisible
+                    # A plain instance attribute, invisible
                     # to Keras's attribute tracking; removed by the last user.
-                    object.__setattr__(
+                    set_instance_attribute(
                         layer, "call", _dispatching_call(layer, layer.call)
                     )
                     entry = _INSTALLED[id(layer)] = [layer, 0]
@@ -207,7 +217,7 @@ class Recorder:
                 entry[1] -= 1
                 if entry[1] == 0:
                     del _INSTALLED[id(layer)]
-                    object.__delattr__(layer, "call")
+                    unset_instance_attribute(layer, "call")
         return False
 
 
@@ -274,7 +284,7 @@ def record_batch_pass(
         # gradient is never asked for.
         tape.watch(trainable)
         with recorder:
-            kwargs = {"training": training} if model._call_has_training_arg else {}
+            kwargs = {"training": training} if call_has_training_arg(model) else {}
             y_pred, _ = model.stateless_call(trainable, non_trainable, x, **kwargs)
         losses = loss_fn(model, y, y_pred, sample_weight)
         total = tf.reduce_sum(losses)

@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.backend import get_keras_mask
-from keras.src.losses import loss as loss_module
-from keras.src.losses.losses import LossFunctionWrapper
+
+from keras_fim._keras_compat import (
+    LossFunctionWrapper,
+    apply_mask,
+    compile_loss,
+    compiled_losses,
+    flat_losses,
+    get_keras_mask,
+    squeeze_or_expand_to_same_rank,
+    user_loss,
+)
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 """Reductions whose compiled loss is ``sum_i l_i / |B|`` in terms of the
@@ -25,15 +33,15 @@ per-example losses ``l_i`` this module returns ("sum": ``sum_i l_i``)."""
 
 
 def _compile_loss(model: keras.Model):
-    compile_loss = getattr(model, "_compile_loss", None)
-    if not getattr(model, "compiled", False) or compile_loss is None:
+    loss = compile_loss(model)
+    if not getattr(model, "compiled", False) or loss is None:
         raise ValueError(
             "keras-fim measures the gradient of the model's compiled loss, "
             "so the model must be compiled with a `loss`. Received: a model "
             f"{model.name!r} that is "
             + ("not compiled." if not model.compiled else "compiled with loss=None.")
         )
-    return compile_loss
+    return loss
 
 
 def _resolve(path, structure):
@@ -82,12 +90,10 @@ def _one_loss(loss_fn, y_t, y_p, sample_weight) -> tf.Tensor:
         )
     if mask is not None:
         mask = tf.convert_to_tensor(mask, dtype=values.dtype)
-    weights = loss_module.apply_mask(
-        sample_weight, mask, dtype=values.dtype, reduction=reduction
-    )
+    weights = apply_mask(sample_weight, mask, dtype=values.dtype, reduction=reduction)
     if weights is not None:
         weights = tf.cast(weights, values.dtype)
-        values, weights = loss_module.squeeze_or_expand_to_same_rank(values, weights)
+        values, weights = squeeze_or_expand_to_same_rank(values, weights)
         values = values * weights
     batch = tf.shape(values)[0]
     per_example = tf.reshape(values, [batch, -1])
@@ -111,12 +117,12 @@ def per_example_losses(
     The values sum to ``|B|`` times the compiled loss without its
     regularisation terms (for mean-type reductions).
     """
-    compile_loss = _compile_loss(model)
+    loss = _compile_loss(model)
     y_true = _align_y_true(y_true, y_pred)
-    if not compile_loss.built:
-        compile_loss.build(y_true, y_pred)
+    if not loss.built:
+        loss.build(y_true, y_pred)
     total = None
-    for path, loss_fn, loss_weight, _ in compile_loss._flat_losses:
+    for path, loss_fn, loss_weight, _ in flat_losses(loss):
         y_t, y_p = _resolve(path, y_true), _resolve(path, y_pred)
         if sample_weight is not None and tf.nest.is_nested(sample_weight):
             weight = _resolve(path, sample_weight)
@@ -130,21 +136,9 @@ def per_example_losses(
     if total is None:
         raise ValueError(
             "keras-fim found no loss to differentiate: every output's loss is "
-            f"None. Received: loss={compile_loss._user_loss!r}."
+            f"None. Received: loss={user_loss(loss)!r}."
         )
     return total
-
-
-def _compiled_losses(model) -> list:
-    """The model's compiled loss objects (built or not yet), `None`s left out."""
-    compile_loss = getattr(model, "_compile_loss", None)
-    if compile_loss is None:
-        return []
-    if compile_loss.built:
-        losses = [fn for _, fn, _, _ in compile_loss._flat_losses]
-    else:
-        losses = keras.tree.flatten(compile_loss._user_loss)
-    return [loss for loss in losses if loss is not None]
 
 
 def reduction_kinds(model) -> set:
@@ -156,7 +150,7 @@ def reduction_kinds(model) -> set:
 
     return {
         "mean" if reduction(loss) in MEAN_REDUCTIONS else reduction(loss)
-        for loss in _compiled_losses(model)
+        for loss in compiled_losses(model)
     }
 
 
@@ -172,4 +166,4 @@ def keras_losses_only(model) -> bool:
         owner = type(loss) if isinstance(loss, keras.losses.Loss) else loss
         return getattr(owner, "__module__", "").startswith("keras.")
 
-    return all(builtin(loss) for loss in _compiled_losses(model))
+    return all(builtin(loss) for loss in compiled_losses(model))

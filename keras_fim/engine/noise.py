@@ -22,6 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from keras_fim._keras_compat import call_has_training_arg
 from keras_fim.engine.losses import per_example_losses
 from keras_fim.engine.scaling import pass_loss_factor
 from keras_fim.engine.units import batch_size, read_variables
@@ -55,7 +56,7 @@ def gradient_noise_components(
     if variable_values is None:
         variable_values = read_variables(model)
     trainable, non_trainable = variable_values
-    kwargs = {"training": True} if model._call_has_training_arg else {}
+    kwargs = {"training": True} if call_has_training_arg(model) else {}
     # Mixed precision: scaled as Keras's step scales its loss, unscaled in
     # float32 (16-bit gradients of a mean loss would underflow otherwise).
     scale = pass_loss_factor(model, 1)

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import keras
 
+from keras_fim._keras_compat import (
+    compile_loss,
+    flatten_layers,
+    is_keras_loss_computation,
+    is_keras_train_step,
+)
 from keras_fim.engine import capture
 from keras_fim.engine.losses import keras_losses_only, reduction_kinds
 from keras_fim.engine.record import RecordedPass, measured_examples
@@ -26,23 +32,18 @@ def reuses_training_pass(model: keras.Model, step) -> bool:
     training loss is the sum of per-example losses times one factor), and no
     activity regulariser (whose loss would add to the layers' cotangents).
     """
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-    from keras.src.trainers.trainer import Trainer
-
-    cls = type(model)
     kinds = reduction_kinds(model)
     return (
-        getattr(step, "__func__", None) is TensorFlowTrainer.train_step
-        and cls.compute_loss is Trainer.compute_loss
-        and cls._compute_loss is Trainer._compute_loss
+        is_keras_train_step(step)
+        and is_keras_loss_computation(type(model))
         and model.optimizer is not None
-        and getattr(model, "_compile_loss", None) is not None
+        and compile_loss(model) is not None
         and keras_losses_only(model)
         and len(kinds) == 1
         and kinds <= {"mean", "sum"}
         and not any(
             getattr(layer, "activity_regularizer", None) is not None
-            for layer in model._flatten_layers(include_self=True, recursive=True)
+            for layer in flatten_layers(model, include_self=True, recursive=True)
         )
     )
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
+from keras_fim._keras_compat import in_xla_context
 from keras_fim.engine.capture import LayerCall, differentiable_outputs
 from keras_fim.engine.gram import (
     GhostFactors,
@@ -271,7 +272,7 @@ class ConvolutionOperands:
         vectorise this op, and im2col is 2-4x slower on CPU (measured)."""
         dz = self.dz[..., start:stop]
         sizes = [*self.kernel_size, self.x.shape[-1], dz.shape[-1]]
-        if _in_xla_context():
+        if in_xla_context():
             return self._grouped_kernel_gradients(dz)
         if any(rate > 1 for rate in self.rates):
             # No dilated filter gradient on CPU: im2col.
@@ -323,15 +324,6 @@ class ConvolutionOperands:
         )[:, : self.kernel_size[0], : self.kernel_size[1]]
         out = tf.reshape(out, [channels, *self.kernel_size, batch, filters])
         return tf.transpose(out, [3, 1, 2, 0, 4])
-
-
-def _in_xla_context() -> bool:
-    """Whether the graph being built is compiled by XLA (`jit_compile`)."""
-    from tensorflow.python.ops import control_flow_util
-
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph()
-    )
 
 
 def convolution_operands(layer, call: LayerCall, examples) -> ConvolutionOperands:

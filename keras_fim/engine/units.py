@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import keras
 import tensorflow as tf
 
+from keras_fim._keras_compat import flatten_layers
 from keras_fim.engine import rules
 
 
@@ -26,7 +27,7 @@ def own_trainable_variables(layer) -> list:
     """`layer`'s trainable variables that none of its sublayers holds."""
     inner = {
         id(v)
-        for sub in layer._flatten_layers(include_self=False, recursive=True)
+        for sub in flatten_layers(layer, include_self=False, recursive=True)
         for v in sub.trainable_variables
     }
     return [v for v in layer.trainable_variables if id(v) not in inner]
@@ -53,7 +54,7 @@ def find_units(model: keras.Model, registry: rules.RuleRegistry | None = None) -
         if rule is not None:
             units.append(Unit(layer, rule))
             return
-        for sub in layer._flatten_layers(include_self=False, recursive=False):
+        for sub in flatten_layers(layer, include_self=False, recursive=False):
             visit(sub, False)
 
     visit(model, True)

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_fim._keras_compat import variant_tensor
+
 # What the dataset tells Keras its cardinality is: any number larger than the
 # steps of one epoch keeps Keras from learning a fixed epoch length.
 DECLARED_CARDINALITY = 2**62
@@ -30,7 +32,7 @@ class DeclaredCardinality(tf.data.Dataset):
     def __init__(self, dataset: tf.data.Dataset, cardinality: int):
         self._dataset = dataset
         self._declared = cardinality
-        super().__init__(dataset._variant_tensor)
+        super().__init__(variant_tensor(dataset))
 
     def _inputs(self):
         return [self._dataset]

@@ -24,6 +24,11 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
+from keras_fim._keras_compat import (
+    optimizer_learning_rate,
+    set_optimizer_learning_rate,
+    update_progress_bar,
+)
 from keras_fim.sampling.dataset import InMemoryExamples, count_examples, materialize
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
@@ -323,7 +328,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._state.position.assign(plan.end)
         # Keras numbers a short last execution as if it were full; the bar
         # counts the steps actually taken.
-        self._update_progbar(self._epoch_steps - 1, logs)
+        update_progress_bar(self, self._epoch_steps - 1, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if (
@@ -440,15 +445,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
             gain = self._gain(batch)
             optimizer = innermost_optimizer(self.model.optimizer)
-            base = optimizer._learning_rate
+            base = optimizer_learning_rate(optimizer)
             scaled = ScaledLearningRate(base, gain)
             learning_rate = scaled(optimizer.iterations)
             if self.learning_rate_scaling != "none":
-                optimizer._learning_rate = scaled
+                set_optimizer_learning_rate(optimizer, scaled)
             try:
                 logs = step(data)
             finally:
-                optimizer._learning_rate = base
+                set_optimizer_learning_rate(optimizer, base)
             state = self._state
             state.step.assign_add(1)
             state.position.assign_add(batch)

@@ -1,0 +1,217 @@
+"""Every use of Keras's and TensorFlow's private internals, and every patch.
+
+keras-fim works inside Keras's training loop, and a few things it needs have
+no public API. Each is here, once, with why it is needed; and
+tests/test_keras_compat.py checks the behaviour each one relies on, so that
+a Keras or TensorFlow release that changes one fails there, by name, rather
+than somewhere deep in a measurement. The declared range (`keras>=3.8,<4`,
+`tensorflow>=2.16,<3`) is tested at both ends: CI runs the fast tests
+against the oldest supported versions too (.ci/run).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# Why each private import (each is checked in tests/test_keras_compat.py):
+# * get_keras_mask, apply_mask, squeeze_or_expand_to_same_rank,
+#   LossFunctionWrapper: the per-example losses apply masks and sample
+#   weights exactly as Keras's own losses do, with Keras's own helpers;
+# * TensorFlowTrainer, Trainer: measuring from the training step's own pass
+#   is exact only around Keras's own train step and loss computation;
+# * Functional, functional_init_arguments: `FisherModel(inputs, outputs)`
+#   must become a functional model as `keras.Model(inputs, outputs)` does;
+# * control_flow_util, summary_ops_v2: whether a graph is compiled by XLA,
+#   and a raw event written into a summary file.
+from keras.src.backend import get_keras_mask
+from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+from keras.src.losses.loss import apply_mask, squeeze_or_expand_to_same_rank
+from keras.src.losses.losses import LossFunctionWrapper
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.trainers.trainer import Trainer
+from tensorflow.python.ops import control_flow_util, summary_ops_v2
+
+__all__ = [
+    "Functional",
+    "LossFunctionWrapper",
+    "apply_mask",
+    "call_has_training_arg",
+    "compile_loss",
+    "compiled_losses",
+    "distribute_strategy",
+    "flat_losses",
+    "flatten_layers",
+    "functional_init_arguments",
+    "get_keras_mask",
+    "import_event",
+    "in_xla_context",
+    "is_default_strategy",
+    "is_keras_loss_computation",
+    "is_keras_train_step",
+    "keras_logits",
+    "optimizer_learning_rate",
+    "set_instance_attribute",
+    "set_keras_logits",
+    "set_keras_mask",
+    "set_optimizer_learning_rate",
+    "squeeze_or_expand_to_same_rank",
+    "unset_instance_attribute",
+    "update_progress_bar",
+    "user_loss",
+    "variant_tensor",
+]
+
+
+# -- layers and models ----------------------------------------------------------
+
+
+def flatten_layers(layer, *, include_self: bool, recursive: bool) -> list:
+    """A layer's sublayers, nested ones too, in the order they were set:
+    what the units of a measurement are found among (Keras has no public
+    recursive walk that reaches a subclassed layer's attributes)."""
+    return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
+
+
+def call_has_training_arg(model) -> bool:
+    """Whether `model.call` takes `training` (passing it otherwise fails):
+    keras-fim's own passes run in training mode, as `fit` does."""
+    return bool(model._call_has_training_arg)
+
+
+def distribute_strategy(model):
+    """The strategy a model was built under (`None` before it has one):
+    keras-fim's state is created under it, as the model's own variables."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+def is_default_strategy(strategy) -> bool:
+    """Whether `strategy` is the default one (no `strategy.scope()`), whose
+    class is private."""
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"
+
+
+# -- the compiled loss ----------------------------------------------------------
+
+
+def compile_loss(model):
+    """The model's `CompileLoss` (`None` when compiled without a loss): the
+    losses keras-fim splits per example, with Keras's own structure."""
+    return getattr(model, "_compile_loss", None)
+
+
+def flat_losses(loss) -> list:
+    """``(path, loss function, loss weight, _)`` per output of a built
+    `CompileLoss`: what it applies to which output, flattened."""
+    return list(loss._flat_losses)
+
+
+def compiled_losses(model) -> list:
+    """The loss objects compiled into `model` (built or not yet), `None`s
+    left out."""
+    loss = compile_loss(model)
+    if loss is None:
+        return []
+    if loss.built:
+        losses = [fn for _, fn, _, _ in flat_losses(loss)]
+    else:
+        losses = keras.tree.flatten(user_loss(loss))
+    return [fn for fn in losses if fn is not None]
+
+
+def keras_logits(tensor):
+    """The logits Keras's softmax/sigmoid attach to their outputs, which its
+    cross-entropy differentiates through instead of the probabilities."""
+    logits = getattr(tensor, "_keras_logits", None)
+    return logits if tf.is_tensor(logits) else None
+
+
+def set_keras_logits(tensor, logits) -> None:
+    """Attaches `logits` to `tensor` as Keras's softmax does."""
+    tensor._keras_logits = logits
+
+
+def set_keras_mask(tensor, mask) -> None:
+    """Attaches a mask to `tensor` as Keras's layers do (`get_keras_mask`
+    reads it), so that the masked losses of a recorded pass stay masked."""
+    tensor._keras_mask = mask
+
+
+def user_loss(loss):
+    """What the user passed to `compile(loss=...)`, for messages."""
+    return loss._user_loss
+
+
+# -- the train step -------------------------------------------------------------
+
+
+def is_keras_train_step(step) -> bool:
+    """Whether `step` is Keras's own TensorFlow `train_step` (bound): only
+    then is measuring from the step's own pass exact."""
+    return getattr(step, "__func__", None) is TensorFlowTrainer.train_step
+
+
+def is_keras_loss_computation(model_class) -> bool:
+    """Whether `model_class` computes its loss as Keras's trainer does."""
+    return (
+        model_class.compute_loss is Trainer.compute_loss
+        and model_class._compute_loss is Trainer._compute_loss
+    )
+
+
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA (`jit_compile`):
+    convolutions' per-example kernels take the grouped form there."""
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
+
+
+def optimizer_learning_rate(optimizer):
+    """What the optimizer reads its learning rate from (a variable, a
+    schedule or a function), as set by the user or by other callbacks."""
+    return optimizer._learning_rate
+
+
+def set_optimizer_learning_rate(optimizer, value) -> None:
+    """Replaces it while a step is traced (`DynamicSampling` multiplies it by
+    the gain of the batch actually trained, and puts it back)."""
+    optimizer._learning_rate = value
+
+
+# -- patches --------------------------------------------------------------------
+
+
+def set_instance_attribute(obj, name: str, value) -> None:
+    """Sets an attribute Keras's tracking does not see: a step wrapper, a
+    recording `layer.call`, a plain model's untracked `fisher_state` (the
+    user's `model.weights` stay theirs; weight saving still finds it)."""
+    object.__setattr__(obj, name, value)
+
+
+def unset_instance_attribute(obj, name: str) -> None:
+    """Removes what `set_instance_attribute` set."""
+    object.__delattr__(obj, name)
+
+
+# -- tf.data, progress bar, event files -----------------------------------------
+
+
+def variant_tensor(dataset):
+    """The dataset's graph handle, for a `tf.data.Dataset` subclass that
+    declares another cardinality (`DynamicSampling`'s epochs change size)."""
+    return dataset._variant_tensor
+
+
+def update_progress_bar(progbar_logger, steps_done: int, logs) -> None:
+    """Redraws a `ProgbarLogger`'s bar at `steps_done` steps (Keras numbers a
+    short last execution as if it were full)."""
+    progbar_logger._update_progbar(steps_done, logs)
+
+
+def import_event(writer, serialized_event) -> None:
+    """Writes a raw `Event` into `writer`'s file (a `SessionLog.START`, which
+    TensorBoard needs to drop the points of an interrupted run)."""
+    with writer.as_default():
+        summary_ops_v2.import_event(tf.constant(serialized_event))
