@@ -4,9 +4,18 @@ keras-fim works inside Keras's training loop, and a few things it needs have
 no public API. Each is here, once, with why it is needed; and
 tests/test_keras_compat.py checks the behaviour each one relies on, so that
 a Keras or TensorFlow release that changes one fails there, by name, rather
-than somewhere deep in a measurement. The declared range (`keras>=3.8,<4`,
-`tensorflow>=2.16,<3`) is tested at both ends: CI runs the fast tests
-against the oldest supported versions too (.ci/run).
+than somewhere deep in a measurement.
+
+The declared range (`tensorflow>=2.21,<3`, `keras>=3.15,<4`) is what CI
+installs and tests. It was wider (TensorFlow 2.16, Keras 3.8) until the
+whole suite was run there (TensorFlow 2.16.2, Keras 3.8.0, Python 3.11):
+507 tests passed, but a float32 model's largest eigenvalue came out 2.8e-3
+off the same weights in float64 (3e-7 on the tested versions; the forward
+passes agree to 1e-7 on both, so the difference is in the backward pass
+through the loss), tensorflow-datasets' test data did not import (the newest
+tensorflow-metadata needs protobuf 5, which TensorFlow 2.16 excludes), and
+plain Keras fails to train a masked GRU under XLA. Widening the range needs a
+CI job on the older versions that passes.
 """
 
 from __future__ import annotations
