@@ -3,7 +3,7 @@ and ``|G|^2``, whose ratio is the gradient noise scale ``B_simple``.
 
 From the squared norms of the gradients of a batch (``|g_B|^2``, size ``B``)
 and of smaller batches (``|g_b|^2``, their mean, size ``b``), McCandlish et
-al. (2018, appendix A, eq. A.2-A.3):
+al. (2018, appendix A):
 
 ``|G|^2 = (B |g_B|^2 - b |g_b|^2) / (B - b)`` and
 ``tr(Sigma) = (|g_b|^2 - |g_B|^2) / (1/b - 1/B)``.
@@ -93,7 +93,7 @@ def gradient_noise_components(
 
 
 def unbiased_components(batch, half, big, small, defined=None):
-    """McCandlish et al.'s unbiased estimates (eq. A.2-A.3) from the squared
+    """McCandlish et al.'s unbiased estimates (appendix A) from the squared
     gradient norms of a batch of `batch` examples (`big`) and of smaller
     batches of `half` examples (`small`, their mean); NaN unless `defined`
     (by default: at least 2 examples)."""

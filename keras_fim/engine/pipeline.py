@@ -9,7 +9,7 @@ Every measurement takes the same way, whoever asks (`keras_fim.measure`,
    local batch's, `local_grams`, or the global batch's gathered from every
    replica, `keras_fim.engine.distribute.gathered_grams`);
 3. `measure_pass` sums the blocks, solves the spectrum with the zero
-   threshold of the contributions' precision (Liao et al. 2020, section 3:
+   threshold of the contributions' precision (Liao et al. 2020; METHOD.md:
    ``e = sqrt(eig(J J^T))``, ``c_k = max(e) / min(e > 0)``), and takes the
    gradient-noise components from a *noise source*
    (`keras_fim.engine.noise`).
