@@ -1,4 +1,5 @@
-"""TensorBoard output of the Fisher measurements.
+"""TensorBoard output: the Fisher measurements (``fisher/*``, ``fisher_layers/*``),
+`DynamicSampling` (``sampling/*``), and the tag names other modules share.
 
 Written under ``<log_dir>/train`` like `keras.callbacks.TensorBoard`, with the
 same x-axis as its batch-level charts: the 1-based number of the training
