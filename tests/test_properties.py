@@ -20,6 +20,7 @@ Models are built once per shape (module cache) in float64 and their weights,
 data, permutations, scales and weights are drawn by hypothesis.
 """
 
+import functools
 import itertools
 import math
 import os
@@ -269,18 +270,21 @@ NAN, INF = float("nan"), float("inf")
 
 @st.composite
 def measured_steps(draw):
+    # No subnormal values: TensorFlow's CPU kernels flush them to zero (the
+    # numpy reference does not), which says nothing about keras-fim.
+    floats = functools.partial(st.floats, allow_subnormal=False)
     batch = draw(st.integers(1, 256))
     return dict(
-        condition=draw(st.one_of(st.floats(1.0, 1e6), st.sampled_from([NAN, INF]))),
-        energy=draw(st.floats(0.0, 1e3)),
-        learning_rate=draw(st.one_of(st.floats(1e-5, 2.0), st.just(NAN))),
+        condition=draw(st.one_of(floats(1.0, 1e6), st.sampled_from([NAN, INF]))),
+        energy=draw(floats(0.0, 1e3)),
+        learning_rate=draw(st.one_of(floats(1e-5, 2.0), st.just(NAN))),
         batch_size=batch,
         measured=draw(st.integers(1, batch)),  # max_examples
         steps_represented=draw(st.integers(1, 100)),  # every_n_steps, or 1
         noise=draw(
             st.tuples(
-                st.one_of(st.floats(-10.0, 10.0), st.just(NAN)),
-                st.one_of(st.floats(0.0, 10.0), st.just(NAN)),
+                st.one_of(floats(-10.0, 10.0), st.just(NAN)),
+                st.one_of(floats(0.0, 10.0), st.just(NAN)),
             )
         ),
     )
@@ -352,7 +356,7 @@ def expected_running_values(steps, ema_decay):
 @given(
     steps=st.lists(measured_steps(), min_size=1, max_size=10),
     cut_fractions=st.lists(st.floats(0.0, 1.0), max_size=3),
-    ema_decay=st.floats(0.0, 0.99),
+    ema_decay=st.floats(0.0, 0.99, allow_subnormal=False),
     how=st.sampled_from(["set_weights", "weights_file"]),
 )
 def test_running_values_are_the_same_across_resumes(
