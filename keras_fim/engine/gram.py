@@ -26,7 +26,7 @@ entry, which hide every eigenvalue below about ``1e-7`` of the largest
 (singular values of ``J`` below ``3e-4`` of the largest), while float32
 contributions resolve singular values down to about ``eps32`` of ``||J||_F``
 (`keras_fim.measurements.noise_floor`). The float64 products cost
-about twice the float32 ones on CPU (`benchmarks/precision.py`).
+1.0-1.6 times the float32 ones on CPU (`benchmarks/precision.py`).
 
 Costs are counted in multiply-adds and memory in bytes of the largest
 temporary; a path whose temporary exceeds the memory budget is not taken,

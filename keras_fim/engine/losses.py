@@ -26,22 +26,11 @@ from keras_fim._keras_compat import (
     squeeze_or_expand_to_same_rank,
     user_loss,
 )
+from keras_fim.validation import check_compiled_loss
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 """Reductions whose compiled loss is ``sum_i l_i / |B|`` in terms of the
 per-example losses ``l_i`` this module returns ("sum": ``sum_i l_i``)."""
-
-
-def _compile_loss(model: keras.Model):
-    loss = compile_loss(model)
-    if not getattr(model, "compiled", False) or loss is None:
-        raise ValueError(
-            "keras-fim measures the gradient of the model's compiled loss, "
-            "so the model must be compiled with a `loss`. Received: a model "
-            f"{model.name!r} that is "
-            + ("not compiled." if not model.compiled else "compiled with loss=None.")
-        )
-    return loss
 
 
 def _resolve(path, structure):
@@ -117,7 +106,8 @@ def per_example_losses(
     The values sum to ``|B|`` times the compiled loss without its
     regularisation terms (for mean-type reductions).
     """
-    loss = _compile_loss(model)
+    check_compiled_loss(model)
+    loss = compile_loss(model)
     y_true = _align_y_true(y_true, y_pred)
     if not loss.built:
         loss.build(y_true, y_pred)
