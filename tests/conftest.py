@@ -4,14 +4,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# tests/reference.py as the module `fim_reference` (tests import it by that
-# name; pytest's importlib mode puts nothing of tests/ on sys.path).
-_spec = importlib.util.spec_from_file_location(
-    "fim_reference",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference.py"),
-)
-sys.modules["fim_reference"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sys.modules["fim_reference"])
+# tests/reference.py and tests/helpers.py as the modules `fim_reference` and
+# `fim_helpers` (tests import them by those names; pytest's importlib mode puts
+# nothing of tests/ on sys.path).
+for _name, _file in (("fim_reference", "reference.py"), ("fim_helpers", "helpers.py")):
+    _spec = importlib.util.spec_from_file_location(
+        _name, os.path.join(os.path.dirname(os.path.abspath(__file__)), _file)
+    )
+    sys.modules[_name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules[_name])
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

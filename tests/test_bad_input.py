@@ -15,10 +15,12 @@ import inspect
 import pathlib
 import warnings
 
+import fim_helpers as helpers
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import assert_same_weights
 
 import keras_fim
 from keras_fim.schedules import Automatic, Geometric, Linear, Staged
@@ -311,8 +313,7 @@ def test_log_dir_under_a_regular_file_is_refused_at_construction(tmp_path):
 
 
 def compiled(model):
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    return model
+    return helpers.compiled(model, loss="mse")
 
 
 def test_log_dir_that_became_unwritable_fails_at_fit_start(tmp_path):
@@ -327,8 +328,7 @@ def test_log_dir_that_became_unwritable_fails_at_fit_start(tmp_path):
         with pytest.raises(ValueError) as error:
             model.fit(*data, epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
         assert_names(error, "log_dir", check_value=False)
-        for a, b in zip(before, model.get_weights(), strict=True):
-            np.testing.assert_array_equal(a, b)  # nothing was trained
+        assert_same_weights(before, model)  # nothing was trained
 
 
 # -- the model and its loss --------------------------------------------------------
@@ -391,8 +391,7 @@ def test_no_labels_and_no_compiled_loss_is_refused_before_training(fisher_model)
         model.fit(x, epochs=1, verbose=0, callbacks=callbacks)
     assert_names(error, "loss", check_value=False)
     assert "loss=None" in str(error.value) and "add_loss" in str(error.value)
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(before, model)
 
 
 def test_labels_missing_for_a_compiled_loss_fail_as_in_plain_keras():
@@ -418,8 +417,7 @@ def test_an_unreduced_loss_is_refused_before_training(reduction):
     message = str(error.value)
     assert f"reduction={reduction!r}" in message and "sum_over_batch_size" in message
     assert "mean_squared_error" in message
-    for a, b in zip(before, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(before, model)
 
 
 def batch_mean_mse(y_true, y_pred):
@@ -443,8 +441,7 @@ def test_a_loss_without_batch_dimension_skips_the_measurement_with_a_warning(
 
     plain, _ = train(model_fn, x, y, [])
     measured, messages = train(model_fn, x, y, [callback])
-    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(plain, measured)
     assert len(messages) == 1 and "could not build" in messages[0]
     assert "batch dimension" in messages[0]
     assert int(measured.fisher_state.measurements) == 0
@@ -524,8 +521,7 @@ def test_a_layer_outside_the_engines_contract_skips_with_one_warning():
     )
     assert len(messages) == 1 and "could not build" in messages[0]
     assert int(measured.fisher_state.measurements) == 0
-    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(plain, measured)
 
 
 class TiedDecoder(keras.layers.Layer):

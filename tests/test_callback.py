@@ -2,10 +2,11 @@
 
 import math
 
+import fim_reference as ref
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from fim_helpers import assert_same_weights
 from fim_reference import read_scalars
 
 import keras_fim
@@ -42,18 +43,6 @@ def data(n=40, shape=(6,), seed=0):
     return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 3, n)
 
 
-def loop_jacobian(model, x, y):
-    """float64 J by a Python loop over examples (the brute-force twin)."""
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    rows = []
-    for i in range(len(x)):
-        with tf.GradientTape() as tape:
-            value = loss(y[i : i + 1], model(x[i : i + 1], training=False))
-        grads = tape.gradient(value, model.trainable_variables)
-        rows.append(np.concatenate([g.numpy().ravel() for g in grads]))
-    return np.array(rows, dtype=np.float64)
-
-
 class HandComputation(keras.callbacks.Callback):
     """Recomputes c_k and L_K by hand on the same batches, before each update."""
 
@@ -67,7 +56,9 @@ class HandComputation(keras.callbacks.Callback):
             start = batch * self.batch_size
             xb = self.x[start : start + self.batch_size]
             yb = self.y[start : start + self.batch_size]
-            jac = loop_jacobian(self.model, xb, yb)
+            jac = ref.flatten_gradients(
+                ref.loop_per_example_gradients(self.model, xb, yb)
+            )
             e = np.sqrt(np.clip(np.linalg.eigvalsh(jac @ jac.T), 0, None))
             tol = len(xb) * np.finfo(np.float32).eps * e.max() ** 2
             nonzero = e[e**2 > tol]
@@ -391,8 +382,7 @@ def test_failed_measurement_never_stops_training():
         plain = train([])
         with pytest.warns(UserWarning, match="could not build the Fisher measurement"):
             measured = train([keras_fim.FisherCallback(every_n_steps=1)])
-        for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
-            np.testing.assert_array_equal(a, b)
+        assert_same_weights(plain, measured)
         assert int(measured.fisher_state.measurements) == 0
     finally:
         from keras_fim.engine.rules import DEFAULT_REGISTRY
@@ -427,8 +417,7 @@ def test_masked_gru_trains_identically_with_and_without_xla(jit_compile):
     measured = train([keras_fim.FisherCallback(every_n_steps=1)])
     assert int(measured.fisher_state.measurements) == 4
     assert int(measured.fisher_state.skipped) == 0
-    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_same_weights(plain, measured)
 
 
 def test_plain_model_weights_list_is_unchanged_but_state_is_saved(tmp_path):

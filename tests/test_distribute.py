@@ -11,7 +11,6 @@ parts of a batch and put together, gives the blocks of the whole batch.
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import free_port
 from fim_reference import read_scalars
 
 import keras_fim
@@ -63,12 +63,6 @@ def _finish_all(processes, timeout):
             if process.poll() is None:
                 process.kill()
                 process.communicate()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +303,7 @@ def test_multi_worker_mirrored_two_processes(tmp_path):
     (C_K bar, L_K, the counters, the noise averages; `max_examples` 9 of
     6 + 6 takes 5 and 4), with weights those of one device; only the chief
     writes TensorBoard events."""
-    workers = [f"localhost:{_free_port()}" for _ in range(2)]
+    workers = [f"localhost:{free_port('localhost')}" for _ in range(2)]
     processes = []
     for index in range(2):
         config = {

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import compiled
 
 import keras_fim
 
@@ -51,11 +52,6 @@ def assert_grads_close(actual, expected, model, rtol, atol):
         np.testing.assert_allclose(
             a, e, rtol=rtol, atol=atol * scale, err_msg=f"variable {v.path}"
         )
-
-
-def compiled(model, loss="sparse_categorical_crossentropy", **kwargs):
-    model.compile(optimizer="sgd", loss=loss, **kwargs)
-    return model
 
 
 def classification_data(batch, shape, classes=3, seed=0, dtype="float32"):

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import assert_same_weights  # NaN equals NaN there
 from fim_reference import read_scalars
 
 import keras_fim
@@ -68,11 +69,6 @@ def fit(
         )
     messages = [str(w.message) for w in caught if "keras-fim" in str(w.message)]
     return model, messages
-
-
-def assert_same_weights(plain, measured):
-    for a, b in zip(plain.get_weights(), measured.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)  # NaN equals NaN here
 
 
 def counters(model):

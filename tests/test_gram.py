@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import compiled, labels
 
 import keras_fim
 from keras_fim.engine import (
@@ -17,16 +18,6 @@ from keras_fim.engine import (
     record_pass,
     reuses_training_pass,
 )
-
-
-def compiled(model, **kwargs):
-    kwargs.setdefault("loss", "sparse_categorical_crossentropy")
-    model.compile(optimizer=keras.optimizers.SGD(0.1), **kwargs)
-    return model
-
-
-def labels(n, classes=3, seed=0):
-    return np.random.default_rng(seed).integers(0, classes, n)
 
 
 def reference_blocks(model, x, y, **kwargs):

@@ -7,7 +7,6 @@ the test is skipped, except on CI (CI=true), where it fails."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from fim_helpers import free_port
 
 from keras_fim.reports import find_runs
 
@@ -29,16 +29,10 @@ FISHER_TAGS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tensorboard(tiny_study):
     root = tiny_study[0]
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             sys.executable,
