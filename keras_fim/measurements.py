@@ -180,7 +180,11 @@ def spectrum_from_gram(
     if zero_threshold is None:
         floor = noise_floor(precision) * squared_norms_sum
         zero_threshold = tf.math.divide_no_nan(floor, largest)
-    zero_threshold = tf.where(valid, tf.cast(zero_threshold, tf.float64), nan)
+    # dtype_hint: a Python float becomes float64 directly, not via float32.
+    zero_threshold = tf.cast(
+        tf.convert_to_tensor(zero_threshold, dtype_hint=tf.float64), tf.float64
+    )
+    zero_threshold = tf.where(valid, zero_threshold, nan)
     nonzero = gram_eigenvalues > zero_threshold * largest
     rank = tf.reduce_sum(tf.cast(nonzero & (gram_eigenvalues > 0), tf.int32))
     singular_values = tf.sqrt(gram_eigenvalues)

@@ -1,19 +1,12 @@
-"""keras-fim study end to end: runs, resuming, HParams, the CLI."""
+"""keras-fim study end to end: runs, resuming, HParams."""
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from keras_fim import study
-from keras_fim.cli import main
 from keras_fim.reports import find_runs
 
 
@@ -140,91 +133,6 @@ def test_grid_errors():
         study.grid([16], [0.1], ["fixed"])
     with pytest.raises(ValueError, match="at least one run"):
         study.run_study([], "unused")
-
-
-@pytest.mark.parametrize("command", [[], ["train"], ["study"], ["report"]])
-def test_cli_help(command):
-    result = CliRunner().invoke(main, [*command, "--help"])
-    assert result.exit_code == 0, result.output
-    assert "Usage: " in result.output
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["study", "--batch-sizes", "16,x"], "not a comma-separated list of ints"),
-        (["study", "--schedules", "cosine"], "`schedule` must be one of"),
-        (["train", "--learning-rate", "-1"], "--learning-rate"),
-        (["train", "--model", "vgg"], "--model"),
-        (["report", "/does/not/exist"], "does not exist"),
-    ],
-)
-def test_cli_bad_arguments(arguments, message):
-    result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 2
-    assert message in result.output
-
-
-def test_cli_report_prints_ranking_and_path(tiny_study, tmp_path):
-    root, _configs, results = tiny_study
-    result = CliRunner().invoke(
-        main, ["report", str(root), "--output", str(tmp_path / "r")]
-    )
-    assert result.exit_code == 0, result.output
-    best = min(results, key=lambda name: (results[name]["test_error"], name))
-    assert "Runs ranked by test error" in result.output
-    assert result.output.index(best) < min(
-        result.output.index(name) for name in results if name != best
-    )
-    assert f"Report: {tmp_path / 'r' / 'index.html'}" in result.output.replace("\n", "")
-    assert (tmp_path / "r" / "map.png").exists()
-
-
-@pytest.mark.slow  # a real `keras-fim study` subprocess, interrupted and rerun
-def test_ctrl_c_keeps_finished_runs_and_the_rerun_completes(tmp_path):
-    root = tmp_path / "study"
-    command = [
-        sys.executable,
-        "-m",
-        "keras_fim.cli",
-        "study",
-        "--log-dir",
-        str(root),
-        "--batch-sizes",
-        "512",
-        "--learning-rates",
-        "0.1,0.2",
-        "--schedules",
-        "",
-        "--epochs",
-        "2",
-        "--every-n-steps",
-        "4",
-        "--no-report",
-    ]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    first = root / "bs512_lr0.1" / "result.json"
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.exists(), process.communicate()[0]
-    time.sleep(3)  # into the second run
-    process.send_signal(signal.SIGINT)
-    output = process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output
-    assert "Interrupted" in output
-    finished = json.loads(first.read_text())
-    assert not (root / "bs512_lr0.2" / "result.json").exists()
-    rerun = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "bs512_lr0.1" in rerun.stdout and "skipped" in rerun.stdout
-    assert json.loads(first.read_text()) == finished
-    assert (root / "bs512_lr0.2" / "result.json").exists()
 
 
 def test_depth_defaults_and_checks_per_model():
