@@ -118,3 +118,58 @@ def test_cli_help_in_the_docs_is_the_commands_own():
         assert quoted == printed.rstrip(), (
             f"regenerate the --help of `keras-fim {command}`"
         )
+
+
+def _api_reference_objects():
+    """Every function and class the API reference pages render (a module's
+    public functions and classes defined in it), loaded statically."""
+    import griffe
+
+    names = [
+        line.split(":::", 1)[1].strip()
+        for page in sorted((DOCS / "api").glob("*.md"))
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if line.startswith(":::")
+    ]
+    package = griffe.load("keras_fim", search_paths=[str(ROOT)], resolve_aliases=True)
+    seen = {}
+    for name in names:
+        found = package[name.removeprefix("keras_fim.")]
+        found = found.final_target if found.is_alias else found
+        members = found.members.values() if found.is_module else [found]
+        for member in members:
+            if member.is_alias or member.name.startswith("_"):
+                continue
+            if member.is_function or member.is_class:
+                seen[member.path] = member
+    return seen
+
+
+def test_public_docstrings_document_every_argument_with_its_type():
+    """Every parameter of the API reference's functions and constructors is
+    annotated (mkdocstrings shows the type beside it) and has its own entry
+    under Args (or Attributes, for NamedTuples and dataclasses)."""
+    from griffe import ParameterKind
+
+    variadic = (ParameterKind.var_positional, ParameterKind.var_keyword)
+    gaps = []
+    objects = _api_reference_objects()
+    assert len(objects) > 40
+    for path, obj in objects.items():
+        function = obj.members.get("__init__") if obj.is_class else obj
+        if function is None or function.is_alias:
+            continue  # a class whose constructor is inherited (Keras's)
+        documented = set()
+        for section in obj.docstring.parse("google") if obj.docstring else []:
+            if section.kind.value in ("parameters", "other parameters", "attributes"):
+                documented |= {entry.name for entry in section.value}
+        for parameter in function.parameters:
+            if parameter.name in ("self", "cls") or parameter.kind in variadic:
+                continue
+            if parameter.name.startswith("_"):
+                continue
+            if parameter.annotation is None:
+                gaps.append(f"{path}: `{parameter.name}` has no type annotation")
+            if parameter.name not in documented:
+                gaps.append(f"{path}: `{parameter.name}` is not under Args")
+    assert not gaps, "\n".join(gaps)
