@@ -8,18 +8,20 @@ keras-fim report logs/study          # HTML report of any folder of runs
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 import click
 
 from keras_fim import study as study_lib
+from keras_fim.datasets import NAMES as DATASETS
 from keras_fim.datasets import DatasetUnavailableError
 
 _DEFAULT = study_lib.RunConfig()
 
 
 class _NumberList(click.ParamType):
-    """A comma-separated list of numbers, e.g. ``16,64,256``."""
+    """A comma-separated list of positive numbers, e.g. ``16,64,256``."""
 
     name = "list"
 
@@ -30,13 +32,16 @@ class _NumberList(click.ParamType):
         if isinstance(value, (list, tuple)):
             return list(value)
         try:
-            return [self.kind(item) for item in str(value).split(",") if item.strip()]
+            items = [self.kind(item) for item in str(value).split(",") if item.strip()]
         except ValueError:
             self.fail(
                 f"{value!r} is not a comma-separated list of {self.kind.__name__}s",
                 param,
                 ctx,
             )
+        if any(item <= 0 for item in items):
+            self.fail(f"{value!r} holds a value <= 0; all must be > 0", param, ctx)
+        return items
 
 
 def _run_options(function):
@@ -59,9 +64,10 @@ def _run_options(function):
         ),
         click.option(
             "--dataset",
+            type=click.Choice(DATASETS),
             default=_DEFAULT.dataset,
             show_default=True,
-            help="digits (bundled, offline), cifar10, cifar100, svhn_cropped, mnist.",
+            help="digits is bundled (offline); the others come from tensorflow-datasets.",
         ),
         click.option(
             "--data-dir",
@@ -107,11 +113,19 @@ def _run_fields(kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k in fields}
 
 
+def _usage_error(error: ValueError) -> click.BadParameter:
+    """A usage error (exit 2) naming the flag of the argument `error` names
+    (its message starts with the argument in backquotes)."""
+    match = re.match(r"`(\w+)`", str(error))
+    hint = f"--{match.group(1).replace('_', '-')}" if match else None
+    return click.BadParameter(str(error), param_hint=hint)
+
+
 def _config(**fields) -> study_lib.RunConfig:
     try:
         return study_lib.RunConfig(**fields)
     except ValueError as error:
-        raise click.BadParameter(str(error)) from error
+        raise _usage_error(error) from error
 
 
 @click.group(
@@ -241,7 +255,7 @@ def study(
             **_run_fields(kwargs),
         )
     except ValueError as error:
-        raise click.BadParameter(str(error)) from error
+        raise _usage_error(error) from error
     console = _console()
     columns = [
         "{task.description}",
@@ -356,8 +370,13 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
             ),
         )
     console.print(table)
-    for name, (rho, p) in ranking.correlations.items():
-        console.print(f"Spearman rho({name}, test error) = {rho:.3f} (p = {p:.2g})")
+    if not ranking.rows:
+        console.print(
+            "No run has a test error (study/test_error, or validation accuracy): "
+            "nothing to rank."
+        )
+    for line in ranking.findings():
+        console.print(line)
     console.print(f"Report: {path}")
 
 

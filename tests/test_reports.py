@@ -225,3 +225,93 @@ def test_validation_accuracy_is_the_fallback_test_error(tmp_path):
         validation_accuracy=[0.5, 0.875],
     )
     assert read_run(tmp_path / "plain").test_error == pytest.approx(0.125)
+
+
+def brute_plane(rows, when):
+    """Leave-one-out inverse-distance weighting of the 5 nearest other runs'
+    final (log C, log L) points, queried at each run's `when` point: the
+    predicted errors, the Spearman rho and the best third recovered."""
+    final = np.log10([[r["final_C_K_bar"], r["final_L_K"]] for r in rows])
+    query = np.log10([[r[f"{when}_C_K_bar"], r[f"{when}_L_K"]] for r in rows])
+    errors = np.array([r["test_error"] for r in rows])
+    predicted = []
+    for i in range(len(rows)):
+        others = [j for j in range(len(rows)) if j != i]
+        distances = np.sqrt(((final[others] - query[i]) ** 2).sum(axis=1))
+        nearest = np.argsort(distances)[:5]
+        weights = 1 / distances[nearest]
+        predicted.append((weights * errors[others][nearest]).sum() / weights.sum())
+    third = max(1, round(len(rows) / 3))
+    best = set(np.argsort(errors, kind="stable")[:third])
+    guessed = set(np.argsort(predicted, kind="stable")[:third])
+    return _brute_spearman(predicted, list(errors)), len(best & guessed), third
+
+
+def plane_rows(seed, n=12, noise=0.0):
+    """Runs whose error grows with log C at the end; early points are the
+    final ones moved by `noise` decades."""
+    rng = np.random.default_rng(seed)
+    c = 10 ** rng.uniform(0, 3, n)
+    energy = 10 ** rng.uniform(-1, 1, n)
+    error = 0.05 + 0.1 * np.log10(c) + rng.normal(0, 0.01, n)
+    shift = 10 ** rng.normal(0, noise, (2, n)) if noise else np.ones((2, n))
+    return [
+        {
+            "run": f"r{i:02d}",
+            "test_error": float(error[i]),
+            "final_C_K_bar": float(c[i]),
+            "final_L_K": float(energy[i]),
+            "early_C_K_bar": float(c[i] * shift[0, i]),
+            "early_L_K": float(energy[i] * shift[1, i]),
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed, noise", [(0, 0.0), (1, 0.3), (2, 2.0)])
+def test_plane_prediction_is_the_leave_one_out_map(seed, noise):
+    from keras_fim.reports.ranking import predict_in_the_plane
+
+    rows = plane_rows(seed, noise=noise)
+    for when in ("early", "final"):
+        prediction = predict_in_the_plane(rows, when)
+        rho, recovered, third = brute_plane(rows, when)
+        assert prediction.rho == pytest.approx(rho)
+        assert (prediction.best_recovered, prediction.best_count) == (recovered, third)
+        assert prediction.runs == len(rows) and prediction.reason is None
+
+
+def test_findings_say_what_the_data_shows():
+    from keras_fim.reports.ranking import Ranking, predict_in_the_plane
+
+    def ranking(rows):
+        plane = {w: predict_in_the_plane(rows, w) for w in ("early", "final")}
+        correlations = {
+            f"{w} {m}": (math.nan, math.nan)
+            for w in ("early", "final")
+            for m in ("C_K_bar", "L_K")
+        }
+        return Ranking(rows, correlations, 0.1, plane)
+
+    clear = " ".join(ranking(plane_rows(0)).findings())
+    assert "queried at its early point (10% of training), predicts" in clear
+    scrambled = plane_rows(3)
+    errors = [r["test_error"] for r in scrambled]
+    for row, error in zip(scrambled, errors[::-1], strict=True):
+        row["test_error"] = error  # the best runs now sit where the worst are
+    assert "does not significantly predict" in " ".join(ranking(scrambled).findings())
+    two = " ".join(ranking(plane_rows(0, n=2)).findings())
+    assert "undefined (2 run(s) with finite, positive C_K_bar and L_K" in two
+    assert "nan" not in two.lower().replace("finite", "")
+
+
+def test_a_log_dir_that_is_one_run_is_named_by_its_folder(tmp_path):
+    write_run(
+        tmp_path / "bs64_lr0.1",
+        steps=[1],
+        condition=[2.0],
+        energy=[1.0],
+        rates=[0.1],
+        test_error=0.2,
+    )
+    assert [r.name for r in find_runs(tmp_path / "bs64_lr0.1")] == ["bs64_lr0.1"]

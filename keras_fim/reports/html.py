@@ -48,11 +48,19 @@ larger values, worse runs).</p>
 {% for name, (rho, p) in ranking.correlations.items() %}<tr><td></td><td>{{ name }}</td>
 <td>{{ "%.3f"|format(rho) }}</td><td>{{ "%.2g"|format(p) }}</td></tr>
 {% endfor %}</table>
+<ul id="findings">{% for line in ranking.findings() %}<li>{{ line }}</li>{% endfor %}</ul>
 <img src="{{ figures.early }}" alt="early measurements against test error">
 
 <h2>The map: final (C&#772;<sub>K</sub>, L<sub>K</sub>) and test error</h2>
 <p>Each point is a run; the colour is its test error; the filled contour interpolates
-the error from the 5 nearest runs on log axes. Good configurations share a region.</p>
+the error from the 5 nearest runs on log axes.
+{% if ranking.plane.final and not ranking.plane.final.reason %}Left out one at a time, each
+run's final test error is predicted by this map of the others with Spearman &rho; =
+{{ "%.2f"|format(ranking.plane.final.rho) }} (p = {{ "%.2g"|format(ranking.plane.final.p) }}):
+{% if ranking.plane.final.rho > 0 and ranking.plane.final.p < 0.05 %}test error varies
+smoothly over the plane, so good configurations share a region{% else %}the map does not
+significantly predict test error, so these runs do not show a region of good
+configurations{% endif %}.{% endif %}</p>
 <img src="{{ figures.map }}" alt="characterisation map">
 
 <h2>Trajectories</h2>

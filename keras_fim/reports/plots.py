@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_fim import summaries
-from keras_fim.reports.ranking import Ranking
+from keras_fim.reports.ranking import Ranking, nearest_runs_model
 from keras_fim.reports.records import RunRecord
 
 LABELS = {summaries.C_K_BAR: r"$\bar{C}_K$", summaries.L_K: r"$L_K$"}
@@ -60,18 +60,15 @@ def trajectories(runs: Sequence[RunRecord]):
 
 
 def _knn_surface(points: np.ndarray, errors: np.ndarray, resolution: int = 120):
-    """Test error over the (log C̄_K, log L_K) plane by inverse-distance
-    weighting of the 5 nearest runs (the paper's interpolation)."""
-    from sklearn.neighbors import KNeighborsRegressor
-
+    """Test error over the (log C̄_K, log L_K) plane by the map's
+    interpolation (`keras_fim.reports.ranking.nearest_runs_model`)."""
     low, high = points.min(axis=0), points.max(axis=0)
     pad = np.maximum((high - low) * 0.08, 0.05)
     gx, gy = np.meshgrid(
         np.linspace(low[0] - pad[0], high[0] + pad[0], resolution),
         np.linspace(low[1] - pad[1], high[1] + pad[1], resolution),
     )
-    regressor = KNeighborsRegressor(n_neighbors=min(5, len(points)), weights="distance")
-    regressor.fit(points, errors)
+    regressor = nearest_runs_model(points, errors)
     surface = regressor.predict(np.column_stack([gx.ravel(), gy.ravel()]))
     return gx, gy, surface.reshape(gx.shape)
 

@@ -27,7 +27,8 @@ class RunRecord:
     """What one run logged.
 
     Attributes:
-        name: the run's folder, relative to the log dir read.
+        name: the run's folder, relative to the log dir read (its own
+            folder's name when the log dir read is the run).
         path: the run's folder.
         hparams: ``{name: value}`` from the HParams summary (may be empty).
         scalars: ``{tag: (steps, values)}``, numpy arrays, of every scalar
@@ -203,9 +204,9 @@ def find_runs(log_dir: str | os.PathLike) -> list[RunRecord]:
         if not train.is_dir() or not any(train.glob("events.out.tfevents.*")):
             continue
         run = train.parent
-        record = read_run(
-            run, name=str(run.relative_to(log_dir)) if run != log_dir else "."
-        )
+        # A log dir that is itself a run is named by its folder, not ".".
+        name = run.resolve().name if run == log_dir else str(run.relative_to(log_dir))
+        record = read_run(run, name=name)
         if summaries.C_K_BAR in record.scalars:
             runs.append(record)
     return sorted(runs, key=lambda run: _natural(run.name))
