@@ -32,7 +32,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -74,12 +74,21 @@ class DatasetUnavailableError(RuntimeError):
     """A tensorflow-datasets set is not in `data_dir` and could not be fetched."""
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0):
+def load_digits(
+    test_fraction: float = 0.25, seed: int = 0
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """scikit-learn's 1,797 8x8 digit images, as images in [0, 1].
 
     Returns ``(x_train, y_train), (x_test, y_test)``: float32 arrays shaped
-    ``(n, 8, 8, 1)`` and int labels 0-9, split deterministically (stratified)
-    by `seed`. Needs no network: the data ship with scikit-learn.
+    ``(n, 8, 8, 1)`` and int64 labels 0-9, split deterministically
+    (stratified) by `seed`. Needs no network: the data ship with
+    scikit-learn.
+
+    Args:
+        test_fraction: Float in (0, 1), the fraction of the images held out
+            as the test split. Defaults to `0.25`.
+        seed: Integer, the random state of the stratified split. Defaults to
+            `0`.
 
     Example:
 
@@ -103,7 +112,13 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0):
     return (x_train, y_train), (x_test, y_test)
 
 
-def random_crop_flip(images, labels, *, seed=None, padding: int = _CROP_PADDING):
+def random_crop_flip(
+    images: tf.Tensor | np.ndarray,
+    labels: tf.Tensor | np.ndarray,
+    *,
+    seed: tf.Tensor | Sequence[int] | None = None,
+    padding: int = _CROP_PADDING,
+) -> tuple[tf.Tensor, tf.Tensor | np.ndarray]:
     """The standard CIFAR augmentation of a batch: padded random crop and flip.
 
     Each image is zero-padded by `padding` pixels on every side, cropped back to
@@ -112,12 +127,15 @@ def random_crop_flip(images, labels, *, seed=None, padding: int = _CROP_PADDING)
     per image. Pure TensorFlow ops: usable inside `tf.data.Dataset.map`.
 
     Args:
-        images: A batch of images, shape ``(batch, height, width, channels)``.
-        labels: The batch's labels, returned unchanged.
-        seed: A shape ``(2,)`` integer tensor seeding the stateless random ops,
-            so the same seed gives the same crops and flips. `None` draws one
-            from TensorFlow's global generator (`tf.random.set_seed`).
-        padding: Pixels of zero padding on each side.
+        images: Tensor or array, a batch of images, shape ``(batch, height,
+            width, channels)``.
+        labels: Tensor or array, the batch's labels, returned unchanged.
+        seed: Shape ``(2,)`` integer tensor (or two integers) seeding the
+            stateless random ops, so the same seed gives the same crops and
+            flips, or `None` to draw one from TensorFlow's global generator
+            (`tf.random.set_seed`). Defaults to `None`.
+        padding: Integer >= 0, pixels of zero padding on each side. Defaults
+            to `4`.
 
     Returns:
         ``(images, labels)``, the images with their shape and dtype unchanged.

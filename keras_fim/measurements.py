@@ -7,9 +7,9 @@ Pure functions of tensors; no Keras state. Conventions (METHOD.md):
 * The non-zero eigenvalues of the approximate Fisher ``F = J^T J / |B|`` are
   ``eig(G) / |B|``; they are reported as `eigenvalues`.
 * The paper's ``e`` are ``sqrt(max(eig(G), 0))``, the singular values of
-  ``J``; its truncated condition number ``c_k = max(e) / min(e > 0)`` is
-  therefore the square root of the condition number of ``F`` restricted to
-  its non-zero eigenvalues.
+  ``J``; its truncated condition number ``c_k = max(e) / min(e > 0)`` (Liao,
+  Drummond, Reid and Carneiro, TPAMI 2020) is therefore the square root of
+  the condition number of ``F`` restricted to its non-zero eigenvalues.
 * "Non-zero" means larger than ``zero_threshold * max(eig(G))``. By default
   the threshold is derived from the precision the contributions carry
   (`noise_floor`): an eigenvalue of ``G`` counts as zero when it is at most
@@ -132,6 +132,11 @@ def spectrum_from_gram(
 ) -> FisherMeasurement:
     """All measurements of one mini-batch from its Gram matrix ``J J^T``.
 
+    Implements Liao et al. (TPAMI 2020): ``e = sqrt(eig(J J^T))`` and the
+    truncated condition number ``c_k = max(e) / min(e > 0)``; the energy
+    ``||J||_F = sqrt(trace(J J^T))`` that ``L_K`` accumulates; and McCandlish
+    et al. (2018)'s gradient noise scale (`gradient_noise_scale`).
+
     Args:
         gram: Tensor ``(B, B)``, the Gram matrix of per-example gradients.
         zero_threshold: Float in [0, 1) or `None`. Eigenvalues of the Gram
@@ -208,13 +213,30 @@ def spectrum_from_gram(
     )
 
 
-def gradient_noise_scale(mean_sq_norm, batch_gradient_sq, batch_size) -> tf.Tensor:
+def gradient_noise_scale(
+    mean_sq_norm: tf.Tensor | np.float64,
+    batch_gradient_sq: tf.Tensor | np.float64,
+    batch_size: tf.Tensor | np.float64,
+) -> tf.Tensor:
     """McCandlish et al. (2018) ``B_simple = tr(Sigma) / |G|^2``, one batch.
 
-    With ``s = mean_i ||g_i||^2`` and ``m = ||mean_i g_i||^2``:
-    ``tr(Sigma) ~ (s - m) B / (B - 1)`` and ``|G|^2 ~ (B m - s) / (B - 1)``,
-    both unbiased. NaN when ``B < 2`` or either estimate is not positive
-    (undefined, never a number with the wrong sign).
+    From "An Empirical Model of Large-Batch Training". With ``s = mean_i
+    ||g_i||^2`` and ``m = ||mean_i g_i||^2``: ``tr(Sigma) ~ (s - m) B / (B -
+    1)`` and ``|G|^2 ~ (B m - s) / (B - 1)``, both unbiased. NaN when ``B <
+    2`` or either estimate is not positive (undefined, never a number with
+    the wrong sign).
+
+    Args:
+        mean_sq_norm: Float64 scalar (tensor or `np.float64`; a Python
+            float would become float32 and fail), ``s = mean_i ||g_i||^2``,
+            the mean squared norm of the per-example gradients.
+        batch_gradient_sq: Float64 scalar, ``m = ||mean_i g_i||^2``, the
+            squared norm of the mini-batch gradient.
+        batch_size: Float64 scalar, ``B``, the number of examples the two
+            averages are over.
+
+    Returns:
+        A float64 scalar tensor, the estimate of ``B_simple``, or NaN.
     """
     denominator = batch_size - 1.0
     safe = tf.maximum(denominator, 1.0)

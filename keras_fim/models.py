@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 
 
 @keras.saving.register_keras_serializable(package="keras_fim")
 class ZeroPadShortcut(keras.layers.Layer):
-    """The CIFAR ResNets' "option A" shortcut: subsample, zero-pad channels."""
+    """The CIFAR ResNets' "option A" shortcut: subsample, zero-pad channels.
 
-    def __init__(self, filters: int, stride: int, **kwargs):
+    Takes every `stride`-th row and column (starting with the first) of a
+    channels-last image batch and appends zero channels up to `filters`. It
+    has no weights.
+
+    Args:
+        filters: Integer, the number of output channels, at least the
+            input's (the missing ones are zeros).
+        stride: Integer >= 1, the subsampling step along height and width.
+        **kwargs: Passed to `keras.layers.Layer` (`name`, `dtype`, ...).
+    """
+
+    def __init__(self, filters: int, stride: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.filters = filters
         self.stride = stride
@@ -85,16 +98,16 @@ def _blocks_from_depth(depth, blocks_per_stage):
 
 
 def cifar_resnet(
-    input_shape=(32, 32, 3),
+    input_shape: tuple[int | None, ...] = (32, 32, 3),
     num_classes: int = 10,
     blocks_per_stage: int | None = None,
-    widths=(16, 32, 64),
+    widths: Sequence[int] = (16, 32, 64),
     batch_norm: bool = True,
-    model_class=keras.Model,
+    model_class: type[keras.Model] = keras.Model,
     *,
     depth: int | None = None,
     shortcut: str = "zero_pad",
-    **model_kwargs,
+    **model_kwargs: Any,
 ) -> keras.Model:
     """A CIFAR-style ResNet of depth ``6 n + 2`` (``n = blocks_per_stage``).
 
@@ -105,21 +118,29 @@ def cifar_resnet(
     paper's ResNet-110 (He et al. 2016, section 4.2).
 
     Args:
-        input_shape: Tuple, the image shape (channels last).
-        num_classes: Integer, the number of classes.
-        blocks_per_stage: Integer ``n`` >= 1. Defaults to 1, or to
-            ``(depth - 2) // 6`` when `depth` is given.
-        widths: Three integers, the filters of each stage.
-        batch_norm: Boolean, conv-BN-ReLU blocks (`True`) or conv-ReLU.
-        model_class: The model class to build, e.g. `keras_fim.FisherModel`.
+        input_shape: Tuple, the image shape (channels last). Defaults to
+            `(32, 32, 3)`.
+        num_classes: Integer, the number of classes. Defaults to `10`.
+        blocks_per_stage: Integer ``n`` >= 1 or `None`. Defaults to `None`:
+            1, or ``(depth - 2) // 6`` when `depth` is given.
+        widths: Sequence of integers, the filters of each stage (the first
+            also those of the stem convolution); the depth ``6 n + 2``
+            counts three stages. Defaults to `(16, 32, 64)`.
+        batch_norm: Boolean, conv-BN-ReLU blocks (`True`) or conv-ReLU
+            (convolutions with biases). Defaults to `True`.
+        model_class: The model class to build, e.g. `keras_fim.FisherModel`;
+            called as ``model_class(inputs, outputs, **model_kwargs)``.
+            Defaults to `keras.Model`.
         depth: Integer or `None`, the number of weighted layers ``6 n + 2``
             (20, 32, 44, 56, 110, ...), an alternative to
-            `blocks_per_stage`; giving both requires them to agree.
+            `blocks_per_stage`; giving both requires them to agree. Defaults
+            to `None`.
         shortcut: String, the shortcut of the blocks that change shape:
             ``"zero_pad"`` (He et al.'s option A: subsample and zero-pad the
             channels, no parameters) or ``"projection"`` (option B: a 1x1
             convolution with the block's stride, followed by batch
             normalisation when `batch_norm`). Other shortcuts are identities.
+            Defaults to `"zero_pad"`.
         **model_kwargs: Passed to `model_class`.
 
     Example:
@@ -164,19 +185,23 @@ def densenet_transition_channels(channels: int, compression: float) -> int:
     """The channels a DenseNet-BC transition keeps: ``floor(compression * c)``.
 
     At least one channel is kept.
+
+    Args:
+        channels: Integer, the channels ``c`` entering the transition.
+        compression: Float in ``(0, 1]``, the fraction of them kept.
     """
     return max(1, math.floor(compression * channels))
 
 
 def densenet_bc(
-    input_shape=(32, 32, 3),
+    input_shape: tuple[int | None, ...] = (32, 32, 3),
     num_classes: int = 10,
     depth: int = 100,
     growth_rate: int = 12,
     compression: float = 0.5,
     dropout: float = 0.0,
-    model_class=keras.Model,
-    **model_kwargs,
+    model_class: type[keras.Model] = keras.Model,
+    **model_kwargs: Any,
 ) -> keras.Model:
     """DenseNet-BC for CIFAR (Huang et al. 2017), e.g. depth 100, k = 12.
 
@@ -190,17 +215,23 @@ def densenet_bc(
     Depth 100 with ``k = 12`` is the paper's ~0.8M-parameter network.
 
     Args:
-        input_shape: Tuple, the image shape (channels last).
-        num_classes: Integer, the number of classes.
-        depth: Integer ``6 n + 4`` >= 10 (40, 100, 190, 250, ...).
+        input_shape: Tuple, the image shape (channels last). Defaults to
+            `(32, 32, 3)`.
+        num_classes: Integer, the number of classes. Defaults to `10`.
+        depth: Integer ``6 n + 4`` >= 10 (40, 100, 190, 250, ...). Defaults
+            to `100`.
         growth_rate: Integer ``k`` >= 1, the channels each bottleneck layer
-            adds.
+            adds. Defaults to `12`.
         compression: Float in ``(0, 1]``, the fraction of channels a
-            transition keeps (``1`` is the plain DenseNet-B).
+            transition keeps (``1`` is the plain DenseNet-B). Defaults to
+            `0.5`.
         dropout: Float in ``[0, 1)``, the dropout rate after each
             convolution of the dense blocks and transitions (the paper uses
             0.2 without data augmentation); 0 adds no dropout layers.
-        model_class: The model class to build, e.g. `keras_fim.FisherModel`.
+            Defaults to `0.0`.
+        model_class: The model class to build, e.g. `keras_fim.FisherModel`;
+            called as ``model_class(inputs, outputs, **model_kwargs)``.
+            Defaults to `keras.Model`.
         **model_kwargs: Passed to `model_class`.
 
     Example:
@@ -261,8 +292,8 @@ def compile_like_the_paper(
     model: keras.Model,
     learning_rate: float = 0.1,
     weight_decay: float | None = None,
-    **compile_kwargs,
-):
+    **compile_kwargs: Any,
+) -> keras.Model:
     """Compiles `model` as the paper trains its classifiers.
 
     SGD with Nesterov momentum 0.9 at `learning_rate`, sparse categorical
@@ -270,6 +301,17 @@ def compile_like_the_paper(
     `weight_decay` (the paper's is 1e-4) is the optimizer's, so it is no part
     of any per-example gradient, as METHOD.md asks. Further keyword
     arguments go to `compile` (e.g. ``jit_compile``).
+
+    Args:
+        model: The `keras.Model` to compile (in place).
+        learning_rate: Float, the SGD learning rate. Defaults to `0.1`.
+        weight_decay: Float or `None`, `keras.optimizers.SGD`'s
+            `weight_decay` (Keras applies it to the weights directly, not
+            through the gradient); `None` for none. Defaults to `None`.
+        **compile_kwargs: Passed to `model.compile`.
+
+    Returns:
+        `model`, compiled.
 
     Example:
 

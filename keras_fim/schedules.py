@@ -5,17 +5,19 @@ stands, and the latest Fisher measurements) and returns the mini-batch size
 to train with next. `DynamicSampling` asks it before every execution of the
 train function (every step, or every `steps_per_execution` steps).
 
-* `Staged`: the paper's schedule, sizes each lasting a fraction of training.
+* `Staged`: the paper's schedule, sizes each lasting a fraction of training
+  (Liao et al., TPAMI 2020, grow the batch 16 -> 32 -> 64 -> 128 -> 256).
 * `Geometric`, `Linear`: growth every so many epochs or examples.
 * `Automatic`: grows the batch from the measurements of a `FisherCallback`
-  (by default when the gradient noise scale ``B_simple`` exceeds the batch).
+  (by default when the gradient noise scale ``B_simple`` of McCandlish et
+  al. 2018 exceeds the batch).
 * any function ``f(context) -> int``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from keras_fim.validation import check_bool, check_int, check_real, is_real
@@ -68,9 +70,20 @@ class SamplingContext(NamedTuple):
         return min(done / max(self.epochs, 1), 1.0)
 
 
-def check_size(name: str, value, num_examples: int | None = None) -> int:
+def check_size(name: str, value: int, num_examples: int | None = None) -> int:
     """`value` as a batch size (at most `num_examples` if given), or
-    `ValueError` naming `name`."""
+    `ValueError` naming `name`.
+
+    Args:
+        name: String, the argument's name, for the error message.
+        value: The value to check: an integer >= 1 (Python's or NumPy's, not
+            a boolean) passes.
+        num_examples: Integer or `None`. When given, `value` must also be at
+            most this (the examples in one pass). Defaults to `None`.
+
+    Returns:
+        `value` as a Python `int`.
+    """
     size = check_int(name, value, 1)
     if num_examples is not None and size > num_examples:
         raise ValueError(
@@ -105,13 +118,19 @@ class BatchSizeSchedule:
 class Staged(BatchSizeSchedule):
     """Fixed sizes, each for a fraction of training (the paper's schedule).
 
+    Liao et al. (TPAMI 2020) train with dynamic sampling in five equal
+    stages, batch 16 -> 32 -> 64 -> 128 -> 256: ``Staged([16, 32, 64, 128,
+    256])``.
+
     Stage ``i`` runs while the fraction of the `fit`'s passes done is below
     ``fractions[0] + ... + fractions[i]``.
 
     Args:
-        sizes: the batch sizes, in order.
-        fractions: the fraction of training each size lasts, positive and
-            summing to 1. Defaults to equal stages.
+        sizes: Non-empty sequence of integers >= 1, the batch sizes, in
+            order.
+        fractions: Sequence of positive finite floats, one per size and
+            summing to 1: the fraction of training each size lasts; or
+            `None` for equal stages. Defaults to `None`.
 
     Example:
 
@@ -123,7 +142,7 @@ class Staged(BatchSizeSchedule):
     [16, 16, 32, 32, 64, 64, 128, 128, 256, 256]
     """
 
-    def __init__(self, sizes, fractions=None):
+    def __init__(self, sizes: Sequence[int], fractions: Sequence[float] | None = None):
         if (
             isinstance(sizes, (str, bytes, dict))
             or not hasattr(sizes, "__len__")
@@ -220,6 +239,18 @@ class Geometric(_PeriodicGrowth):
     A period is `every_epochs` passes over the data, or `every_examples`
     examples trained when that is given.
 
+    Args:
+        initial: Integer >= 1, the first batch size.
+        factor: Float >= 1, the growth factor per period; the size is
+            rounded down to an integer. Defaults to `2.0`.
+        maximum: Integer >= `initial`, or `None` for no maximum other than
+            the examples in one pass. Defaults to `None`.
+        every_epochs: Integer >= 1, the period in passes over the data (used
+            when `every_examples` is `None`). Defaults to `1`.
+        every_examples: Integer >= 1 or `None`. When given, the period in
+            examples trained, and `every_epochs` is ignored. Defaults to
+            `None`.
+
     Example:
 
     >>> from keras_fim.schedules import Geometric, SamplingContext
@@ -252,6 +283,20 @@ class Geometric(_PeriodicGrowth):
 
 class Linear(_PeriodicGrowth):
     """``initial + increment * k`` after ``k`` periods, at most `maximum`.
+
+    A period is `every_epochs` passes over the data, or `every_examples`
+    examples trained when that is given.
+
+    Args:
+        initial: Integer >= 1, the first batch size.
+        increment: Integer >= 1, the size added per period.
+        maximum: Integer >= `initial`, or `None` for no maximum other than
+            the examples in one pass. Defaults to `None`.
+        every_epochs: Integer >= 1, the period in passes over the data (used
+            when `every_examples` is `None`). Defaults to `1`.
+        every_examples: Integer >= 1 or `None`. When given, the period in
+            examples trained, and `every_epochs` is ignored. Defaults to
+            `None`.
 
     Example:
 
@@ -303,17 +348,21 @@ class Automatic(BatchSizeSchedule):
     * a function ``f(context) -> float | None`` (`None`: no decision yet).
 
     Args:
-        initial: the first batch size.
-        maximum: the largest batch size.
-        signal: see above.
-        threshold: grow when the signal is above it. Defaults to 1.0, which
-            suits ``"noise_scale"``.
-        factor: growth factor, > 1. Defaults to 2.
-        min_steps: steps between two changes, at least. Defaults to 50.
-        min_measurements: measurements at the current size before deciding.
-            Defaults to 1.
-        powers_of_two: round grown sizes up to powers of two. Defaults to
-            `True`.
+        initial: Integer >= 1, the first batch size.
+        maximum: Integer >= `initial`, the largest batch size.
+        signal: ``"noise_scale"``, ``"condition_number"`` or a function
+            ``f(context) -> float | None`` (see above). Defaults to
+            `"noise_scale"`.
+        threshold: Finite float; grow when the signal is above it. Defaults
+            to `1.0`, which suits ``"noise_scale"``.
+        factor: Float > 1, the growth factor (the grown size is rounded
+            up). Defaults to `2.0`.
+        min_steps: Integer >= 1, the fewest steps at the current size before
+            it may grow. Defaults to `50`.
+        min_measurements: Integer >= 0, the fewest measurements at the
+            current size before deciding. Defaults to `1`.
+        powers_of_two: Boolean, whether to round grown sizes up to powers of
+            two. Defaults to `True`.
 
     Example:
 
@@ -333,7 +382,7 @@ class Automatic(BatchSizeSchedule):
         self,
         initial: int,
         maximum: int,
-        signal: str | Callable = "noise_scale",
+        signal: str | Callable[[SamplingContext], float | None] = "noise_scale",
         threshold: float = 1.0,
         factor: float = 2.0,
         min_steps: int = 50,

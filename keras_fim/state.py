@@ -19,6 +19,12 @@ from keras_fim.measurements import FisherMeasurement
 class FisherState(keras.layers.Layer):
     """Counters and running sums of the Fisher measurements.
 
+    They accumulate the two measurements of Liao, Drummond, Reid and
+    Carneiro (TPAMI 2020): ``C_K bar = (1/K) sum_k c_k`` over the ``K``
+    measured steps, and ``L_K = sum_k (lr_k / |B_k|) ||J_k||_F`` divided by
+    the sampling ratio (each measured step counts for the steps it stands
+    for), so that ``L_K`` approximates the sum over all steps.
+
     Variables (all non-trainable):
         step: int64, training steps taken so far (over all `fit` calls).
         epoch: int64, the epoch being trained.
@@ -34,6 +40,9 @@ class FisherState(keras.layers.Layer):
             gradients of each measured batch and of its halves, whose ratio
             is the smoothed gradient noise scale `noise_scale` (McCandlish
             et al. 2018 average the two separately, as here).
+
+    Args:
+        name: String, the layer's name. Defaults to `"fisher_state"`.
     """
 
     def __init__(self, name: str = "fisher_state", **kwargs):
@@ -111,7 +120,10 @@ class FisherState(keras.layers.Layer):
         ``|G|^2`` (`engine.gradient_noise_components`); their averages give
         `noise_scale`. ``L_K`` grows by ``steps_represented * lr / |B| * ||J||_F``, with
         ``||J||_F`` scaled up by ``sqrt(|B| / measured)`` when only some
-        examples of the batch were measured.
+        examples of the batch were measured; multiplying by
+        `steps_represented` is Liao et al. (2020)'s division of ``L_K`` by
+        the sampling ratio. A kept step adds its ``c_k`` to ``sum_k c_k``,
+        whose mean over ``K`` is `condition_mean` (``C_K bar``).
         """
         counted = tf.cast(measured, tf.bool)
         c = measurement.condition_number
@@ -167,6 +179,9 @@ class SamplingState(keras.layers.Layer):
     `measurements_at_change` (Fisher measurements when the size last
     changed) and `reference_batch_size` (the size the learning rate is
     given for).
+
+    Args:
+        name: String, the layer's name. Defaults to `"sampling_state"`.
     """
 
     NAMES = (

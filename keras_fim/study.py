@@ -27,6 +27,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -143,7 +144,7 @@ def grid(
     learning_rates: Iterable[float] = (0.025, 0.1, 0.4),
     schedules: Iterable[str] = ("staged",),
     schedule_learning_rates: Iterable[float] | None = None,
-    **config,
+    **config: Any,
 ) -> list[RunConfig]:
     """The study's configurations: batch sizes x learning rates, then each
     dynamic schedule x its learning rates.
@@ -185,8 +186,24 @@ def grid(
     return configs
 
 
-def build_model(config: RunConfig, input_shape, num_classes: int) -> keras.Model:
-    """The network of `config`, compiled as the paper trains it."""
+def build_model(
+    config: RunConfig, input_shape: tuple[int | None, ...], num_classes: int
+) -> keras.Model:
+    """The network of `config`, compiled as the paper trains it.
+
+    Args:
+        config: `RunConfig`; its `model` and `depth` choose the network
+            (`keras_fim.models.cifar_resnet` or `keras_fim.models.densenet_bc`)
+            and its `learning_rate` and `weight_decay` the optimizer
+            (`keras_fim.models.compile_like_the_paper`; a weight decay of 0
+            means none).
+        input_shape: Tuple, the image shape (channels last), e.g. a
+            `DataSplits.input_shape`.
+        num_classes: Integer, the number of classes.
+
+    Returns:
+        A compiled `keras.Model`.
+    """
     if config.model == "resnet":
         model = models.cifar_resnet(input_shape, num_classes, depth=config.depth)
     else:
@@ -319,7 +336,16 @@ def _write_json_atomically(path: Path, value) -> None:
 
 
 def finished_result(run_dir: str | os.PathLike) -> dict | None:
-    """The result of a finished run in `run_dir`, or `None`."""
+    """The result of a finished run in `run_dir`, or `None`.
+
+    Args:
+        run_dir: Path of a run's folder; the run is finished when it holds a
+            ``result.json``.
+
+    Returns:
+        The parsed ``result.json`` (the configuration and final numbers), or
+        `None` when the file does not exist.
+    """
     path = Path(run_dir) / RESULT_FILE
     if not path.exists():
         return None
@@ -327,7 +353,14 @@ def finished_result(run_dir: str | os.PathLike) -> dict | None:
 
 
 def write_hparams_config(root: str | os.PathLike, configs: Sequence[RunConfig]) -> None:
-    """Declares the study's hyper-parameters and metrics for HParams."""
+    """Declares the study's hyper-parameters and metrics for HParams.
+
+    Args:
+        root: Path of the study's folder; the declaration is written there
+            as a TensorBoard event file.
+        configs: Non-empty sequence of `RunConfig`s, the study's runs; each
+            hyper-parameter's values are those they take (`RunConfig.hparams`).
+    """
     from tensorboard.plugins.hparams import api as hp
 
     names = configs[0].hparams().keys()

@@ -36,13 +36,30 @@ from keras_fim._keras_compat import (
 
 @dataclasses.dataclass
 class LayerCall:
-    """What one call of a unit layer saw during the recorded batch pass."""
+    """What one call of a unit layer saw during the recorded batch pass.
+
+    Attributes:
+        args: Tuple, the positional arguments the layer's `call` received
+            (the inputs first).
+        kwargs: Dict, the keyword arguments the layer's `call` received
+            (`training`, `mask`, ...).
+        state: List of tensors, the values of `layer.non_trainable_variables`
+            when the call began (BatchNorm statistics, seed state).
+        weights: List of tensors, the values of `layer.trainable_variables`
+            when the call began.
+        outputs: List of tensors, the call's floating outputs, flattened,
+            each followed by its logits (`differentiable_outputs`).
+        cotangents: List of tensors aligned with `outputs` or `None`: the
+            derivative of the summed per-example losses with respect to each
+            output (16-bit ones in float32), filled in after the backward
+            pass. Defaults to `None` (not yet known).
+    """
 
     args: tuple
-    kwargs: dict
-    state: list  # values of layer.non_trainable_variables at call entry
-    weights: list  # values of layer.trainable_variables at call entry
-    outputs: list  # flat list of output tensors (see `differentiable_outputs`)
+    kwargs: dict[str, Any]
+    state: list[tf.Tensor]  # values of layer.non_trainable_variables at call entry
+    weights: list[tf.Tensor]  # values of layer.trainable_variables at call entry
+    outputs: list[tf.Tensor]  # flat output tensors (see `differentiable_outputs`)
     cotangents: list | None = None  # aligned with `outputs`
 
 

@@ -228,12 +228,28 @@ class GhostFactors:
     block: Callable[[list, float], tuple]
 
 
-def kernel_factors(name: str, a, d, use_bias: bool = False) -> GhostFactors:
+def kernel_factors(
+    name: str, a: tf.Tensor, d: tf.Tensor, use_bias: bool = False
+) -> GhostFactors:
     """`GhostFactors` of a kernel whose per-example gradient is ``g_i =
     sum_t a_it^T d_it`` (and, with `use_bias`, a bias whose gradient is
-    ``sum_t d_it``): `a` ``(B, T, m)``, `d` ``(B, T, n)``. For a custom
-    layer that is a Dense in disguise; `_kernel_block`'s cost model picks
-    the ghost or the materialised form. `name`: the unit's, for its plan."""
+    ``sum_t d_it``). For a custom layer that is a Dense in disguise;
+    `_kernel_block`'s cost model picks the ghost or the materialised form.
+
+    Args:
+        name: String, the unit's name, for its `Plan`.
+        a: Tensor ``(B, T, m)``, the rows multiplying the kernel (a Dense
+            layer's inputs) at each of the ``T`` positions, examples first.
+        d: Tensor ``(B, T, n)`` of the same dtype as `a`, the cotangents of
+            the pre-activation outputs ``a_it W (+ bias)`` at the same
+            positions.
+        use_bias: Boolean, whether the unit also has a bias whose
+            per-example gradient is ``sum_t d_it``. Defaults to `False`.
+
+    Returns:
+        `GhostFactors` holding ``[a, d]`` and the function that forms the
+        unit's Gram block from them.
+    """
 
     def block(tensors, budget):
         a, d = tensors

@@ -49,7 +49,12 @@ def _output_share(outputs, cotangents, examples):
     return total
 
 
-def generic_rule(layer, call: LayerCall, examples: int, vectorize: bool = True) -> list:
+def generic_rule(
+    layer: keras.layers.Layer,
+    call: LayerCall,
+    examples: int,
+    vectorize: bool = True,
+) -> list[tf.Tensor]:
     """Exact for any layer: a Jacobian of per-example output shares.
 
     Re-runs the layer on the recorded batch (same inputs, same state, hence the
@@ -57,6 +62,21 @@ def generic_rule(layer, call: LayerCall, examples: int, vectorize: bool = True) 
     ``s_i = <y_i, dy_i>`` with respect to the layer's weights. Costs one
     vectorised backward pass per example over the layer's whole batch
     (a `tf.while_loop` over examples when `vectorize` is False).
+
+    Args:
+        layer: A Keras layer, the unit whose contributions are wanted.
+        call: `LayerCall`, one recorded call of `layer` with its cotangents
+            filled in.
+        examples: Integer >= 1, how many examples (the first rows of the
+            batch) to return contributions for; the layer still runs on the
+            whole recorded batch.
+        vectorize: Boolean. `True` takes the Jacobian with pfor
+            (vectorised); `False` with a `tf.while_loop` over examples (for
+            layers pfor cannot vectorise). Defaults to `True`.
+
+    Returns:
+        One tensor per variable in `layer.trainable_variables`, shaped
+        ``(examples, *variable.shape)``: each example's contribution.
     """
     variables = call.weights
     with tf.GradientTape(persistent=not vectorize) as tape:
@@ -76,7 +96,9 @@ def generic_rule(layer, call: LayerCall, examples: int, vectorize: bool = True) 
     return list(jacobians)
 
 
-def per_example_rule(layer, call: LayerCall, examples: int) -> list:
+def per_example_rule(
+    layer: keras.layers.Layer, call: LayerCall, examples: int
+) -> list[tf.Tensor]:
     """For layers whose examples never interact: vectorised per example.
 
     Re-runs the layer on each example alone (``tf.vectorized_map``) and takes
@@ -84,6 +106,19 @@ def per_example_rule(layer, call: LayerCall, examples: int) -> list:
     generic rule by a factor of the batch size. Only for single-input layers
     with no batch coupling and no randomness (Embedding, EinsumDense,
     convolutions).
+
+    Args:
+        layer: A Keras layer with one input and no batch coupling or
+            randomness.
+        call: `LayerCall`, one recorded call of `layer` with its cotangents
+            filled in; its first positional argument is the input that is
+            split per example.
+        examples: Integer >= 1, how many examples (the first rows of the
+            batch) to return contributions for.
+
+    Returns:
+        One tensor per variable in `layer.trainable_variables`, shaped
+        ``(examples, *variable.shape)``: each example's contribution.
     """
     variables = call.weights
     inputs = call.args[0][:examples]
@@ -514,9 +549,14 @@ class RuleRegistry:
     `builtin_registry()` makes a fresh one with keras-fim's rules;
     `DEFAULT_REGISTRY` is the process-wide one that `register_rule` writes
     to and measurements read unless given another.
+
+    Args:
+        rules: Dict mapping layer classes to their `LayerRule`s, or `None`
+            for an empty registry. The dict is copied, not validated (use
+            `register` for checked entries). Defaults to `None`.
     """
 
-    def __init__(self, rules: dict | None = None):
+    def __init__(self, rules: dict[type, LayerRule] | None = None):
         self._rules: dict[type, LayerRule] = dict(rules or {})
 
     def register(self, layer_class: type, rule, *, overwrite: bool = False) -> None:
@@ -647,7 +687,15 @@ def register_rule(
     registry.register(layer_class, rule, overwrite=overwrite)
 
 
-def rule_for(layer: keras.layers.Layer, registry: RuleRegistry | None = None):
+def rule_for(
+    layer: keras.layers.Layer, registry: RuleRegistry | None = None
+) -> LayerRule | None:
     """The `LayerRule` for `layer`'s class or nearest base class (`None` if
-    none is registered), in `registry` (`DEFAULT_REGISTRY` if `None`)."""
+    none is registered), in `registry` (`DEFAULT_REGISTRY` if `None`).
+
+    Args:
+        layer: A Keras layer instance; its class's MRO is searched.
+        registry: `RuleRegistry` to look in, or `None` for
+            `DEFAULT_REGISTRY`. Defaults to `None`.
+    """
     return (DEFAULT_REGISTRY if registry is None else registry).rule_for(layer)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from keras_fim import summaries
 from keras_fim.reports.ranking import Ranking, nearest_runs_model
 from keras_fim.reports.records import RunRecord
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 LABELS = {summaries.C_K_BAR: r"$\bar{C}_K$", summaries.L_K: r"$L_K$"}
 
@@ -27,9 +31,16 @@ def _colors(count: int):
     return colormaps["viridis"](np.linspace(0, 0.95, max(count, 1)))
 
 
-def trajectories(runs: Sequence[RunRecord]):
+def trajectories(runs: Sequence[RunRecord]) -> Figure:
     """C̄_K and L_K of every run against epochs, iterations and the cumulative
-    learning rate (log y axes), the paper's three views."""
+    learning rate (log y axes), the paper's three views (Liao et al., TPAMI
+    2020).
+
+    Args:
+        runs: Sequence of `RunRecord`s, e.g. from `find_runs`; one line per
+            run in each panel (a run that did not log a measurement has no
+            line in its panels; the epoch panels need ``study/iterations``).
+    """
     figure = _figure(13, 7)
     axes = figure.subplots(2, 3, squeeze=False)
     for run, color in zip(runs, _colors(len(runs)), strict=True):
@@ -73,9 +84,16 @@ def _knn_surface(points: np.ndarray, errors: np.ndarray, resolution: int = 120):
     return gx, gy, surface.reshape(gx.shape)
 
 
-def characterisation_map(runs: Sequence[RunRecord]):
+def characterisation_map(runs: Sequence[RunRecord]) -> Figure:
     """Final (C̄_K, L_K) of every run with a test error, coloured by it, over
-    the interpolated test-error contour (log axes): the paper's map."""
+    the interpolated test-error contour (log axes): the paper's map (Liao et
+    al., TPAMI 2020, interpolate test error from the 5 nearest runs).
+
+    Args:
+        runs: Sequence of `RunRecord`s, e.g. from `find_runs`. Runs without a
+            test error, or whose final C̄_K or L_K is not a positive finite
+            number, are left out; the contour is drawn from three runs on.
+    """
     figure = _figure(8, 6.5)
     axis = figure.subplots()
     named = [
@@ -131,9 +149,16 @@ def characterisation_map(runs: Sequence[RunRecord]):
     return figure
 
 
-def spectra(runs: Sequence[RunRecord], panels: int = 12):
+def spectra(runs: Sequence[RunRecord], panels: int = 12) -> Figure:
     """The non-zero eigenvalues of F over training for each run (log10,
-    largest, quartiles and smallest), up to `panels` runs."""
+    largest, quartiles and smallest), up to `panels` runs.
+
+    Args:
+        runs: Sequence of `RunRecord`s, e.g. from `find_runs`; runs that
+            logged no spectrum (``fisher/spectrum``) are skipped.
+        panels: Integer >= 0, the most runs shown (the first ones with a
+            spectrum, one panel each, four per row). Defaults to `12`.
+    """
     shown = [run for run in runs if run.spectra[1]][:panels]
     columns = min(4, max(len(shown), 1))
     rows = max(1, math.ceil(len(shown) / columns))
@@ -167,9 +192,15 @@ def spectra(runs: Sequence[RunRecord], panels: int = 12):
     return figure
 
 
-def early_versus_final(ranking: Ranking):
+def early_versus_final(ranking: Ranking) -> Figure:
     """Each run's C̄_K and L_K at the early point against its final test error,
-    with Spearman's rank correlation."""
+    with Spearman's rank correlation.
+
+    Args:
+        ranking: `Ranking`, e.g. from `rank_runs`: its rows give the points,
+            its correlations the panels' titles and its `early_fraction` the
+            axis labels.
+    """
     figure = _figure(10, 4)
     axes = figure.subplots(1, 2)
     errors = [row["test_error"] * 100 for row in ranking.rows]

@@ -16,7 +16,10 @@ LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
 
 
 def learning_rate_gain(
-    scaling: str, batch_size, reference_batch_size, noise_scale=None
+    scaling: str,
+    batch_size: int | tf.Tensor,
+    reference_batch_size: int | tf.Tensor,
+    noise_scale: float | tf.Tensor | None = None,
 ) -> tf.Tensor:
     """The factor on the optimizer's rate for a batch of `batch_size`.
 
@@ -25,6 +28,13 @@ def learning_rate_gain(
     ``B/B0``, ``"sqrt"`` ``sqrt(B/B0)``, and ``"adascale"``
     ``(1 + b/B0) / (1 + b/B)``, AdaScale's gain, between 1 and ``B/B0``;
     it is 1 while the noise scale is undefined (NaN, or infinite).
+
+    Sources: the linear scaling rule is Goyal et al. (2017), "Accurate,
+    Large Minibatch SGD"; the square-root rule Krizhevsky (2014), "One weird
+    trick for parallelizing convolutional neural networks"; the gain
+    ``(1 + b/B0) / (1 + b/B)`` is AdaScale's (Johnson, Agrawal, Gu and
+    Guestrin 2020, "AdaScale SGD"), with ``b`` McCandlish et al. (2018)'s
+    gradient noise scale ``B_simple``.
 
     Args:
         scaling: String, one of ``"none"``, ``"linear"``, ``"sqrt"``,
