@@ -29,6 +29,10 @@ def test_cli_help(command):
         (["train", "--learning-rate", "-1"], "--learning-rate"),
         (["train", "--model", "vgg"], "--model"),
         (["report", "/does/not/exist"], "does not exist"),
+        (["train", "--dataset", "foo"], "Invalid value for '--dataset'"),
+        (["study", "--batch-sizes", "0"], "Invalid value for '--batch-sizes'"),
+        (["study", "--learning-rates", "0.1,-1"], "'--learning-rates'"),
+        (["train", "--depth", "9"], "Invalid value for --depth: `depth` must be 6n+2"),
     ],
 )
 def test_cli_bad_arguments(arguments, message):

@@ -173,3 +173,37 @@ def test_public_docstrings_document_every_argument_with_its_type():
             if parameter.name not in documented:
                 gaps.append(f"{path}: `{parameter.name}` is not under Args")
     assert not gaps, "\n".join(gaps)
+
+
+def test_cli_option_tables_quote_the_commands_defaults():
+    """Each `| --option | meaning | default |` row of docs/cli.md states the
+    default `--help` shows (or none where the command has none)."""
+    import click
+
+    from keras_fim.cli import main
+
+    options = {}
+    for command in main.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option):
+                for flag in param.opts:
+                    options[flag] = param
+    rows = re.findall(
+        r"^\| `(--[\w-]+)`(?: / `--[\w-]+`)? \|.*\| (.*) \|$",
+        (DOCS / "cli.md").read_text(encoding="utf-8"),
+        re.M,
+    )
+    assert len(rows) > 15
+    for flag, quoted in rows:
+        param = options[flag]
+        default = param.default
+        if isinstance(default, bool):
+            default = flag if default else param.secondary_opts[0]
+        quoted = quoted.strip().strip("`")
+        if default is None:
+            assert quoted == "" or not quoted[0].isdigit(), flag
+            continue
+        if isinstance(default, float) and quoted:
+            assert float(quoted) == default, flag
+        else:
+            assert quoted == str(default), flag
