@@ -87,6 +87,7 @@ def _run_options(function):
             type=click.FloatRange(min=0),
             default=_DEFAULT.weight_decay,
             show_default=True,
+            help="Added to the gradient (g + wd*theta), as the paper's SGD does.",
         ),
         click.option(
             "--epochs",

@@ -64,8 +64,10 @@ class RunConfig:
         learning_rate: SGD's (Nesterov, momentum 0.9) initial rate.
         learning_rate_decay: ``"step"`` (x0.1 after 50% and 75% of the
             epochs, the paper's) or ``"none"``.
-        weight_decay: the optimizer's decoupled weight decay (not part of
-            any per-example gradient). Defaults to `1e-4`, the paper's.
+        weight_decay: the weight decay the optimizer adds to the gradient,
+            as the paper's Torch SGD does (`keras_fim.models.CoupledSGD`; not
+            part of any per-example gradient). Defaults to `1e-4`, the
+            paper's.
         epochs: the number of epochs.
         every_n_steps: measure every n-th step.
         seed: seeds the weights, the data split and the data order.

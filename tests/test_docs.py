@@ -116,7 +116,7 @@ def test_cli_help_in_the_docs_is_the_commands_own():
             .output
         )
         assert quoted == printed.rstrip(), (
-            f"regenerate the --help of `keras-fim {command}`"
+            f"regenerate: python docs/make_cli_help.py (`keras-fim {command}`)"
         )
 
 

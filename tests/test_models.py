@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import keras_fim
 from keras_fim.models import (
+    CoupledSGD,
     ZeroPadShortcut,
     cifar_resnet,
     compile_like_the_paper,
@@ -533,3 +534,74 @@ def test_keras_round_trip(build, tmp_path):
     expected = np.asarray(model(x, training=False))
     assert not np.array_equal(expected[0], expected[1])  # the examples differ
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), expected)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: cifar_resnet((8, 8, 1), depth=8, shortcut="projection", **kw),
+        lambda **kw: densenet_bc((8, 8, 1), depth=10, growth_rate=4, **kw),
+    ],
+)
+def test_batch_norm_momentum_is_the_papers_unless_given(build):
+    def momenta(model):
+        return {
+            layer.momentum
+            for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)
+        }
+
+    assert momenta(build()) == {0.9}
+    assert momenta(build(batch_norm_momentum=0.99)) == {0.99}
+    for bad in (1.0, -0.1, "0.9"):
+        with pytest.raises(ValueError, match="batch_norm_momentum"):
+            build(batch_norm_momentum=bad)
+
+
+def numpy_coupled_sgd(thetas, gradients, lr, wd, momentum, nesterov):
+    """float64: Torch's SGD (weight decay added to the gradient) in Keras's
+    momentum convention, one variable, step by step."""
+    theta = np.array(thetas, np.float64)
+    velocity = np.zeros_like(theta)
+    for g in gradients:
+        g = g + wd * theta
+        velocity = momentum * velocity - lr * g
+        theta = theta + (momentum * velocity - lr * g if nesterov else velocity)
+    return theta
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_coupled_sgd_adds_the_decay_to_the_gradient(nesterov):
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(3, 4))
+    gradients = rng.normal(size=(5, 3, 4))
+    variable = keras.Variable(start.astype("float32"))
+    optimizer = CoupledSGD(
+        0.1, coupled_weight_decay=0.01, momentum=0.9, nesterov=nesterov
+    )
+    for g in gradients:
+        optimizer.apply([tf.constant(g, tf.float32)], [variable])
+    expected = numpy_coupled_sgd(start, gradients, 0.1, 0.01, 0.9, nesterov)
+    np.testing.assert_allclose(variable.numpy(), expected, rtol=1e-5, atol=1e-6)
+    # Keras's decoupled decay differs: it is not amplified by the momentum.
+    decoupled = keras.Variable(start.astype("float32"))
+    keras_sgd = keras.optimizers.SGD(
+        0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01
+    )
+    for g in gradients:
+        keras_sgd.apply([tf.constant(g, tf.float32)], [decoupled])
+    assert not np.allclose(decoupled.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_coupled_sgd_options_and_saving(tmp_path):
+    with pytest.raises(ValueError, match="coupled_weight_decay"):
+        CoupledSGD(0.1, coupled_weight_decay=-1.0)
+    with pytest.raises(ValueError, match="not Keras's decoupled `weight_decay`"):
+        CoupledSGD(0.1, weight_decay=1e-4)
+    model = compile_like_the_paper(cifar_resnet((8, 8, 1), depth=8), 0.05, 1e-4)
+    assert isinstance(model.optimizer, CoupledSGD)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is CoupledSGD
+    assert loaded.optimizer.coupled_weight_decay == 1e-4
+    assert loaded.optimizer.nesterov and loaded.optimizer.momentum == 0.9
