@@ -8,6 +8,7 @@ keras-fim report logs/study          # HTML report of any folder of runs
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 
@@ -101,6 +102,13 @@ def _run_options(function):
             default=_DEFAULT.every_n_steps,
             show_default=True,
             help="Measure the Fisher spectrum every n-th step.",
+        ),
+        click.option(
+            "--zero-threshold",
+            type=click.FloatRange(0, 1, max_open=True),
+            default=None,
+            help="Eigenvalues at most this x the largest count as zero "
+            "[default: from the precision: (4u)^2 trace(G)].",
         ),
         click.option("--seed", type=int, default=_DEFAULT.seed, show_default=True),
     ]
@@ -358,6 +366,7 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
         f"L_K @{early}",
         "final C_K_bar",
         "final L_K",
+        "rank < |B|",
     ):
         table.add_column(heading, justify="left" if heading == "run" else "right")
     for row in ranking.rows:
@@ -369,6 +378,9 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
                 f"{row[k]:.4g}"
                 for k in ("early_C_K_bar", "early_L_K", "final_C_K_bar", "final_L_K")
             ),
+            "–"
+            if math.isnan(row["rank_deficient"])
+            else f"{row['rank_deficient']:.0%}",
         )
     console.print(table)
     if not ranking.rows:

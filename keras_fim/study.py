@@ -70,6 +70,10 @@ class RunConfig:
             paper's.
         epochs: the number of epochs.
         every_n_steps: measure every n-th step.
+        zero_threshold: Float in [0, 1) or `None`, `FisherCallback`'s
+            `zero_threshold`: eigenvalues at most this times the largest
+            count as zero; `None` derives it from the precision the
+            contributions carry. Defaults to `None`.
         seed: seeds the weights, the data split and the data order.
         data_dir: where tensorflow-datasets keeps its data, or `None`.
 
@@ -91,6 +95,7 @@ class RunConfig:
     weight_decay: float = 1e-4
     epochs: int = 12
     every_n_steps: int = 4
+    zero_threshold: float | None = None
     seed: int = 0
     data_dir: str | None = None
 
@@ -117,6 +122,14 @@ class RunConfig:
             check_int(name, getattr(self, name), 1)
         check_real("learning_rate", self.learning_rate, 0, include_low=False)
         check_real("weight_decay", self.weight_decay, 0)
+        check_real(
+            "zero_threshold",
+            self.zero_threshold,
+            0,
+            1,
+            include_high=False,
+            allow_none=True,
+        )
 
     @property
     def name(self) -> str:
@@ -138,6 +151,12 @@ class RunConfig:
             "dataset": self.dataset,
             "epochs": self.epochs,
             "seed": self.seed,
+            # HParams takes no None: the default threshold is named by its rule.
+            "zero_threshold": "precision"
+            if self.zero_threshold is None
+            else float(self.zero_threshold),
+            # The study's networks compute in the global dtype policy's dtype.
+            "precision": keras.config.dtype_policy().compute_dtype,
         }
 
 
@@ -273,7 +292,11 @@ def train(
 
         hp.hparams(config.hparams(), trial_id=config.name)
     callbacks = [
-        FisherCallback(log_dir=str(log_dir), every_n_steps=config.every_n_steps),
+        FisherCallback(
+            log_dir=str(log_dir),
+            every_n_steps=config.every_n_steps,
+            zero_threshold=config.zero_threshold,
+        ),
         keras.callbacks.TensorBoard(str(log_dir)),
         _EpochRecorder(run_writer, on_epoch),
     ]

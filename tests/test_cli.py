@@ -32,6 +32,7 @@ def test_cli_help(command):
         (["train", "--dataset", "foo"], "Invalid value for '--dataset'"),
         (["study", "--batch-sizes", "0"], "Invalid value for '--batch-sizes'"),
         (["study", "--learning-rates", "0.1,-1"], "'--learning-rates'"),
+        (["train", "--zero-threshold", "1"], "Invalid value for '--zero-threshold'"),
         (["train", "--depth", "9"], "Invalid value for --depth: `depth` must be 6n+2"),
     ],
 )

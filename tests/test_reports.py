@@ -24,6 +24,8 @@ def write_run(
     epoch_ends=None,
     spectra=None,
     validation_accuracy=None,
+    ranks=None,
+    sizes=None,
 ):
     """A run folder as keras-fim and the study write it."""
     with tf.summary.create_file_writer(str(path / "train")).as_default():
@@ -33,6 +35,9 @@ def write_run(
             tf.summary.scalar("fisher/learning_rate", rates[i], step=step)
             if spectra is not None:
                 tf.summary.write("fisher/spectrum", tf.constant(spectra[i]), step=step)
+            if ranks is not None:
+                tf.summary.scalar("fisher/rank", ranks[i], step=step)
+                tf.summary.scalar("fisher/batch_size", sizes[i], step=step)
     with tf.summary.create_file_writer(str(path)).as_default():
         if hparams:
             hp.hparams(hparams, trial_id=path.name)
@@ -315,3 +320,24 @@ def test_a_log_dir_that_is_one_run_is_named_by_its_folder(tmp_path):
         test_error=0.2,
     )
     assert [r.name for r in find_runs(tmp_path / "bs64_lr0.1")] == ["bs64_lr0.1"]
+
+
+def test_rank_deficient_share_counts_measurements_below_the_batch_size(tmp_path):
+    write_run(
+        tmp_path / "run",
+        steps=[0, 4, 8, 12],
+        condition=[1.0] * 4,
+        energy=[1.0] * 4,
+        rates=[0.1] * 4,
+        ranks=[16, 15, 16, 31],
+        sizes=[16, 16, 16, 32],
+        test_error=0.1,
+    )
+    write_run(tmp_path / "old", steps=[0], condition=[1.0], energy=[1.0], rates=[0.1])
+    runs = {r.name: r for r in find_runs(tmp_path)}
+    assert runs["run"].rank_deficient_share() == pytest.approx(0.5)
+    assert math.isnan(runs["old"].rank_deficient_share())
+    (row,) = rank_runs(list(runs.values())).rows
+    assert row["rank_deficient"] == pytest.approx(0.5)
+    path, _ = write_report(tmp_path, tmp_path / "out")
+    assert "rank &lt; |B| %" in path.read_text()

@@ -119,6 +119,8 @@ def test_finished_runs_are_skipped_and_unfinished_ones_retrained(
         ("learning_rate", float("nan"), "learning_rate"),
         ("epochs", True, "epochs"),
         ("learning_rate_decay", "cos", "learning_rate_decay"),
+        ("zero_threshold", 1.0, "zero_threshold"),
+        ("zero_threshold", -0.1, "zero_threshold"),
     ],
 )
 def test_run_config_errors(field, value, match):
@@ -141,3 +143,20 @@ def test_depth_defaults_and_checks_per_model():
     assert study.RunConfig(model="densenet", depth=40).depth == 40
     with pytest.raises(ValueError, match=r"6n\+4 and >= 10 for model='densenet'"):
         study.RunConfig(model="densenet", depth=8)
+
+
+def test_zero_threshold_reaches_the_callback_and_the_hparams(tmp_path):
+    """A run with a relative threshold logs it at every measurement, and its
+    hparams record it (the default is named by its rule)."""
+    config = study.RunConfig(
+        batch_size=256, epochs=1, every_n_steps=2, zero_threshold=1e-3
+    )
+    assert config.hparams()["zero_threshold"] == 1e-3
+    assert study.RunConfig().hparams()["zero_threshold"] == "precision"
+    assert study.RunConfig().hparams()["precision"] == "float32"
+    study.train(config, tmp_path)
+    (run,) = find_runs(tmp_path)
+    _, thresholds = run.series("fisher/zero_threshold")
+    assert len(thresholds) and np.allclose(thresholds, 1e-3)
+    assert run.hparams["zero_threshold"] == pytest.approx(1e-3)
+    assert 0 <= run.rank_deficient_share() <= 1

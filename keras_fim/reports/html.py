@@ -34,12 +34,18 @@ truncated condition number; L<sub>K</sub>: the weighted cumulative energy
 <table id="ranking">
 <tr><th>rank</th><th>run</th><th>test error %</th>
 <th>C&#772;<sub>K</sub> at {{ early }}</th><th>L<sub>K</sub> at {{ early }}</th>
-<th>final C&#772;<sub>K</sub></th><th>final L<sub>K</sub></th></tr>
+<th>final C&#772;<sub>K</sub></th><th>final L<sub>K</sub></th>
+<th>rank &lt; |B| %</th></tr>
 {% for row in ranking.rows %}<tr><td>{{ row.rank }}</td><td>{{ row.run }}</td>
 <td>{{ "%.2f"|format(row.test_error * 100) }}</td>
 <td>{{ "%.4g"|format(row.early_C_K_bar) }}</td><td>{{ "%.4g"|format(row.early_L_K) }}</td>
-<td>{{ "%.4g"|format(row.final_C_K_bar) }}</td><td>{{ "%.4g"|format(row.final_L_K) }}</td></tr>
+<td>{{ "%.4g"|format(row.final_C_K_bar) }}</td><td>{{ "%.4g"|format(row.final_L_K) }}</td>
+<td>{{ "%.0f"|format(row.rank_deficient * 100) }}</td></tr>
 {% endfor %}</table>
+
+<p class="note">rank &lt; |B|: the share of a run's measurements with eigenvalues at or
+below the zero threshold{% if zero_threshold %} ({{ zero_threshold }}){% endif %}
+(duplicated or dependent examples, or directions below the contributions' precision).</p>
 
 <h3>Do early measurements predict the outcome?</h3>
 <p>Spearman's rank correlation with the final test error (p-value in brackets; positive:
@@ -133,9 +139,26 @@ def write_report(
         runs=runs,
         ranking=ranking,
         early=f"{early_fraction:.0%}",
+        zero_threshold=_zero_thresholds(runs),
         figures=names,
         written=datetime.datetime.now().isoformat(timespec="seconds"),
     )
     path = output_dir / "index.html"
     path.write_text(page, encoding="utf-8")
     return path, ranking
+
+
+def _zero_thresholds(runs) -> str:
+    """The runs' zero-threshold settings, from their hparams (study runs)."""
+    settings = sorted(
+        {
+            str(r.hparams["zero_threshold"])
+            for r in runs
+            if "zero_threshold" in r.hparams
+        }
+    )
+    if not settings:
+        return ""
+    return "zero_threshold " + ", ".join(
+        "from the precision" if v == "precision" else v for v in settings
+    )

@@ -149,8 +149,10 @@ class Ranking:
     Attributes:
         rows: one dict per run with a test error, best first: ``rank``,
             ``run``, ``test_error``, then ``C_K_bar`` and ``L_K`` at the end
-            (``final_*``) and at the early point (``early_*``), and the run's
-            hyper-parameters.
+            (``final_*``) and at the early point (``early_*``),
+            ``rank_deficient`` (the share of its measurements with rank
+            below the batch size, `RunRecord.rank_deficient_share`), and
+            the run's hyper-parameters.
         correlations: ``{"early C_K_bar": (rho, p), ...}``: Spearman's rank
             correlation (and its p-value) between each measurement, early
             and final, and the final test error. NaN with fewer than three
@@ -244,7 +246,11 @@ def rank_runs(runs: Sequence[RunRecord], early_fraction: float = 0.1) -> Ranking
     for run in runs:
         if run.test_error is None:
             continue
-        row = {"run": run.name, "test_error": run.test_error}
+        row = {
+            "run": run.name,
+            "test_error": run.test_error,
+            "rank_deficient": run.rank_deficient_share(),
+        }
         for name, tag in MEASUREMENTS.items():
             row[f"early_{name}"] = run.value_at_fraction(tag, early_fraction)
             row[f"final_{name}"] = run.final(tag)

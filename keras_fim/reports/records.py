@@ -84,6 +84,18 @@ class RunRecord:
         index = np.searchsorted(steps, fraction * self.iterations, side="right") - 1
         return float(values[max(index, 0)])
 
+    def rank_deficient_share(self) -> float:
+        """The share of measurements whose rank is below their batch size
+        (eigenvalues at or below the zero threshold); NaN without any."""
+        rank_steps, ranks = self.series(summaries.RANK)
+        size_steps, sizes = self.series(summaries.BATCH_SIZE)
+        common, in_rank, in_size = np.intersect1d(
+            rank_steps, size_steps, return_indices=True
+        )
+        if not len(common):
+            return math.nan
+        return float(np.mean(ranks[in_rank] < sizes[in_size]))
+
     def final(self, tag: str) -> float:
         """`tag`'s last value (NaN if it was not logged)."""
         values = self.series(tag)[1]
