@@ -192,16 +192,29 @@ def train(log_dir, **kwargs):
 @main.command()
 @_run_options
 @click.option(
+    "--preset",
+    type=click.Choice(list(study_lib.PRESETS)),
+    default="digits",
+    show_default=True,
+    help="digits: the small analogue, offline; paper-cifar10/100: the paper's runs "
+    "(ResNet-110, 320 epochs, measured every 50 steps). Options given override it.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print every run's configuration and estimated cost; train nothing.",
+)
+@click.option(
     "--batch-sizes",
     type=_NumberList(int),
-    default="16,64,256",
+    default=",".join(map(str, study_lib.PAPER_BATCH_SIZES)),
     show_default=True,
     help="Fixed batch sizes of the grid.",
 )
 @click.option(
     "--learning-rates",
     type=_NumberList(float),
-    default="0.025,0.1,0.4",
+    default=",".join(f"{rate:g}" for rate in study_lib.PAPER_LEARNING_RATES),
     show_default=True,
     help="Learning rates of the grid.",
 )
@@ -238,7 +251,11 @@ def train(log_dir, **kwargs):
     show_default=True,
     help="Write the HTML report when the study is done.",
 )
+@click.pass_context
 def study(
+    ctx,
+    preset,
+    dry_run,
     batch_sizes,
     learning_rates,
     schedules,
@@ -255,17 +272,24 @@ def study(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    fields = _run_fields(kwargs)
+    for name, value in study_lib.PRESETS[preset].items():
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
+            fields[name] = value  # the preset's, unless the option was given
     try:
         configs = study_lib.grid(
             batch_sizes,
             learning_rates,
             [s.strip() for s in schedules.split(",") if s.strip()],
             schedule_learning_rates or None,
-            **_run_fields(kwargs),
+            **fields,
         )
     except ValueError as error:
         raise _usage_error(error) from error
     console = _console()
+    if dry_run:
+        _print_plan(configs, console)
+        return
     columns = [
         "{task.description}",
         BarColumn(),
@@ -335,6 +359,40 @@ def study(
 def report(log_dir, output, early_fraction, image_format):
     """Write an HTML report of every keras-fim run under LOG_DIR."""
     _report(log_dir, output, early_fraction, image_format, _console())
+
+
+def _print_plan(configs, console) -> None:
+    from rich.table import Table
+
+    rows = study_lib.plan(configs)
+    table = Table(title=f"{len(rows)} runs (nothing trained: --dry-run)")
+    headings = {
+        "run": "run",
+        "model": "model",
+        "dataset": "data",
+        "batch": "batch",
+        "learning_rate": "rate",
+        "epochs": "epochs",
+        "steps": "steps",
+        "measured": "measured steps",
+        "multiply_adds": "training multiply-adds",
+    }
+    for heading in headings.values():
+        table.add_column(heading, justify="left" if heading == "run" else "right")
+    for row in rows:
+        table.add_row(
+            *(
+                f"{row[key]:.3g}" if key == "multiply_adds" else str(row[key])
+                for key in headings
+            )
+        )
+    console.print(table)
+    total = sum(row["multiply_adds"] for row in rows)
+    console.print(
+        f"In all: {sum(row['steps'] for row in rows)} steps, "
+        f"{sum(row['measured'] for row in rows)} measured, {total:.3g} multiply-adds "
+        "of training (three forward passes per example; measuring adds to it)."
+    )
 
 
 def _console():

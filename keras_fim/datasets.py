@@ -56,6 +56,15 @@ NORMALIZATION = {
     "mnist": ((0.1307,), (0.3081,)),
 }
 
+#: ``(training examples, image shape, classes)`` of each tensorflow-datasets
+#: set's published train split: what a study's plan needs, without the data.
+SPLIT_SHAPES = {
+    "cifar10": (50000, (32, 32, 3), 10),
+    "cifar100": (50000, (32, 32, 3), 100),
+    "svhn_cropped": (73257, (32, 32, 3), 10),
+    "mnist": (60000, (28, 28, 1), 10),
+}
+
 # Where each set downloads from, probed before a download: tensorflow-datasets
 # retries an unreachable host for minutes (urllib3: 10 retries, backoff to 102 s).
 _DOWNLOAD_URLS = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim import datasets, models, summaries
+from keras_fim._keras_compat import flatten_layers
 from keras_fim.callback import FisherCallback
 from keras_fim.sampling import DynamicSampling
 from keras_fim.schedules import Staged
@@ -43,6 +45,20 @@ SCHEDULES = ("fixed", "staged")
 LEARNING_RATE_DECAYS = ("step", "none")
 #: The paper's dynamic schedule: five equal stages, 16 -> 256.
 PAPER_STAGES = (16, 32, 64, 128, 256)
+#: The paper's map: batch sizes x learning rates, trained with one schedule.
+PAPER_BATCH_SIZES = (8, 16, 32, 64, 128, 256)
+PAPER_LEARNING_RATES = (0.025, 0.05, 0.1, 0.2, 0.4)
+#: Full-scale configurations (`RunConfig` fields) of the paper's experiments;
+#: "digits" is the small analogue that runs offline in minutes.
+PRESETS = {
+    "digits": {},
+    "paper-cifar10": dict(
+        dataset="cifar10", model="resnet", depth=110, epochs=320, every_n_steps=50
+    ),
+    "paper-cifar100": dict(
+        dataset="cifar100", model="resnet", depth=110, epochs=320, every_n_steps=50
+    ),
+}
 SMALLEST_DEPTH = {"resnet": 8, "densenet": 10}
 RESULT_FILE = "result.json"
 
@@ -161,21 +177,25 @@ class RunConfig:
 
 
 def grid(
-    batch_sizes: Iterable[int] = (16, 64, 256),
-    learning_rates: Iterable[float] = (0.025, 0.1, 0.4),
+    batch_sizes: Iterable[int] = PAPER_BATCH_SIZES,
+    learning_rates: Iterable[float] = PAPER_LEARNING_RATES,
     schedules: Iterable[str] = ("staged",),
-    schedule_learning_rates: Iterable[float] | None = None,
+    schedule_learning_rates: Iterable[float] | None = (0.1,),
     **config: Any,
 ) -> list[RunConfig]:
     """The study's configurations: batch sizes x learning rates, then each
     dynamic schedule x its learning rates.
 
     Args:
-        batch_sizes: the fixed batch sizes.
-        learning_rates: the initial learning rates.
-        schedules: dynamic schedules (``"staged"``).
-        schedule_learning_rates: the rates the dynamic schedules run at.
-            Defaults to `learning_rates`.
+        batch_sizes: Integers, the fixed batch sizes. Defaults to the
+            paper's `PAPER_BATCH_SIZES`, 8 to 256.
+        learning_rates: Floats, the initial learning rates. Defaults to the
+            paper's `PAPER_LEARNING_RATES`, 0.025 to 0.4.
+        schedules: Strings, the dynamic schedules (``"staged"``). Defaults
+            to `("staged",)`.
+        schedule_learning_rates: Floats or `None`, the rates the dynamic
+            schedules run at; `None` for all of `learning_rates`. Defaults
+            to `(0.1,)`, the paper's.
         **config: further `RunConfig` fields shared by all runs.
 
     Example:
@@ -205,6 +225,111 @@ def grid(
     if duplicates:
         raise ValueError(f"The grid repeats runs: {duplicates}. Received: {names}")
     return configs
+
+
+def forward_multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds of one example's forward pass through the layers with a
+    kernel (dense layers and convolutions; the rest is negligible beside
+    them): at each output position, every kernel entry once.
+
+    Args:
+        model: A built functional `keras.Model`.
+
+    Returns:
+        The count, an integer.
+
+    Example:
+
+    >>> inputs = keras.Input((6, 6, 2))
+    >>> h = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    >>> outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    >>> forward_multiply_adds(keras.Model(inputs, outputs))  # 36*(3*3*2*4) + 144*3
+    3024
+    """
+    total = 0
+    for layer in flatten_layers(model, include_self=False, recursive=True):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is not None:
+            positions = math.prod(layer.output.shape[1:-1])
+            total += positions * math.prod(kernel.shape)
+    return total
+
+
+def training_cost(config: RunConfig, num_train: int, multiply_adds: int) -> dict:
+    """What training `config` takes, estimated without training.
+
+    Args:
+        config: The run's `RunConfig`.
+        num_train: Integer, the training examples per epoch.
+        multiply_adds: Integer, one example's forward multiply-adds
+            (`forward_multiply_adds`).
+
+    Returns:
+        ``steps`` (training steps; a staged run's five equal stages at their
+        sizes), ``measured`` (steps `FisherCallback` measures) and
+        ``multiply_adds`` (of training: forward and backward, counted as three
+        forward passes per example, the usual rule).
+    """
+    if config.schedule == "fixed":
+        steps = config.epochs * math.ceil(num_train / config.batch_size)
+    else:
+        sizes = [b for b in PAPER_STAGES if b <= num_train] or [num_train]
+        steps = sum(
+            math.ceil(config.epochs / len(sizes) * num_train / b) for b in sizes
+        )
+    return {
+        "steps": steps,
+        "measured": math.ceil(steps / config.every_n_steps),
+        "multiply_adds": 3 * multiply_adds * num_train * config.epochs,
+    }
+
+
+def plan(configs: Sequence[RunConfig]) -> list[dict]:
+    """Every run's configuration and estimated cost, without data or
+    training (``keras-fim study --dry-run``).
+
+    Args:
+        configs: Sequence of `RunConfig`s.
+
+    Returns:
+        One dict per run: ``run`` (its name), ``model`` (e.g.
+        ``"resnet-110"``), ``dataset``, ``batch`` (the batch size, or the
+        schedule's sizes), ``learning_rate``, ``epochs``, and
+        `training_cost`'s ``steps``, ``measured`` and ``multiply_adds``.
+
+    Example:
+
+    >>> rows = plan(grid([8, 256], [0.1], [], dataset="cifar10", depth=20))
+    >>> [(row["run"], row["steps"]) for row in rows]
+    [('bs8_lr0.1', 75000), ('bs256_lr0.1', 2352)]
+    """
+    rows, counted = [], {}
+    for config in configs:
+        if config.dataset in datasets.SPLIT_SHAPES:
+            num_train, shape, classes = datasets.SPLIT_SHAPES[config.dataset]
+        else:
+            data = datasets.load(config.dataset, seed=config.seed)
+            num_train, shape, classes = (
+                data.num_train,
+                data.input_shape,
+                data.num_classes,
+            )
+        key = (config.model, config.depth, tuple(shape), classes)
+        if key not in counted:
+            counted[key] = forward_multiply_adds(build_model(config, shape, classes))
+        sizes = "16-256 staged" if config.schedule == "staged" else config.batch_size
+        rows.append(
+            {
+                "run": config.name,
+                "model": f"{config.model}-{config.depth}",
+                "dataset": config.dataset,
+                "batch": sizes,
+                "learning_rate": config.learning_rate,
+                "epochs": config.epochs,
+                **training_cost(config, num_train, counted[key]),
+            }
+        )
+    return rows
 
 
 def build_model(

@@ -102,3 +102,58 @@ def test_ctrl_c_keeps_finished_runs_and_the_rerun_completes(tmp_path):
     assert "bs512_lr0.1" in rerun.stdout and "skipped" in rerun.stdout
     assert json.loads(first.read_text()) == finished
     assert (root / "bs512_lr0.2" / "result.json").exists()
+
+
+def test_dry_run_plans_the_papers_runs_without_training(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "study",
+            "--preset",
+            "paper-cifar100",
+            "--dry-run",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    assert "31 runs (nothing trained: --dry-run)" in result.output
+    assert result.output.count("resnet-110") == 31
+    assert result.output.count("cifar100") == 31
+    # bs8: 320 epochs of 50000 examples; ResNet-110's 2.53e8 multiply-adds.
+    assert "2000000" in result.output and "1.21e+16" in result.output
+    assert not any(tmp_path.iterdir())  # nothing written
+    given = CliRunner().invoke(
+        main,
+        ["study", "--preset", "paper-cifar10", "--dry-run", "--epochs", "2"],
+        terminal_width=200,
+    )
+    assert "12500" in given.output  # bs8: 2 epochs (the option given wins)
+
+
+def test_a_paper_preset_trains_on_tensorflow_datasets(tmp_path, monkeypatch):
+    """The preset's data come through tensorflow-datasets (mock data here),
+    with the options given overriding the preset's network and length."""
+    import tensorflow_datasets as tfds
+
+    from keras_fim import datasets
+
+    monkeypatch.setattr(datasets, "_reachable", lambda url: True)
+    with tfds.testing.mock_data(num_examples=24):
+        result = CliRunner().invoke(
+            main,
+            [
+                "study",
+                "--preset",
+                "paper-cifar10",
+                *("--depth", "8", "--epochs", "1", "--every-n-steps", "2"),
+                *("--batch-sizes", "12", "--learning-rates", "0.1", "--schedules", ""),
+                *("--log-dir", str(tmp_path), "--no-report"),
+            ],
+        )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "bs12_lr0.1" / "result.json").read_text())
+    assert saved["config"]["dataset"] == "cifar10"
+    assert saved["config"]["depth"] == 8 and saved["config"]["every_n_steps"] == 2
+    assert saved["iterations"] == 2 and saved["measurements"] == 1

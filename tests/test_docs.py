@@ -202,8 +202,10 @@ def test_cli_option_tables_quote_the_commands_defaults():
             for flag, quoted in rows:
                 param = params[flag]
                 default = param.default
-                if isinstance(default, bool):
+                if isinstance(default, bool) and param.secondary_opts:
                     default = flag if default else param.secondary_opts[0]
+                elif isinstance(default, bool):  # a flag: off unless given
+                    default = None
                 quoted = quoted.strip().strip("`")
                 if default is None:
                     assert not quoted[:1].isdigit(), (command, flag)
