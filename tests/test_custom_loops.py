@@ -9,6 +9,9 @@ of the first batch equals a brute-force loop over its examples.
 """
 
 import dataclasses
+import math
+import pathlib
+import re
 import warnings
 from collections.abc import Callable
 
@@ -658,3 +661,22 @@ def test_an_add_loss_model_is_measured_with_its_per_example_loss():
     model.fit(x, batch_size=BATCH, verbose=0, callbacks=[callback])
     assert_weights_equal(model, plain)
     assert int(model.fisher_state.measurements) == 4
+
+
+# -- docs/custom-loops.md ---------------------------------------------------------
+
+
+def test_the_documented_example_runs(capsys):
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "custom-loops.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert len(blocks) == 2
+    namespace = {"__name__": "custom_loops_example"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for block in blocks:
+            exec(compile(block, str(page), "exec"), namespace)
+    assert not [w for w in caught if "keras-fim" in str(w.message)]
+    first, second = capsys.readouterr().out.split("\n")[:2]
+    c_k_bar, measurements = first.split()
+    assert math.isfinite(float(c_k_bar)) and int(measurements) == 4
+    assert int(second) == 2
