@@ -9,7 +9,11 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim._keras_compat import is_default_strategy
+from keras_fim._keras_compat import (
+    is_default_strategy,
+    is_keras_loss_computation,
+    is_keras_train_step,
+)
 from keras_fim.engine.distribute import example_counts, gathered_grams
 from keras_fim.engine.gram import check_fail_mode, check_memory_budget
 from keras_fim.engine.noise import (
@@ -19,15 +23,18 @@ from keras_fim.engine.noise import (
 )
 from keras_fim.engine.pipeline import local_grams, measure_pass
 from keras_fim.engine.probes import ProbedPass, reuses_training_pass
-from keras_fim.engine.record import record_pass
+from keras_fim.engine.record import PerExampleLoss, record_pass
 from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
-from keras_fim.engine.units import read_variables
+from keras_fim.engine.units import batch_size as batch_size_of
+from keras_fim.engine.units import read_variables, resolve_layers
 from keras_fim.state import FisherState, attach_state
 from keras_fim.train_step import begin_fit, compile_train_function, end_fit
 from keras_fim.validation import (
     check_bool,
+    check_callable,
     check_compiled_loss,
     check_int,
+    check_layers,
     check_log_dir,
     check_real,
 )
@@ -56,9 +63,18 @@ class FisherCallback(keras.callbacks.Callback):
     eigenvalues and a custom-scalars layout), on the same x-axis as
     `keras.callbacks.TensorBoard`'s batch charts; both may share a `log_dir`.
 
-    Measuring never changes training: the update is Keras's own `train_step`,
-    BatchNorm statistics and random seeds are not touched, and the weights
-    after `fit` equal those of a run without the callback.
+    Measuring never changes training: the update is the model's own
+    `train_step`, BatchNorm statistics and random seeds are not touched, and
+    the weights after `fit` equal those of a run without the callback.
+
+    What is measured is the gradient of each example's compiled loss, for a
+    model that trains with Keras's own `train_step` and `compute_loss`. A
+    model with a `train_step` (or `compute_loss`) of its own optimises an
+    objective keras-fim cannot know (a GAN's, a loss with extra terms, one
+    that needs no compiled loss): it is measured only with the per-example
+    loss its step optimises, `per_example_loss`; without one, `fit` trains
+    exactly as without the callback and measures nothing, with one warning
+    saying so (docs/custom-loops.md).
 
     Under `MirroredStrategy` and `MultiWorkerMirroredStrategy` the measured
     batch is the global one (the replicas all-gather their examples' rows;
@@ -74,8 +90,10 @@ class FisherCallback(keras.callbacks.Callback):
       not finite: NaN or inf in the inputs, the loss or the per-example
       gradients, a Gram matrix that overflows (its products are float64:
       only per-example gradients near 1e150 do), or a non-finite
-      eigen-solver result (the solver never sees a non-finite matrix). Its
-      spectrum is then NaN with rank 0. A skipped step is counted in
+      eigen-solver result (the solver never sees a non-finite matrix), or,
+      with a `per_example_loss`, losses or calls of a measured layer whose
+      number of rows is not the batch's (found only when the step runs).
+      Its spectrum is then NaN with rank 0. A skipped step is counted in
       ``fisher_state.skipped`` (TensorBoard ``fisher/skipped``) and left
       out of ``C_K_bar``, ``K``, ``L_K`` and the averages.
     * All-zero per-example gradients (a zero loss, weights the output does
@@ -94,10 +112,10 @@ class FisherCallback(keras.callbacks.Callback):
 
     Bad input is refused before training: an invalid option raises
     `ValueError` at construction, and `fit` raises `ValueError` at its
-    start, before any step, for a model compiled without a loss (one
-    trained only through `add_loss`, for instance on inputs without
-    labels), a loss with ``reduction=None``, or a `log_dir` that cannot be
-    written.
+    start, before any step, for a model with Keras's own `train_step`
+    compiled without a loss (one trained only through `add_loss`, for
+    instance on inputs without labels) when no `per_example_loss` is given,
+    a loss with ``reduction=None``, or a `log_dir` that cannot be written.
 
     The running state lives in `model.fisher_state` (Keras variables), so
     `save_weights` and `BackupAndRestore` keep it.
@@ -146,6 +164,25 @@ class FisherCallback(keras.callbacks.Callback):
             it; ``"skip"`` does the same silently. Layers without a
             registered rule are not failures: the exact generic rule handles
             them. Defaults to `"error"`.
+        per_example_loss: `None` or a function ``(model, x, y,
+            sample_weight)`` returning one loss per example of the batch,
+            shaped ``(batch,)``: the objective the training step follows,
+            whose per-example gradients are measured instead of the compiled
+            loss's. It receives the batch the step trained (what
+            `train_step` received, unpacked as Keras does) and runs after
+            the step, statelessly, with the variables as the step found them
+            (seed generators included, so random draws repeat the step's
+            first ones); it may call the model or any of its layers, in the
+            mode it chooses, and must call each measured layer on rows that
+            belong to the batch's examples in order. Needed to measure a
+            model with its own `train_step` or `compute_loss`. Keras's
+            serialisation (`keras.saving.serialize_keras_object`) keeps it in
+            `get_config`; a lambda does not load back in safe mode. Defaults
+            to `None` (the compiled loss).
+        measured_layers: `None`, or layers of the model (or their names,
+            at any depth): only their trainable weights make up ``J`` (a
+            GAN's generator, say, when its loss is measured). Defaults to
+            `None` (every trainable weight).
 
     Example:
 
@@ -172,6 +209,8 @@ class FisherCallback(keras.callbacks.Callback):
         memory_budget: float | None = None,
         reuse_training_pass: bool = True,
         fail_mode: str = "error",
+        per_example_loss: PerExampleLoss | None = None,
+        measured_layers: list | None = None,
     ):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
@@ -189,6 +228,17 @@ class FisherCallback(keras.callbacks.Callback):
             "reuse_training_pass", reuse_training_pass
         )
         self.fail_mode = check_fail_mode(fail_mode)
+        self.per_example_loss = check_callable(
+            "per_example_loss",
+            per_example_loss,
+            "a function (model, x, y, sample_weight) -> per-example losses",
+            allow_none=True,
+        )
+        self.measured_layers = check_layers("measured_layers", measured_layers)
+        # Set again at every fit's start (`on_train_begin`).
+        self._loss = self.per_example_loss
+        self._not_measured = None
+        self._retrace = False
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}
@@ -209,7 +259,23 @@ class FisherCallback(keras.callbacks.Callback):
             "memory_budget": self.memory_budget,
             "reuse_training_pass": self.reuse_training_pass,
             "fail_mode": self.fail_mode,
+            "per_example_loss": (
+                None
+                if self.per_example_loss is None
+                else keras.saving.serialize_keras_object(self.per_example_loss)
+            ),
+            "measured_layers": _layer_names(self.measured_layers),
         }
+
+    @classmethod
+    def from_config(cls, config: dict) -> FisherCallback:
+        """A callback from `get_config`'s dictionary."""
+        config = dict(config)
+        if config.get("per_example_loss") is not None:
+            config["per_example_loss"] = keras.saving.deserialize_keras_object(
+                config["per_example_loss"]
+            )
+        return cls(**config)
 
     @property
     def state(self) -> FisherState | None:
@@ -226,7 +292,14 @@ class FisherCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         model = self.model
-        check_compiled_loss(model)
+        # The loss measured: the user's, or the compiled one for a model
+        # that trains with Keras's own step and loss computation.
+        self._loss = self.per_example_loss
+        self._not_measured = None
+        if self._loss is None and _own_objective(model):
+            self._not_measured = "custom"
+        elif self._loss is None:
+            check_compiled_loss(model)
         # Counters read at the first epoch (after BackupAndRestore restored
         # them), to warn once if measurements of this fit are skipped.
         self._counters_at_start = None
@@ -244,7 +317,30 @@ class FisherCallback(keras.callbacks.Callback):
                 ) from error
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         self._unsupported_strategy = _unsupported_strategy(model.distribute_strategy)
-        if self._unsupported_strategy:
+        replicas = model.distribute_strategy.num_replicas_in_sync
+        if self._not_measured == "custom":
+            warnings.warn(
+                f"keras-fim does not measure model {model.name!r}: it trains "
+                "with a `train_step` (or `compute_loss`) of its own, whose "
+                "objective keras-fim cannot know, so this fit trains exactly "
+                "as without keras-fim and makes no Fisher measurement. To "
+                "measure it, pass the loss the step optimises, one value per "
+                "example: `FisherCallback(per_example_loss=fn)` with "
+                "`fn(model, x, y, sample_weight)` returning a (batch,) tensor "
+                "(in a `FisherModel` subclass, override `per_example_loss(self, "
+                "x, y, sample_weight)`). See docs/custom-loops.md.",
+                stacklevel=2,
+            )
+        elif self._loss is not None and replicas > 1:
+            self._not_measured = "replicas"
+            warnings.warn(
+                "keras-fim does not yet measure a `per_example_loss` under "
+                f"{replicas} replicas (model {model.name!r}): this fit trains "
+                "exactly as without keras-fim and makes no Fisher measurement "
+                "(docs/custom-loops.md).",
+                stacklevel=2,
+            )
+        if self._unsupported_strategy and not self._not_measured:
             warnings.warn(
                 f"keras-fim does not measure under {self._unsupported_strategy} "
                 f"(model {model.name!r}): training continues exactly as without "
@@ -277,7 +373,7 @@ class FisherCallback(keras.callbacks.Callback):
         self._warn_if_skipped()
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
-        if self._unsupported_strategy:
+        if self._unsupported_strategy or self._not_measured:
             return  # Keras's own train function: training as without us
         if not self._functions:
             self._functions = {
@@ -297,6 +393,9 @@ class FisherCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None) -> None:
         if self._step is not None:
             self._step += 1
+        if self._retrace:
+            self._retrace = False
+            self._functions = {}
 
     def on_train_end(self, logs=None) -> None:
         self._warn_if_skipped()
@@ -323,7 +422,9 @@ class FisherCallback(keras.callbacks.Callback):
             f"measurements of model {self.model.name!r} in this fit so far: "
             "their values were not finite (NaN or inf in the inputs, the "
             "loss or the per-example gradients, or a Gram matrix too large "
-            "for its dtype) or every per-example gradient was zero. Skipped "
+            "for its dtype), every per-example gradient was zero, or a "
+            "`per_example_loss` gave another number of rows than the batch "
+            "(in its losses or its calls of the measured layers). Skipped "
             "steps are left out of C_K_bar and L_K and counted in "
             "`model.fisher_state.skipped` (TensorBoard: fisher/skipped); "
             "training itself is unaffected. Further skips in this fit are "
@@ -375,6 +476,8 @@ class FisherCallback(keras.callbacks.Callback):
         variables as the step found them: from the step's own forward and
         backward pass where that is exact (`engine.probes.ProbedPass`),
         otherwise from a recorded pass of its own (`engine.record`)."""
+        if self._loss is not None:
+            return self._loss_measured_step(original_step, data)
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs = self._step_inputs(x)
@@ -383,7 +486,8 @@ class FisherCallback(keras.callbacks.Callback):
         max_examples = None if distributed else self.max_examples
         if self.reuse_training_pass and reuses_training_pass(model, original_step):
             try:
-                probe = ProbedPass(model, x, max_examples)
+                layers = resolve_layers(model, self.measured_layers)
+                probe = ProbedPass(model, x, max_examples, layers=layers)
             except Exception as error:
                 self._warn(error)
                 return original_step(data)
@@ -409,6 +513,7 @@ class FisherCallback(keras.callbacks.Callback):
                     *measured_batch,
                     max_examples=max_examples,
                     variable_values=variable_values,
+                    measured_layers=self.measured_layers,
                 )
 
         inputs["update_applied"] = update_applied(model, inputs["loss_scale"])
@@ -418,6 +523,59 @@ class FisherCallback(keras.callbacks.Callback):
             self._when_measured(
                 lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
             )
+        return logs
+
+    def _loss_measured_step(self, original_step, data):
+        """The model's own step, then the measurement of the gradients of
+        `per_example_loss` on its batch, with the variables as the step
+        found them (one device; `on_train_begin` leaves several replicas
+        unmeasured). Whatever fails while the measurement is built leaves
+        it out, with one warning: the step itself always runs."""
+        model = self.model
+        try:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            scale = loss_scale(model)
+            inputs = {
+                "learning_rate": _current_learning_rate(model),
+                "batch_size": batch_size_of(x),
+                "loss_scale": scale,
+            }
+            # Read before the update (the reads precede its writes).
+            variables = [*model.trainable_variables, *model.non_trainable_variables]
+            variable_values = read_variables(model)
+        except Exception as error:  # never let a measurement stop training
+            self._warn(error)
+            return original_step(data)
+        logs = original_step(data)
+        inputs["update_applied"] = update_applied(model, scale)
+        if len(variables) != len(
+            [*model.trainable_variables, *model.non_trainable_variables]
+        ):
+            # The step created variables (a model its own first step
+            # builds): their values as the step found them are their initial
+            # ones, which hold now, while the function is traced. Right for
+            # this function's first run only, so it is traced again after
+            # that batch.
+            self._retrace = True
+            if self._steps_per_execution > 1:
+                return logs  # one run covers several steps: not measured
+            variable_values = _values_before(model, variables, variable_values)
+
+        def recorded():
+            return record_pass(
+                model,
+                x,
+                y,
+                sample_weight,
+                max_examples=self.max_examples,
+                variable_values=variable_values,
+                per_example_loss=self._loss,
+                measured_layers=self.measured_layers,
+            )
+
+        self._when_measured(
+            lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
+        )
         return logs
 
     def _when_measured(self, build) -> None:
@@ -499,7 +657,12 @@ class FisherCallback(keras.callbacks.Callback):
                 grams = local_grams(self.memory_budget, self.fail_mode)
 
                 def coupled_noise(gram):
-                    # Half batches of a batch-coupled model are run for real.
+                    # Half batches of a batch-coupled model are run for real
+                    # (through the compiled loss: not with a custom one, whose
+                    # noise scale is then left undefined).
+                    if self._loss is not None:
+                        nan = tf.constant(float("nan"), tf.float64)
+                        return nan, nan
                     return gradient_noise_components(
                         model, *batch, record.variable_values
                     )
@@ -565,6 +728,40 @@ class FisherCallback(keras.callbacks.Callback):
             summaries.write_layer_measurements(
                 self._writer, step, layers, measurement.trace
             )
+
+
+def _own_objective(model) -> bool:
+    """Whether `model` trains with a `train_step` or a loss computation of
+    its own, whose objective the compiled loss need not be."""
+    return not (
+        is_keras_train_step(model.train_step) and is_keras_loss_computation(type(model))
+    )
+
+
+def _values_before(model, variables, values) -> tuple[list, list]:
+    """`read_variables(model)` as before a step that created variables:
+    `values` (read from `variables`, trainable then non-trainable) for the
+    variables that existed then, and the current (initial) values, read
+    eagerly, for those created since."""
+    read = dict(zip((id(v) for v in variables), [*values[0], *values[1]], strict=True))
+
+    def value(variable):
+        if id(variable) in read:
+            return read[id(variable)]
+        with tf.init_scope():
+            return tf.convert_to_tensor(variable.value)
+
+    return (
+        [value(v) for v in model.trainable_variables],
+        [value(v) for v in model.non_trainable_variables],
+    )
+
+
+def _layer_names(layers) -> list | None:
+    """`measured_layers` for a config: names (layers by their name)."""
+    if layers is None:
+        return None
+    return [layer if isinstance(layer, str) else layer.name for layer in layers]
 
 
 def _unsupported_strategy(strategy) -> str | None:

@@ -8,6 +8,7 @@ import keras
 
 from keras_fim._keras_compat import Functional, functional_init_arguments
 from keras_fim.callback import FisherCallback
+from keras_fim.engine.losses import per_example_losses
 from keras_fim.state import FisherState, SamplingState
 
 _OPTIONS = (
@@ -21,6 +22,7 @@ _OPTIONS = (
     "memory_budget",
     "reuse_training_pass",
     "fail_mode",
+    "measured_layers",
 )
 
 
@@ -33,7 +35,11 @@ class FisherModel(keras.Model):
     `fit` measures the actual training batch before the update at the 0-based
     global steps 0, N, 2N, ... exactly as `keras_fim.FisherCallback` does (it
     runs one internally), and leaves the update to Keras's own `train_step`,
-    so the weights stay identical to a plain `keras.Model`. The options below
+    so the weights stay identical to a plain `keras.Model`. A subclass with a
+    `train_step` (or `compute_loss`) of its own trains with it, unchanged,
+    and is measured once it overrides `per_example_loss` with the loss its
+    step optimises (otherwise `fit` warns once and measures nothing; see
+    docs/custom-loops.md). The options below
     round-trip through `get_config` and `.keras` files; the running state
     (``model.fisher_state``: C_K bar, L_K, counters; ``model.sampling_state``:
     where a `DynamicSampling` stands) is saved with the weights.
@@ -56,6 +62,8 @@ class FisherModel(keras.Model):
             pass where exact.
         fail_mode: String, ``"error"``, ``"warn"`` or ``"skip"``: what a
             layer whose rule fails does (see `FisherCallback`).
+        measured_layers: `None` (all), or layers of the model or their
+            names: only their weights are measured (see `FisherCallback`).
         **kwargs: Keyword arguments of `keras.Model`.
 
     Example:
@@ -93,9 +101,11 @@ class FisherModel(keras.Model):
         memory_budget: float | None = None,
         reuse_training_pass: bool = True,
         fail_mode: str = "error",
+        measured_layers: list | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        overridden = type(self).per_example_loss is not FisherModel.per_example_loss
         # Validates the options and holds them.
         self._fisher = FisherCallback(
             log_dir=log_dir,
@@ -108,6 +118,8 @@ class FisherModel(keras.Model):
             memory_budget=memory_budget,
             reuse_training_pass=reuse_training_pass,
             fail_mode=fail_mode,
+            per_example_loss=_model_per_example_loss if overridden else None,
+            measured_layers=measured_layers,
         )
         self.fisher_state = FisherState()
         # Tracked here (a plain model gets it untracked from DynamicSampling),
@@ -117,7 +129,34 @@ class FisherModel(keras.Model):
     @property
     def fisher_options(self) -> dict:
         """The measurement options, as given to the constructor."""
-        return self._fisher.get_config()
+        config = self._fisher.get_config()
+        return {name: config[name] for name in _OPTIONS}
+
+    def per_example_loss(self, x, y=None, sample_weight=None):
+        """The loss of each example of a batch: what `fit` measures.
+
+        Override it in a subclass whose `train_step` (or `compute_loss`) is
+        its own, with the loss that step optimises, one value per example;
+        its per-example gradients are measured on the batch the step trained
+        (`FisherCallback`'s `per_example_loss`, with `self` as the model).
+        Without an override, a model with Keras's own step is measured with
+        its compiled loss, and one with a step of its own is not measured.
+
+        It runs statelessly, after the step, with the variables as the step
+        found them; it may call the model or any of its layers, in the mode
+        it chooses, each measured layer on rows of the batch's examples in
+        order. This default is the compiled loss of ``self(x,
+        training=True)``, per example, as measured for Keras's own step.
+
+        Args:
+            x: The inputs of the batch, as `train_step` received them.
+            y: Its targets, or `None`.
+            sample_weight: Its sample weights, or `None`.
+
+        Returns:
+            A floating tensor shaped ``(batch,)``.
+        """
+        return per_example_losses(self, y, self(x, training=True), sample_weight)
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`, with the Fisher measurement added.
@@ -134,6 +173,12 @@ class FisherModel(keras.Model):
     def get_config(self) -> dict:
         config = super().get_config()
         return {**config, **self.fisher_options}
+
+
+def _model_per_example_loss(model, x, y, sample_weight):
+    """`FisherCallback`'s `per_example_loss` for a `FisherModel` subclass
+    that overrides its method."""
+    return model.per_example_loss(x, y, sample_weight)
 
 
 class FunctionalFisherModel(FisherModel, Functional):

@@ -104,6 +104,30 @@ def check_choice(name: str, value, allowed: Iterable[str]) -> str:
     return value
 
 
+def check_callable(name: str, value, allowed: str, *, allow_none: bool = False):
+    """A callable (`None` if `allow_none`); `allowed` describes it."""
+    if value is None and allow_none:
+        return None
+    if not callable(value):
+        _fail(name, allowed, value, allow_none)
+    return value
+
+
+def check_layers(name: str, value) -> list | None:
+    """`None`, or layers given by name or as `keras.layers.Layer`s (one, or a
+    non-empty list or tuple of them), as a list."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or not all(isinstance(v, (str, keras.layers.Layer)) for v in items):
+        _fail(
+            name,
+            "None, a layer or a layer name, or a non-empty list of them",
+            value,
+        )
+    return items
+
+
 def check_log_dir(log_dir, name: str = "log_dir") -> str | None:
     """`log_dir` as a `str` (or `None`); `ValueError` naming `name` when it is
     not a path, or when a part of it that exists is not a directory (a path
@@ -152,7 +176,9 @@ def check_compiled_loss(model: keras.Model) -> None:
             "name, or a function of (y_true, y_pred) giving one value per "
             f"example. Received: loss={loss!r} for model {model.name!r}. A "
             "model trained only through `add_loss` (for instance fitted on "
-            "inputs without labels) has no per-example loss to measure."
+            "inputs without labels) has no compiled per-example loss to "
+            "measure: pass the loss it optimises as `per_example_loss` "
+            "(see docs/custom-loops.md)."
         )
     for leaf in leaves:
         if isinstance(leaf, keras.losses.Loss) and leaf.reduction in (None, "none"):

@@ -1,11 +1,13 @@
 """Independent brute-force references for the Fisher engine tests.
 
-Nothing here imports `keras_fim`. Three references:
+Nothing here imports `keras_fim`. Four references:
 
 * `loop_per_example_gradients`: one `GradientTape` per example, over the model
   called on that example alone, with an explicitly built per-example loss.
   Valid for models whose examples never interact (no batch statistics, no
   dropout).
+* `loop_objective_gradients`: the same loop for any objective (a custom
+  training step's), given as each example's loss.
 * `copies_per_example_gradients`: for small Sequential models with
   BatchNormalization in training mode. The forward pass is written by hand in
   float64 with every weight tiled into one copy per example; the gradient of
@@ -97,6 +99,30 @@ def loop_per_example_gradients(
             value = example_loss(
                 loss, _slice(y, i), y_pred, sample_weight, i, loss_weights
             )
+        grads = tape.gradient(value, variables)
+        rows.append(
+            [
+                np.zeros(v.shape, np.float64)
+                if g is None
+                else np.asarray(tf.convert_to_tensor(g), np.float64)
+                for v, g in zip(variables, grads, strict=True)
+            ]
+        )
+    return [np.stack([r[k] for r in rows]) for k in range(len(variables))]
+
+
+def loop_objective_gradients(example_loss, variables, batch_size):
+    """Per-example gradients of any objective by a Python loop.
+
+    `example_loss(i)` computes example ``i``'s loss (a scalar) from that
+    example alone, as a custom training step defines it; one tape per
+    example. Returns a list aligned with `variables` of float64 arrays shaped
+    ``(B, *variable.shape)`` (zeros where the loss does not depend on one).
+    """
+    rows = []
+    for i in range(batch_size):
+        with tf.GradientTape() as tape:
+            value = example_loss(i)
         grads = tape.gradient(value, variables)
         rows.append(
             [

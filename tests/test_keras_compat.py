@@ -214,3 +214,35 @@ def test_a_saved_fisher_model_loads_back_as_a_fisher_model(tmp_path):
 @pytest.mark.parametrize("name", compat.__all__)
 def test_every_export_exists(name):
     assert getattr(compat, name) is not None
+
+
+def test_a_stateless_scope_maps_reads_and_keeps_every_write():
+    # Public API, but keras-fim relies on exactly this
+    # (`engine.record.per_example_loss_pass`): inside the scope, variables
+    # read the mapped values, and neither a seed generator's draw nor a
+    # BatchNorm update reaches the model.
+    keras.utils.set_random_seed(0)
+    seeds = keras.random.SeedGenerator(5)
+    norm = keras.layers.BatchNormalization()
+    norm.build((None, 2))
+    dense = keras.layers.Dense(1, kernel_initializer="ones")
+    dense.build((None, 2))
+    state = seeds.state.numpy().copy()
+    mapping = [(dense.kernel, tf.fill((2, 1), 2.0))]
+    x = tf.ones((3, 2))
+
+    @tf.function
+    def run():
+        with keras.StatelessScope(state_mapping=mapping):
+            norm(x + 5.0, training=True)
+            return dense(x), keras.random.normal((2,), seed=seeds)
+
+    out, draw = run()
+    np.testing.assert_array_equal(out.numpy(), np.full((3, 1), 4.0))
+    np.testing.assert_array_equal(seeds.state.numpy(), state)
+    np.testing.assert_array_equal(norm.moving_mean.numpy(), np.zeros(2))
+    np.testing.assert_array_equal(dense.kernel.numpy(), np.ones((2, 1)))
+    # The draw is the one the generator would make next, outside the scope.
+    np.testing.assert_array_equal(
+        draw.numpy(), keras.random.normal((2,), seed=seeds).numpy()
+    )

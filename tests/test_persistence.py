@@ -40,6 +40,7 @@ NON_DEFAULT = {
     "memory_budget": 2**28,
     "reuse_training_pass": False,
     "fail_mode": "warn",
+    "measured_layers": ["hidden"],
 }
 
 
@@ -98,7 +99,7 @@ def test_keras_file_keeps_every_option_and_the_running_state(tmp_path):
     x = rng.normal(size=(40, 6)).astype("float32")
     y = rng.integers(0, 3, 40)
     inputs = keras.Input((6,))
-    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    hidden = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
     model = keras_fim.FisherModel(
         inputs, keras.layers.Dense(3, activation="softmax")(hidden), **options
     )

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from keras_fim.engine.gram import per_variable_gradients, sum_blocks
 from keras_fim.engine.pipeline import local_grams, measure_pass
-from keras_fim.engine.record import record_pass
+from keras_fim.engine.record import PerExampleLoss, record_pass
 from keras_fim.measurements import FisherMeasurement
 
 
@@ -27,6 +27,8 @@ def per_example_gradients(
     *,
     max_examples: int | None = None,
     training: bool = True,
+    per_example_loss: PerExampleLoss | None = None,
+    measured_layers: list | None = None,
 ) -> list:
     """Each example's contribution to the mini-batch gradient.
 
@@ -43,11 +45,21 @@ def per_example_gradients(
             batch, so batch statistics are those of the whole batch).
         training: Boolean, the mode of the batch pass. Defaults to `True`, the
             mode `fit` trains in (BatchNorm with batch statistics).
+        per_example_loss: `None` (the compiled loss) or a function
+            ``(model, x, y, sample_weight)`` returning one loss per example,
+            shaped `(batch,)`, whose sum's gradient is split per example: the
+            objective of a custom `train_step` (see docs/custom-loops.md). It
+            runs statelessly, may call the model or any of its layers, and
+            chooses their mode itself (`training` is not used).
+        measured_layers: `None` (all) or a list of layers of the model (or
+            their names): only their weights make up ``J``; the others'
+            gradients are zeros.
 
     Returns:
         A list aligned with `model.trainable_variables`, each tensor shaped
         `(batch, *variable.shape)`. They sum over examples to `|B|` times the
-        gradient of the compiled loss.
+        gradient of the compiled loss (of the sum of `per_example_loss`
+        over the batch, with one).
 
     Example:
 
@@ -60,7 +72,14 @@ def per_example_gradients(
     [(4, 3, 2), (4, 2)]
     """
     record = record_pass(
-        model, x, y, sample_weight, max_examples=max_examples, training=training
+        model,
+        x,
+        y,
+        sample_weight,
+        max_examples=max_examples,
+        training=training,
+        per_example_loss=per_example_loss,
+        measured_layers=measured_layers,
     )
     return per_variable_gradients(
         record.units, record.calls, record.examples, model.trainable_variables
@@ -76,6 +95,8 @@ def layer_grams(
     max_examples: int | None = None,
     memory_budget: float | None = None,
     fail_mode: str = "error",
+    per_example_loss: PerExampleLoss | None = None,
+    measured_layers: list | None = None,
 ) -> dict[str, tf.Tensor]:
     """The Gram matrix ``J J^T`` split by layer: ``{layer name: block}``.
 
@@ -84,7 +105,8 @@ def layer_grams(
     (over the batch size) are that layer's own Fisher spectrum, and its
     trace its share of the energy ``||J||_F^2``. Blocks are formed without
     materialising per-example gradients where a cheaper form exists
-    (`keras_fim.engine.gram`). Arguments as in `fisher_gram`; `fail_mode`:
+    (`keras_fim.engine.gram`). Arguments as in `fisher_gram` (only the
+    layers measured, or called by `per_example_loss`, have a block); `fail_mode`:
     what a layer whose rule fails does, ``"error"`` (raise, the default),
     ``"warn"`` or ``"skip"`` (left out of ``J``, with or without a warning).
 
@@ -100,7 +122,15 @@ def layer_grams(
     >>> sorted(blocks), tuple(blocks["head"].shape)
     (['head', 'hidden'], (5, 5))
     """
-    record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
+    record = record_pass(
+        model,
+        x,
+        y,
+        sample_weight,
+        max_examples=max_examples,
+        per_example_loss=per_example_loss,
+        measured_layers=measured_layers,
+    )
     return local_grams(memory_budget, fail_mode)(record)
 
 
@@ -113,12 +143,15 @@ def fisher_gram(
     max_examples: int | None = None,
     memory_budget: float | None = None,
     fail_mode: str = "error",
+    per_example_loss: PerExampleLoss | None = None,
+    measured_layers: list | None = None,
 ) -> tf.Tensor:
     """The `(batch, batch)` Gram matrix ``J J^T`` of per-example contributions.
 
     Its eigenvalues divided by the batch size are the non-zero eigenvalues of
     the approximate Fisher ``F = J^T J / |B|``. Arguments as in
-    `per_example_gradients`, and `memory_budget`: bytes, or `None` for 1 GiB,
+    `per_example_gradients` (`per_example_loss`, `measured_layers`
+    included), and `memory_budget`: bytes, or `None` for 1 GiB,
     the bound on any one layer's largest temporary (see
     `keras_fim.engine.gram`); `fail_mode`: what a layer whose rule fails
     does, ``"error"`` (raise, the default), ``"warn"`` or ``"skip"`` (left
@@ -142,6 +175,8 @@ def fisher_gram(
         max_examples=max_examples,
         memory_budget=memory_budget,
         fail_mode=fail_mode,
+        per_example_loss=per_example_loss,
+        measured_layers=measured_layers,
     )
     return sum_blocks(blocks)
 
@@ -155,10 +190,13 @@ def measure(
     max_examples: int | None = None,
     zero_threshold: float | None = None,
     fail_mode: str = "error",
+    per_example_loss: PerExampleLoss | None = None,
+    measured_layers: list | None = None,
 ) -> FisherMeasurement:
     """Measures the approximate Fisher of one mini-batch.
 
-    Arguments as in `per_example_gradients`, `fail_mode` as in
+    Arguments as in `per_example_gradients` (`per_example_loss` measures a
+    custom objective, `measured_layers` some layers only), `fail_mode` as in
     `fisher_gram`; `zero_threshold` as in
     `keras_fim.measurements.spectrum_from_gram`, its default derived from
     the precision of the dtype the layers compute in
@@ -178,6 +216,14 @@ def measure(
     >>> int(m.batch_size), m.eigenvalues.shape
     (3, TensorShape([3]))
     """
-    record = record_pass(model, x, y, sample_weight, max_examples=max_examples)
+    record = record_pass(
+        model,
+        x,
+        y,
+        sample_weight,
+        max_examples=max_examples,
+        per_example_loss=per_example_loss,
+        measured_layers=measured_layers,
+    )
     grams = local_grams(fail_mode=fail_mode)
     return measure_pass(record, grams=grams, zero_threshold=zero_threshold).measurement

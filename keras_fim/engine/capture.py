@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
 
 import keras
 import tensorflow as tf
 
 from keras_fim._keras_compat import (
-    call_has_training_arg,
     get_keras_mask,
     keras_logits,
     set_instance_attribute,
@@ -266,29 +264,29 @@ class BatchPass:
 
     calls: dict[int, list[LayerCall]]
     variable_values: tuple[list, list]  # (trainable, non_trainable) run with
+    losses: tf.Tensor  # the per-example losses, (batch,)
 
 
 def record_batch_pass(
     model: keras.Model,
     units: list,
-    x: Any,
-    y: Any,
-    sample_weight: Any,
-    loss_fn,
-    training: bool = True,
+    batch_losses,
     variable_values: tuple | None = None,
     loss_scale=None,
 ) -> BatchPass:
     """Runs the batch forward/backward once, recording every unit's calls.
 
-    `variable_values`: the ``(trainable, non_trainable)`` values to run
-    with (read now if `None`). `loss_scale`: a factor the summed loss is
-    multiplied by before differentiating and the results are divided by
-    again in float32, as Keras's loss scaling does under ``mixed_float16``
-    (16-bit cotangents then neither underflow nor, with the optimizer's
-    own scale, overflow more than the training step's). Cotangents of
-    16-bit tensors are returned in float32. Only the layers' cotangents are
-    computed, not the weights' gradient.
+    `batch_losses(trainable, non_trainable)` runs the forward pass with
+    those variable values (statelessly) and returns the per-example losses,
+    shaped ``(batch,)`` (`keras_fim.engine.record`). `variable_values`: the
+    ``(trainable, non_trainable)`` values to run with (read now if `None`).
+    `loss_scale`: a factor the summed loss is multiplied by before
+    differentiating and the results are divided by again in float32, as
+    Keras's loss scaling does under ``mixed_float16`` (16-bit cotangents
+    then neither underflow nor, with the optimizer's own scale, overflow
+    more than the training step's). Cotangents of 16-bit tensors are
+    returned in float32. Only the layers' cotangents are computed, not the
+    weights' gradient.
     """
     if variable_values is None:
         trainable = [v.value for v in model.trainable_variables]
@@ -301,9 +299,7 @@ def record_batch_pass(
         # gradient is never asked for.
         tape.watch(trainable)
         with recorder:
-            kwargs = {"training": training} if call_has_training_arg(model) else {}
-            y_pred, _ = model.stateless_call(trainable, non_trainable, x, **kwargs)
-        losses = loss_fn(model, y, y_pred, sample_weight)
+            losses = batch_losses(trainable, non_trainable)
         total = tf.reduce_sum(losses)
         if loss_scale is not None:
             total = total * tf.cast(loss_scale, total.dtype)
@@ -319,4 +315,4 @@ def record_batch_pass(
             n = len(call.outputs)
             call.cotangents = cotangents[position : position + n]
             position += n
-    return BatchPass(recorder.calls, (trainable, non_trainable))
+    return BatchPass(recorder.calls, (trainable, non_trainable), losses)

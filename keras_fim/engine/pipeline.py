@@ -94,6 +94,12 @@ def measure_pass(
         A `Measured`. Works eagerly and in a traced step.
     """
     blocks = (local_grams() if grams is None else grams)(record)
+    if record.valid is not True:
+        # A NaN block gives an all-NaN measurement, counted as skipped.
+        blocks = {
+            name: tf.where(record.valid, block, tf.constant(float("nan"), block.dtype))
+            for name, block in blocks.items()
+        }
     gram = sum_blocks(blocks)
     precision = contribution_precision(record.units)
     measurement = spectrum_from_gram(gram, zero_threshold, precision)

@@ -56,10 +56,10 @@ class ProbedPass:
     then ``probe.recorded()``, a `keras_fim.engine.record.RecordedPass`.
     """
 
-    def __init__(self, model, x, max_examples=None, registry=None):
+    def __init__(self, model, x, max_examples=None, registry=None, layers=None):
         if not model.built:
             raise ValueError("ProbedPass needs a built model.")
-        self.units = find_units(model, registry)
+        self.units = find_units(model, registry, layers)
         self._recorder = capture.Recorder(
             [unit.layer for unit in self.units], probe_cotangents=True
         )
