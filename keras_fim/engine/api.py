@@ -105,10 +105,36 @@ def layer_grams(
     (over the batch size) are that layer's own Fisher spectrum, and its
     trace its share of the energy ``||J||_F^2``. Blocks are formed without
     materialising per-example gradients where a cheaper form exists
-    (`keras_fim.engine.gram`). Arguments as in `fisher_gram` (only the
-    layers measured, or called by `per_example_loss`, have a block); `fail_mode`:
-    what a layer whose rule fails does, ``"error"`` (raise, the default),
-    ``"warn"`` or ``"skip"`` (left out of ``J``, with or without a warning).
+    (`keras_fim.engine.gram`). Only the layers measured (and, with
+    `per_example_loss`, called by it) have a block.
+
+    Args:
+        model: A built and compiled `keras.Model`. Its compiled loss, per
+            example and unreduced, is differentiated (unless
+            `per_example_loss`); regularisation losses are left out.
+        x: The inputs of one batch, as `model.fit` takes them.
+        y: The targets of that batch, or `None`.
+        sample_weight: Optional sample weights; they multiply each example's
+            loss as in Keras. Defaults to `None`.
+        max_examples: Integer >= 1 or `None`. Only the first `max_examples`
+            examples' contributions (the batch pass still uses the whole
+            batch, so batch statistics are those of the whole batch).
+            Defaults to `None` (all).
+        memory_budget: Positive number of bytes or `None` (1 GiB), the
+            bound on any one layer's largest temporary
+            (`keras_fim.engine.gram`). Defaults to `None`.
+        fail_mode: String, what a layer whose rule fails does: ``"error"``
+            raises; ``"warn"`` and ``"skip"`` leave the layer out of ``J``,
+            with or without a warning. Defaults to `"error"`.
+        per_example_loss: `None` (the compiled loss) or a function
+            ``(model, x, y, sample_weight)`` returning one loss per example,
+            shaped `(batch,)`: the objective of a custom `train_step` (see
+            docs/custom-loops.md). Defaults to `None`.
+        measured_layers: `None` (all) or a list of layers of the model (or
+            their names) whose weights make up ``J``. Defaults to `None`.
+
+    Returns:
+        ``{layer name: (batch, batch) float64 tensor}``.
 
     Example:
 
@@ -149,13 +175,35 @@ def fisher_gram(
     """The `(batch, batch)` Gram matrix ``J J^T`` of per-example contributions.
 
     Its eigenvalues divided by the batch size are the non-zero eigenvalues of
-    the approximate Fisher ``F = J^T J / |B|``. Arguments as in
-    `per_example_gradients` (`per_example_loss`, `measured_layers`
-    included), and `memory_budget`: bytes, or `None` for 1 GiB,
-    the bound on any one layer's largest temporary (see
-    `keras_fim.engine.gram`); `fail_mode`: what a layer whose rule fails
-    does, ``"error"`` (raise, the default), ``"warn"`` or ``"skip"`` (left
-    out of ``J``, with or without a warning).
+    the approximate Fisher ``F = J^T J / |B|``: the sum of `layer_grams`.
+
+    Args:
+        model: A built and compiled `keras.Model`. Its compiled loss, per
+            example and unreduced, is differentiated (unless
+            `per_example_loss`); regularisation losses are left out.
+        x: The inputs of one batch, as `model.fit` takes them.
+        y: The targets of that batch, or `None`.
+        sample_weight: Optional sample weights; they multiply each example's
+            loss as in Keras. Defaults to `None`.
+        max_examples: Integer >= 1 or `None`. Only the first `max_examples`
+            examples' contributions (the batch pass still uses the whole
+            batch, so batch statistics are those of the whole batch).
+            Defaults to `None` (all).
+        memory_budget: Positive number of bytes or `None` (1 GiB), the
+            bound on any one layer's largest temporary
+            (`keras_fim.engine.gram`). Defaults to `None`.
+        fail_mode: String, what a layer whose rule fails does: ``"error"``
+            raises; ``"warn"`` and ``"skip"`` leave the layer out of ``J``,
+            with or without a warning. Defaults to `"error"`.
+        per_example_loss: `None` (the compiled loss) or a function
+            ``(model, x, y, sample_weight)`` returning one loss per example,
+            shaped `(batch,)`: the objective of a custom `train_step` (see
+            docs/custom-loops.md). Defaults to `None`.
+        measured_layers: `None` (all) or a list of layers of the model (or
+            their names) whose weights make up ``J``. Defaults to `None`.
+
+    Returns:
+        A ``(batch, batch)`` float64 tensor.
 
     Example:
 
@@ -195,13 +243,34 @@ def measure(
 ) -> FisherMeasurement:
     """Measures the approximate Fisher of one mini-batch.
 
-    Arguments as in `per_example_gradients` (`per_example_loss` measures a
-    custom objective, `measured_layers` some layers only), `fail_mode` as in
-    `fisher_gram`; `zero_threshold` as in
-    `keras_fim.measurements.spectrum_from_gram`, its default derived from
-    the precision of the dtype the layers compute in
-    (`keras_fim.engine.pipeline.contribution_precision`). Works eagerly and
-    inside a `tf.function` (a compiled train step).
+    Works eagerly and inside a `tf.function` (a compiled train step).
+
+    Args:
+        model: A built and compiled `keras.Model`. Its compiled loss, per
+            example and unreduced, is differentiated (unless
+            `per_example_loss`); regularisation losses are left out.
+        x: The inputs of one batch, as `model.fit` takes them.
+        y: The targets of that batch, or `None`.
+        sample_weight: Optional sample weights; they multiply each example's
+            loss as in Keras. Defaults to `None`.
+        max_examples: Integer >= 1 or `None`. Only the first `max_examples`
+            examples' contributions (the batch pass still uses the whole
+            batch, so batch statistics are those of the whole batch).
+            Defaults to `None` (all).
+        zero_threshold: Float in [0, 1) or `None`, as in
+            `keras_fim.measurements.spectrum_from_gram`; `None` derives it
+            from the precision of the dtype the layers compute in
+            (`keras_fim.engine.pipeline.contribution_precision`). Defaults to
+            `None`.
+        fail_mode: String, what a layer whose rule fails does: ``"error"``
+            raises; ``"warn"`` and ``"skip"`` leave the layer out of ``J``,
+            with or without a warning. Defaults to `"error"`.
+        per_example_loss: `None` (the compiled loss) or a function
+            ``(model, x, y, sample_weight)`` returning one loss per example,
+            shaped `(batch,)`: the objective of a custom `train_step` (see
+            docs/custom-loops.md). Defaults to `None`.
+        measured_layers: `None` (all) or a list of layers of the model (or
+            their names) whose weights make up ``J``. Defaults to `None`.
 
     Returns:
         A `keras_fim.FisherMeasurement`.

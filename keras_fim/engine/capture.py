@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 import keras
 import tensorflow as tf
