@@ -4,7 +4,9 @@ registers it; pytest's importlib mode puts nothing of tests/ on sys.path).
 The brute-force references live in tests/reference.py (``fim_reference``);
 this module holds only the scaffolding several test modules need."""
 
+import contextlib
 import socket
+import warnings
 
 import keras
 import numpy as np
@@ -39,3 +41,14 @@ def free_port(host="127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def keras_fim_warnings():
+    """Collects, into the list it yields, the messages of the keras-fim
+    warnings raised inside (every one: the filter is "always")."""
+    messages = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield messages
+    messages.extend(str(w.message) for w in caught if "keras-fim" in str(w.message))

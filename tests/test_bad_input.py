@@ -349,12 +349,10 @@ def test_log_dir_that_became_unwritable_fails_at_fit_start(tmp_path):
 def train(model_fn, x, y, callbacks, **fit_kwargs):
     keras.utils.set_random_seed(3)
     model = model_fn()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with helpers.keras_fim_warnings() as messages:
         model.fit(
             x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
         )
-    messages = [str(w.message) for w in caught if "keras-fim" in str(w.message)]
     return model, messages
 
 

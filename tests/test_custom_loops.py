@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import keras_fim_warnings
 from fim_reference import (
     flatten_gradients,
     loop_objective_gradients,
@@ -312,8 +313,7 @@ def build(case, base=keras.Model, override=False, **options):
 
 def fit(model, case, callbacks=(), epochs=2):
     x, y = case.data()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with keras_fim_warnings() as messages:
         model.fit(
             x,
             y,
@@ -323,7 +323,7 @@ def fit(model, case, callbacks=(), epochs=2):
             verbose=0,
             callbacks=list(callbacks),
         )
-    return [str(w.message) for w in caught if "keras-fim" in str(w.message)]
+    return messages
 
 
 def model_variables(model):
@@ -488,10 +488,9 @@ def test_a_compute_loss_of_its_own_is_a_custom_objective():
         keras.utils.set_random_seed(1)
         model = PenaltyThroughComputeLoss()
         model.compile(optimizer=sgd(), loss="mse")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with keras_fim_warnings() as messages:
             model.fit(x, y, batch_size=BATCH, verbose=0, callbacks=callbacks)
-        return model, [str(w.message) for w in caught if "keras-fim" in str(w)]
+        return model, messages
 
     plain, _ = train([])
     model, messages = train([keras_fim.FisherCallback(every_n_steps=1)])

@@ -7,13 +7,11 @@ bit), a skipped measurement is counted in `fisher_state.skipped` (TensorBoard
 `fisher/skipped`) and one warning per fit says so.
 """
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from fim_helpers import assert_same_weights  # NaN equals NaN there
+from fim_helpers import assert_same_weights, keras_fim_warnings
 from fim_reference import read_scalars
 
 import keras_fim
@@ -56,8 +54,7 @@ def fit(
     keras.utils.set_random_seed(7)
     model = mlp(kernel_initializer)
     model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss, **compile_kwargs)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with keras_fim_warnings() as messages:
         model.fit(
             x,
             y,
@@ -67,7 +64,6 @@ def fit(
             verbose=0,
             callbacks=callbacks,
         )
-    messages = [str(w.message) for w in caught if "keras-fim" in str(w.message)]
     return model, messages
 
 
@@ -186,10 +182,9 @@ def test_all_zero_gradients_are_skipped_with_one_warning_per_fit(tmp_path):
     assert [v for _, v in scalars["fisher/eigenvalue_max"]] == [0.0] * 4
     assert "fisher/condition_number" not in scalars
     # A later fit warns again (once).
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with keras_fim_warnings() as messages:
         measured.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
-    again = [str(w.message) for w in caught if SKIP_WARNING in str(w.message)]
+    again = [m for m in messages if SKIP_WARNING in m]
     assert len(again) == 1 and "2 of the 2" in again[0]
     assert counters(measured) == (0, 6)
 
