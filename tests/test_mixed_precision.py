@@ -4,21 +4,11 @@
 The per-example contributions come from 16-bit passes: under
 ``mixed_float16`` scaled as Keras's step scales its loss (``s / (R N)``, so
 that they neither underflow nor overflow more than the step's own), and
-unscaled in float32; every product and sum of the Gram matrix is float32.
-Measured against a float32 twin of the same model and weights (worst case of
-4 seeds x 2 models x both paths, on this machine):
-
-=================================  =============  ==============
-relative difference to float32     mixed_float16  mixed_bfloat16
-=================================  =============  ==============
-largest eigenvalue                 2.4e-4         1.4e-2
-eigenvalues >= 1% of the largest   4.0e-3         2.6e-2
-trace, ``||J||_F`` (L_K term)      1.2e-4         1.5e-2
-``c_k``                            5.3e-4         1.9e-2
-=================================  =============  ==============
-
-The tolerances below (`TOLERANCES`) are those, rounded up; docs/distribute.md
-states them.
+unscaled in float32; the Gram matrix's products and sums are float64.
+`TOLERANCES` cover the worst relative differences to a float32 twin of the
+same model and weights that ``python benchmarks/mixed_precision.py`` prints
+(4 seeds x 2 models x both paths; docs/distribute.md quotes them); the
+bfloat16 ones keep a margin for CPUs without native bfloat16.
 """
 
 import keras
@@ -32,7 +22,7 @@ from keras_fim.engine import ProbedPass, grams_from_calls, sum_blocks
 from keras_fim.measurements import spectrum_from_gram
 
 TOLERANCES = {
-    "mixed_float16": {"top": 1e-3, "large": 1e-2, "trace": 1e-3, "c": 2e-3},
+    "mixed_float16": {"top": 1e-3, "large": 2e-2, "trace": 1e-3, "c": 2e-3},
     "mixed_bfloat16": {"top": 4e-2, "large": 6e-2, "trace": 4e-2, "c": 5e-2},
 }
 
