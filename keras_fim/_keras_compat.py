@@ -49,6 +49,7 @@ __all__ = [
     "call_has_training_arg",
     "compile_loss",
     "compiled_losses",
+    "dataset_op_names",
     "distribute_strategy",
     "flat_losses",
     "flatten_layers",
@@ -211,6 +212,21 @@ def variant_tensor(dataset):
     """The dataset's graph handle, for a `tf.data.Dataset` subclass that
     declares another cardinality (`DynamicSampling`'s epochs change size)."""
     return dataset._variant_tensor
+
+
+def dataset_op_names(dataset) -> set[str]:
+    """The op types in a dataset's graph and its functions (`DynamicSampling`
+    warns when a pipeline it would read into memory holds a random op: that
+    randomness would be drawn once and frozen)."""
+    graph = tf.compat.v1.GraphDef.FromString(
+        dataset._as_serialized_graph(
+            external_state_policy=tf.data.experimental.ExternalStatePolicy.IGNORE
+        ).numpy()
+    )
+    names = {node.op for node in graph.node}
+    for function in graph.library.function:
+        names.update(node.op for node in function.node_def)
+    return names
 
 
 def update_progress_bar(progbar_logger, steps_done: int, logs) -> None:

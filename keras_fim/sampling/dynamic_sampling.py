@@ -2,13 +2,15 @@
 
 It wires the parts of the package together: the schedule decides the size
 before every execution of the train function, the planner
-(`planner.SamplingPlanner`) which rows of the pass's permutation the batches
-take, the pipeline (`dataset.InMemoryExamples`) gathers them, and a step
+(`planner.SamplingPlanner`) which rows of the pass the batches take, the
+pipeline (`dataset.InMemoryExamples`, or `dataset.StreamedExamples` for a
+stream) makes them, and a step
 wrapper scales the learning rate by `learning_rate.learning_rate_gain` and
 advances `model.sampling_state`. The callback ends every epoch at the end of
 a pass by raising `OutOfRangeError` before the next pass's first step (the
 signal Keras itself uses for a dataset that ran out, so no phantom step is
-run), and it is Keras's progress bar too (a `ProgbarLogger`, which `fit`
+run); a finite stream ends its pass itself, as any dataset that runs out
+does in `fit`. It is Keras's progress bar too (a `ProgbarLogger`, which `fit`
 then does not add a second time), so the bar counts this epoch's steps.
 """
 
@@ -29,7 +31,14 @@ from keras_fim._keras_compat import (
     set_optimizer_learning_rate,
     update_progress_bar,
 )
-from keras_fim.sampling.dataset import InMemoryExamples, count_examples, materialize
+from keras_fim.sampling.dataset import (
+    MODES,
+    InMemoryExamples,
+    StreamedExamples,
+    choose_mode,
+    count_examples,
+    materialize,
+)
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
     ScaledLearningRate,
@@ -67,6 +76,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     with this epoch's number of steps), validation, other callbacks and
     learning-rate schedules keep their meaning.
 
+    The data is held in memory (``mode="in_memory"``: arrays, and small,
+    finite datasets without random ops; every pass is a permutation drawn
+    from `seed`) or streamed (``mode="stream"``: the `tf.data` pipeline,
+    with its own shuffle and augmentation, runs afresh every pass, its
+    examples prefetched, and is only rebatched into the sizes planned;
+    memory stays bounded by the prefetch buffer). ``mode="auto"`` chooses.
+    An endless dataset is streamed in epochs of `examples_per_epoch`
+    examples.
+
     The schedule is asked for the size before every execution of the train
     function (every step; every `steps_per_execution` steps when that is
     larger). It may be one of `keras_fim.schedules` (`Staged`, the paper's;
@@ -97,12 +115,12 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         data: the training examples: a `tf.data.Dataset` (unbatched or
             batched) or arrays, as ``x``, ``(x, y)`` or
             ``(x, y, sample_weight)``, each of which may be a dict or tuple.
-            The structure is kept. The examples are held in memory.
+            The structure is kept.
         schedule: a `keras_fim.schedules` schedule, a function
             ``f(SamplingContext) -> int``, or an integer (a fixed size).
-        shuffle: draw a new permutation of the examples for every pass.
-            Defaults to `True`.
-        seed: integer seed of the permutations. Defaults to `0`.
+        shuffle: draw a new permutation of the examples for every pass
+            (in memory; a stream keeps its own order). Defaults to `True`.
+        seed: integer seed of the permutations (in memory). Defaults to `0`.
         drop_remainder: drop a pass's final batch when it is smaller than
             the scheduled size. Defaults to `False`.
         allow_shrink: allow the schedule to decrease the size. Defaults to
@@ -118,6 +136,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             (augmentation, for instance). Defaults to `None`.
         log_dir: path for TensorBoard event files, or `None`. Defaults to
             `None`.
+        mode: ``"auto"``, ``"in_memory"`` or ``"stream"``. ``"auto"``
+            holds arrays, and datasets that are finite, without random ops
+            and at most `dataset.IN_MEMORY_LIMIT_BYTES`, in memory, and
+            streams the rest. Forcing ``"in_memory"`` on a pipeline with a
+            random op warns (it would be drawn once). Defaults to ``"auto"``.
+        examples_per_epoch: the examples in one epoch of a stream, which is
+            then repeated endlessly and read by one iterator across epochs;
+            needed for an endless dataset. Defaults to `None` (an epoch is
+            one pass over a finite dataset).
 
     Example:
 
@@ -147,6 +174,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         batched: bool | None = None,
         preprocess: Callable | None = None,
         log_dir: str | None = None,
+        mode: str = "auto",
+        examples_per_epoch: int | None = None,
     ):
         super().__init__()
         fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(
@@ -171,9 +200,24 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}"
             )
         log_dir = check_log_dir(log_dir)
+        check_choice("mode", mode, MODES)
+        examples_per_epoch = check_int(
+            "examples_per_epoch", examples_per_epoch, 1, allow_none=True
+        )
 
-        arrays = materialize(data, batched)
-        self.num_examples = count_examples(arrays)
+        self.mode = choose_mode(data, mode, batched, examples_per_epoch)
+        if self.mode == "in_memory":
+            arrays = materialize(data, batched)
+            self.num_examples = count_examples(arrays)
+            self._examples = InMemoryExamples(arrays, preprocess)
+        else:
+            self._examples = StreamedExamples(
+                data, batched, examples_per_epoch, preprocess, drop_remainder
+            )
+            # `None`: a finite stream of unknown length.
+            self.num_examples = self._examples.num_examples
+        # A finite stream ends its passes where its data ends.
+        self._data_ends_pass = self.mode == "stream" and examples_per_epoch is None
         if fixed_size:
             size = check_size("schedule", schedule, self.num_examples)
             schedule = Staged([size])
@@ -199,7 +243,6 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self.log_dir = log_dir
         self.batch_sizes_per_epoch: list[list[int]] = []
 
-        self._examples = InMemoryExamples(arrays, preprocess)
         self.dataset = self._examples.dataset
         self._state: SamplingState | None = None
         self._writer = None
@@ -212,7 +255,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         # Built from the attributes at every use: `seed`, `shuffle` and
         # `drop_remainder` changed between fits take effect, as they always did.
         return SamplingPlanner(
-            self.num_examples, self.seed, self.shuffle, self.drop_remainder
+            None if self._data_ends_pass else self.num_examples,
+            self.seed,
+            self.shuffle,
+            self.drop_remainder,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -280,10 +326,16 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         data_pass, position = planner.epoch_start(
             mirror["data_pass"], mirror["position"]
         )
+        if self.mode == "in_memory":
+            self._examples.set_order(planner.permutation(data_pass))
+        elif not self._examples.begin_pass(
+            position, mirror["examples_seen"], mirror["batch_size"]
+        ):  # resumed where a stream's pass had ended: the next one
+            data_pass, position = data_pass + 1, 0
+            self._examples.begin_pass(0, mirror["examples_seen"], 0)
         if data_pass != mirror["data_pass"]:  # the last pass is done
             mirror["data_pass"], mirror["position"] = data_pass, position
             self._state.write({"data_pass": data_pass, "position": position})
-        self._examples.set_order(planner.permutation(data_pass))
         self._epoch = epoch
         self._epoch_steps = 0
         self._ended_by_sampling = False
@@ -316,12 +368,21 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     def on_train_batch_end(self, batch, logs=None) -> None:
         mirror = self._mirror
         plan, self._plan = self._plan, None
-        trained = sum(plan.sizes)
+        sizes = plan.sizes
+        if self._data_ends_pass and self._steps_per_execution > 1:
+            # The data may have ended during the execution.
+            steps = int(self._state.step.numpy()) - mirror["step"]
+            seen = int(self._state.examples_seen.numpy()) - mirror["examples_seen"]
+            sizes = sizes[:steps]
+            if sizes:
+                sizes[-1] = seen - sum(sizes[:-1])
+            plan = ExecutionPlan(plan.batches[:steps], mirror["position"] + seen)
+        trained = sum(sizes)
         mirror["position"] += trained
         mirror["examples_seen"] += trained
-        mirror["step"] += len(plan.batches)
-        self._epoch_steps += len(plan.batches)
-        self.batch_sizes_per_epoch[-1].extend(plan.sizes)
+        mirror["step"] += len(sizes)
+        self._epoch_steps += len(sizes)
+        self.batch_sizes_per_epoch[-1].extend(sizes)
         if plan.end != mirror["position"]:
             # The execution stopped at a remainder that will be dropped.
             mirror["position"] = plan.end
@@ -331,7 +392,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         update_progress_bar(self, self._epoch_steps - 1, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        if (
+        self._plan = None  # a step begun when the data ran out
+        if self._data_ends_pass:
+            self._end_stream_pass()
+        elif (
             not self._ended_by_sampling
             and self._mirror["position"] < self.num_examples
             and not self.model.stop_training
@@ -342,6 +406,20 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "map, prefetch or repeat it) and do not set `steps_per_epoch`."
             )
         super().on_epoch_end(epoch, logs)
+
+    def _end_stream_pass(self) -> None:
+        """After an epoch of a finite stream: if its data ran out, the pass
+        is over (its last batch, trained short, is counted as trained)."""
+        if not self._examples.take_pass_end():
+            return
+        mirror = self._mirror
+        short = mirror["examples_seen"] - int(self._state.examples_seen.numpy())
+        if short:
+            self.batch_sizes_per_epoch[-1][-1] -= short
+            mirror["examples_seen"] -= short
+        mirror["data_pass"] += 1
+        mirror["position"] = 0
+        self._state.write({"data_pass": mirror["data_pass"], "position": 0})
 
     # -- deciding the size -------------------------------------------------
 
@@ -428,14 +506,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                     )
                 }
             )
-            if current is not None:
-                self.target = self._epoch_steps + self._steps_left(size)
+            left = self._steps_left(size)
+            if current is not None and left is not None:
+                self.target = self._epoch_steps + left
                 if self.progbar is not None:
                     self.progbar.target = self.target
         return size
 
-    def _steps_left(self, size: int) -> int:
-        return self._planner.steps_left(self._mirror["position"], size)
+    def _steps_left(self, size: int) -> int | None:
+        # A finite stream's length, when known, is a hint for the bar only.
+        planner = SamplingPlanner(self.num_examples, drop_remainder=self.drop_remainder)
+        return planner.steps_left(self._mirror["position"], size)
 
     # -- the train step ----------------------------------------------------
 
