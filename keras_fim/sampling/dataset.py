@@ -338,9 +338,9 @@ def _rebatched(elements, sizes, slot, drop_remainder: bool) -> tf.data.Dataset:
             batch = tf.nest.map_structure(tf.identity, batch)
         return batch[0] if len(batch) == 1 else batch
 
-    return elements.group_by_window(
-        size_of, batch, window_size_func=tf.identity
-    ).map(advance)
+    return elements.group_by_window(size_of, batch, window_size_func=tf.identity).map(
+        advance
+    )
 
 
 class StreamedExamples:
@@ -397,10 +397,8 @@ class StreamedExamples:
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._ended = tf.Variable(False, trainable=False)
-            if self.endless:
-                dataset = self._endless_dataset()
-            else:
-                dataset = self._pass_dataset()
+            make = self._endless_dataset if self.endless else self._pass_dataset
+            dataset = make()
         if preprocess is not None:
             dataset = dataset.map(preprocess)
         dataset = dataset.with_options(_options(autotune=True))
