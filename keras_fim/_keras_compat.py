@@ -61,6 +61,7 @@ __all__ = [
     "is_keras_loss_computation",
     "is_keras_train_step",
     "keras_logits",
+    "op_determinism_enabled",
     "optimizer_learning_rate",
     "set_instance_attribute",
     "set_keras_logits",
@@ -227,6 +228,16 @@ def dataset_op_names(dataset) -> set[str]:
     for function in graph.library.function:
         names.update(node.op for node in function.node_def)
     return names
+
+
+def op_determinism_enabled() -> bool:
+    """Whether `tf.config.experimental.enable_op_determinism()` is on (it
+    turns tf.data's read-ahead off, which a finite stream of
+    `DynamicSampling` needs to see the end of its pass); TensorFlow has a
+    setter but no public getter."""
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
 
 
 def update_progress_bar(progbar_logger, steps_done: int, logs) -> None:

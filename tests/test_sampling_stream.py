@@ -83,7 +83,9 @@ def test_every_example_exactly_once_per_epoch_while_the_batch_grows(
     model = recorder(steps_per_execution)
     sampling = keras_fim.DynamicSampling(
         id_pipeline(known_length=known_length),
-        Geometric(8, 2),
+        # A maximum: with drop_remainder, twice it is prefetched, to see a
+        # whole execution ahead.
+        Geometric(8, 2, maximum=32),
         drop_remainder=drop_remainder,
         mode="stream",
     )
@@ -103,7 +105,8 @@ def test_every_example_exactly_once_per_epoch_while_the_batch_grows(
         # The stream's own order, every example once (the rest dropped).
         assert ids == list(range(full * size if drop_remainder else N))
     state = model.sampling_state.read()
-    assert state["data_pass"] == 3 and state["position"] == 0
+    # As in memory, the next epoch starts the next pass.
+    assert state["data_pass"] == 2 and state["position"] == N
     assert state["examples_seen"] == sum(map(sum, sizes))
 
 
@@ -198,6 +201,16 @@ def test_an_endless_stream_runs_in_epochs_that_continue_it():
     assert [i for b in model.seen for i in b] == list(range(30))
     fit(model, sampling, epochs=1)  # a later fit continues the stream too
     assert [i for b in model.seen for i in b] == list(range(40))
+
+
+def test_drop_remainder_on_a_stream_needs_a_known_largest_batch():
+    with pytest.raises(ValueError, match=r"largest batch.*buffer_size"):
+        keras_fim.DynamicSampling(
+            id_pipeline(), Geometric(8, 2), drop_remainder=True, mode="stream"
+        )
+    keras_fim.DynamicSampling(
+        id_pipeline(), Geometric(8, 2), drop_remainder=True, buffer_size=64
+    )
 
 
 def test_the_mode_is_chosen_and_checked():

@@ -25,6 +25,7 @@ deterministic datasets; streamed for the rest.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Callable
 
@@ -42,6 +43,10 @@ MODES = ("auto", "in_memory", "stream")
 
 # The largest dataset `mode="auto"` reads into memory.
 IN_MEMORY_LIMIT_BYTES = 2**29
+
+# How long `StreamedExamples.examples_left` waits for a stream that makes no
+# progress before it says so.
+STALL_SECONDS = 60.0
 
 # Op types that draw random numbers, or shuffle, in a pipeline's graph.
 RANDOM_OP = re.compile(
@@ -279,6 +284,7 @@ class InMemoryExamples:
         self._starts.assign(np.array([start for start, _ in batches], np.int64))
         self._sizes.assign(np.array([size for _, size in batches], np.int64))
         self._slot.assign(0)
+        self._pulled = True
 
     def _make_dataset(self) -> tf.data.Dataset:
         # Plain tensor code: nothing for autograph to convert.
@@ -318,7 +324,7 @@ def _options(autotune: bool) -> tf.data.Options:
     return options
 
 
-def _rebatched(elements, sizes, slot, drop_remainder: bool) -> tf.data.Dataset:
+def _rebatched(elements, sizes, slot) -> tf.data.Dataset:
     """`elements` in batches of ``sizes[slot]``, `slot` advancing by one per
     batch. The size is read as the batch's first element is pulled, so the
     variables set before a batch is asked for decide its size."""
@@ -330,7 +336,7 @@ def _rebatched(elements, sizes, slot, drop_remainder: bool) -> tf.data.Dataset:
 
     @tf.autograph.experimental.do_not_convert
     def batch(size, window):
-        return window.batch(size, drop_remainder=drop_remainder)
+        return window.batch(size)
 
     @tf.autograph.experimental.do_not_convert
     def advance(*batch):
@@ -353,12 +359,17 @@ class StreamedExamples:
     a batch is asked for.
 
     A finite dataset: every iteration of `dataset` (Keras makes one per
-    epoch) is one pass, which starts `set_start` examples in (skipping them)
-    and ends where the data does; `take_pass_end` says whether it did.
+    epoch) is one pass, which starts `begin_pass`'s position in (skipping
+    the examples before it). Where it ends is known before a batch is asked
+    for: the prefetching side counts the examples it has made and marks the
+    end of the data, and `examples_left` waits for as many as a decision
+    needs. (Letting the data run out inside the train function would not
+    do: TensorFlow runs the step's updates that do not depend on the data,
+    `optimizer.iterations` among them, before the end surfaces.)
+
     With `examples_per_epoch`, the data is repeated (every repetition a
     fresh iteration) into one stream, read by one iterator for the life of
-    this object, and a pass is `examples_per_epoch` examples of it: the
-    planner ends it, as in memory.
+    this object, and a pass is `examples_per_epoch` examples of it.
 
     Args:
         data: a `tf.data.Dataset` of dense tensors.
@@ -366,7 +377,9 @@ class StreamedExamples:
         examples_per_epoch: Integer or `None`, the examples in one pass of
             an endless stream.
         preprocess: a function applied to every batch, or `None`.
-        drop_remainder: drop a pass's last batch when it is short.
+        buffer_size: Integer, the examples prefetched, at least the largest
+            batch when `drop_remainder` has to look that far ahead; `None`
+            lets tf.data tune it. Defaults to `None`.
     """
 
     def __init__(
@@ -375,28 +388,29 @@ class StreamedExamples:
         batched: bool | None,
         examples_per_epoch: int | None = None,
         preprocess: Callable | None = None,
-        drop_remainder: bool = False,
+        buffer_size: int | None = None,
     ):
         elements = data.unbatch() if is_batched(data, batched) else data
         self._elements = elements
         self.endless = examples_per_epoch is not None
         cardinality = int(elements.cardinality())
-        # Examples in a pass when known: the planner's, for an endless
-        # stream; a hint (schedules, progress bar) for a finite one.
+        # Examples in a pass when known in advance.
         self.num_examples = (
             examples_per_epoch
             if self.endless
             else (cardinality if cardinality >= 0 else None)
         )
-        self._drop_remainder = drop_remainder
+        self._buffer_size = tf.data.AUTOTUNE if buffer_size is None else buffer_size
         self._started = False
+        self._pulled = False
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
                 tf.ones([1], tf.int64), shape=[None], trainable=False
             )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
-            self._ended = tf.Variable(False, trainable=False)
+            # Examples of the pass made so far; -(made + 1) once it ended.
+            self._made = tf.Variable(0, dtype=tf.int64, trainable=False)
             make = self._endless_dataset if self.endless else self._pass_dataset
             dataset = make()
         if preprocess is not None:
@@ -404,27 +418,23 @@ class StreamedExamples:
         dataset = dataset.with_options(_options(autotune=True))
         self.dataset = DeclaredCardinality(dataset, DECLARED_CARDINALITY)
 
-    def _stream(self, elements: tf.data.Dataset) -> tf.data.Dataset:
-        """`elements` from the start set, prefetched, in the planned batches."""
-
-        @tf.autograph.experimental.do_not_convert
-        def from_start(_):
-            return elements.skip(self._start.read_value())
-
-        started = tf.data.Dataset.from_tensors(0).flat_map(from_start)
-        return _rebatched(
-            started.prefetch(tf.data.AUTOTUNE),
-            self._sizes,
-            self._slot,
-            self._drop_remainder,
-        )
+    def _batches(self, elements: tf.data.Dataset) -> tf.data.Dataset:
+        return _rebatched(elements.prefetch(self._buffer_size), self._sizes, self._slot)
 
     def _pass_dataset(self) -> tf.data.Dataset:
-        # range(2): 0 opens the pass; 1 is pulled, synchronously, only when
-        # the pass's batches have run out, and marks the end of the pass.
+        @tf.autograph.experimental.do_not_convert
+        def count(*element):
+            with tf.control_dependencies([self._made.assign_add(1)]):
+                element = tf.nest.map_structure(tf.identity, element)
+            return element[0] if len(element) == 1 else element
+
+        # range(2): 0 opens the pass; 1 is pulled only when the pass's
+        # examples have run out, and marks the end.
         @tf.autograph.experimental.do_not_convert
         def mark(i):
-            with tf.control_dependencies([self._ended.assign(i > 0)]):
+            made = self._made.read_value()
+            value = tf.where(i > 0, -made - 1, self._start.read_value())
+            with tf.control_dependencies([self._made.assign(value)]):
                 return tf.identity(i)
 
         @tf.autograph.experimental.do_not_convert
@@ -432,15 +442,26 @@ class StreamedExamples:
             return i == 0
 
         @tf.autograph.experimental.do_not_convert
-        def one_pass(_):
-            return self._stream(self._elements)
+        def from_start(_):
+            return self._elements.skip(self._start.read_value()).map(count)
 
-        return tf.data.Dataset.range(2).map(mark).filter(opening).flat_map(one_pass)
+        # A batch past the plan (a dropped remainder's, when an execution
+        # asks for more) ends the iteration: it is never trained.
+        @tf.autograph.experimental.do_not_convert
+        def planned(*_):
+            return self._slot <= tf.shape(self._sizes, out_type=tf.int64)[0]
+
+        examples = tf.data.Dataset.range(2).map(mark).filter(opening)
+        return self._batches(examples.flat_map(from_start)).take_while(planned)
 
     def _endless_dataset(self) -> tf.data.Dataset:
         # One iterator over the repeated stream, kept across Keras's
         # iterators (one per epoch): each epoch continues the stream.
-        stream = self._stream(self._elements.repeat())
+        @tf.autograph.experimental.do_not_convert
+        def from_start(_):
+            return self._elements.repeat().skip(self._start.read_value())
+
+        stream = self._batches(tf.data.Dataset.from_tensors(0).flat_map(from_start))
         self._iterator = iter(stream.with_options(_options(autotune=True)))
 
         @tf.autograph.experimental.do_not_convert
@@ -461,13 +482,13 @@ class StreamedExamples:
         """Plans the next batches: ``(start, size)`` pairs (the sizes count)."""
         self._sizes.assign(np.array([size for _, size in batches], np.int64))
         self._slot.assign(0)
+        self._pulled = True
 
-    def begin_pass(self, position: int, examples_seen: int, size: int) -> bool:
+    def begin_pass(self, position: int, examples_seen: int, need: int) -> bool:
         """Gets ready for an epoch starting `position` examples into a pass,
         `examples_seen` into the stream; `False` when, resuming, that pass
-        turns out to be over (a finite one: nothing, or with
-        `drop_remainder` less than `size`, the current size, is left after
-        `position`)."""
+        turns out to be over (a finite one with fewer than `need` examples
+        left after `position`)."""
         if self.endless:
             if not self._started:
                 # A resumed (or later) run: the stream continues where the
@@ -475,19 +496,45 @@ class StreamedExamples:
                 self._start.assign(examples_seen)
                 self._started = True
             return True
-        self._ended.assign(False)
         self._start.assign(position)
+        self._made.assign(position)
+        self._pulled = False
         if position == 0:
             return True
-        # Resumed mid-pass (or where a pass ended but the end was not
-        # recorded before the state was saved): look at what is left.
-        need = max(size, 1) if self._drop_remainder else 1
+        # Resumed mid-pass (or where a pass ended but the state was saved
+        # before the next pass began): look at what is left.
         rest = self._elements.skip(position).take(need)
         return sum(1 for _ in rest) >= need
 
-    def take_pass_end(self) -> bool:
-        """Whether the finite pass's data ran out (and clears the mark)."""
-        if self.endless or not bool(self._ended.numpy()):
-            return False
-        self._ended.assign(False)
-        return True
+    def pass_length(self) -> int | None:
+        """The finite pass's examples once the data has ended, else `None`."""
+        made = int(self._made.numpy())
+        return -made - 1 if made < 0 else None
+
+    def examples_left(self, position: int, need: int) -> int | None:
+        """The examples of the finite pass after `position` when fewer than
+        `need` are left, else `None`; waits for the prefetching side to
+        make `position + need` examples or reach the end. Before the pass's
+        first batch the pipeline has not started (tf.data starts it at the
+        first request): the pass is taken to hold a first batch."""
+        if not self._pulled:
+            return None
+        stalled_since, last = time.monotonic(), None
+        while True:
+            made = int(self._made.numpy())
+            if made < 0:
+                left = -made - 1 - position
+                return left if left < need else None
+            if made >= position + need:
+                return None
+            if made != last:
+                stalled_since, last = time.monotonic(), made
+            elif time.monotonic() - stalled_since > STALL_SECONDS:
+                raise RuntimeError(
+                    f"The stream made no example for {STALL_SECONDS} s while "
+                    f"{need} were needed ahead of the training (it holds "
+                    f"{made - position}): its prefetch buffer is too small, or "
+                    "the pipeline is stuck. Pass a larger `buffer_size` (at "
+                    "least the largest batch times steps_per_execution)."
+                )
+            time.sleep(1e-4)

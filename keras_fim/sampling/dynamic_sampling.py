@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim._keras_compat import (
+    op_determinism_enabled,
     optimizer_learning_rate,
     set_optimizer_learning_rate,
     update_progress_bar,
@@ -63,6 +64,24 @@ from keras_fim.train_step import (
 from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
 _RAN_OUT_WARNING = "Your input ran out of data"
+
+
+def _largest_size(schedule) -> int:
+    """The largest size `schedule` (an integer, or a schedule) can return."""
+    if isinstance(schedule, (int, np.integer)):
+        return int(schedule)
+    known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
+    if isinstance(schedule, Staged | Automatic) or (
+        len(known) > 1 and getattr(schedule, "maximum", None) is not None
+    ):
+        return max(known)
+    raise ValueError(
+        "drop_remainder=True on a finite stream looks a whole batch ahead, "
+        "and the largest batch of this schedule is not known. Pass "
+        "`buffer_size` (at least the largest size times steps_per_execution) "
+        f"or a schedule with a maximum. Received: schedule={schedule!r}, "
+        "buffer_size=None"
+    )
 
 
 class DynamicSampling(keras.callbacks.ProgbarLogger):
@@ -145,6 +164,13 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             then repeated endlessly and read by one iterator across epochs;
             needed for an endless dataset. Defaults to `None` (an epoch is
             one pass over a finite dataset).
+        buffer_size: the examples a stream prefetches. With
+            `drop_remainder`, a finite stream must look a whole execution's
+            batches ahead to know whether the last is short, so it holds at
+            least the largest size times `steps_per_execution`. Defaults to
+            `None`: tf.data tunes it (twice the schedule's largest size with
+            `drop_remainder`, which then needs a schedule whose sizes are
+            known).
 
     Example:
 
@@ -176,6 +202,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         log_dir: str | None = None,
         mode: str = "auto",
         examples_per_epoch: int | None = None,
+        buffer_size: int | None = None,
     ):
         super().__init__()
         fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(
@@ -204,6 +231,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         examples_per_epoch = check_int(
             "examples_per_epoch", examples_per_epoch, 1, allow_none=True
         )
+        buffer_size = check_int("buffer_size", buffer_size, 1, allow_none=True)
 
         self.mode = choose_mode(data, mode, batched, examples_per_epoch)
         if self.mode == "in_memory":
@@ -211,13 +239,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self.num_examples = count_examples(arrays)
             self._examples = InMemoryExamples(arrays, preprocess)
         else:
+            if drop_remainder and examples_per_epoch is None and buffer_size is None:
+                buffer_size = 2 * _largest_size(schedule)
             self._examples = StreamedExamples(
-                data, batched, examples_per_epoch, preprocess, drop_remainder
+                data, batched, examples_per_epoch, preprocess, buffer_size
             )
             # `None`: a finite stream of unknown length.
             self.num_examples = self._examples.num_examples
-        # A finite stream ends its passes where its data ends.
+        # A finite stream's pass ends where its data does: its length is
+        # learnt near the end (`_pass_length`).
         self._data_ends_pass = self.mode == "stream" and examples_per_epoch is None
+        self._pass_length = None if self._data_ends_pass else self.num_examples
         if fixed_size:
             size = check_size("schedule", schedule, self.num_examples)
             schedule = Staged([size])
@@ -255,7 +287,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         # Built from the attributes at every use: `seed`, `shuffle` and
         # `drop_remainder` changed between fits take effect, as they always did.
         return SamplingPlanner(
-            None if self._data_ends_pass else self.num_examples,
+            self._pass_length,
             self.seed,
             self.shuffle,
             self.drop_remainder,
@@ -281,6 +313,14 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
             )
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        if self._data_ends_pass and op_determinism_enabled():
+            raise ValueError(
+                "A finite stream learns where its pass ends from tf.data's "
+                "read-ahead, which tf.config.experimental.enable_op_determinism() "
+                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
+                "planner then ends the passes) or mode='in_memory'. Received: "
+                f"mode={self.mode!r}, examples_per_epoch=None"
+            )
         if self.log_dir is not None:
             try:
                 self._writer = summaries.create_writer(self.log_dir)
@@ -328,11 +368,14 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         )
         if self.mode == "in_memory":
             self._examples.set_order(planner.permutation(data_pass))
-        elif not self._examples.begin_pass(
-            position, mirror["examples_seen"], mirror["batch_size"]
-        ):  # resumed where a stream's pass had ended: the next one
-            data_pass, position = data_pass + 1, 0
-            self._examples.begin_pass(0, mirror["examples_seen"], 0)
+        else:
+            if self._data_ends_pass:
+                self._pass_length = None
+            need = max(mirror["batch_size"], 1) if self.drop_remainder else 1
+            if not self._examples.begin_pass(position, mirror["examples_seen"], need):
+                # Resumed where a stream's pass had ended: the next one.
+                data_pass, position = data_pass + 1, 0
+                self._examples.begin_pass(0, mirror["examples_seen"], need)
         if data_pass != mirror["data_pass"]:  # the last pass is done
             mirror["data_pass"], mirror["position"] = data_pass, position
             self._state.write({"data_pass": data_pass, "position": position})
@@ -347,6 +390,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         mirror = self._mirror
+        self._learn_pass_length(1)
         planner = self._planner
         if planner.pass_done(mirror["position"]):
             self._ended_by_sampling = True
@@ -356,6 +400,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 None, None, "keras-fim: end of a pass over the data"
             )
         size = self._decide(self._context())
+        if self.drop_remainder:
+            self._learn_pass_length(size * self._steps_per_execution)
+        planner = self._planner
         plan = planner.plan(mirror["position"], size, self._steps_per_execution)
         if not plan.batches:
             mirror["position"] = plan.end
@@ -365,18 +412,27 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._examples.set_batches(plan.batches)
         self._plan = plan
 
+    def _learn_pass_length(self, need: int) -> None:
+        """For a finite stream: the pass's length, once fewer than `need`
+        examples are left (waiting, if need be, for the prefetching side).
+        The end must be known before the train function is called."""
+        if self._data_ends_pass and self._pass_length is None:
+            position = self._mirror["position"]
+            left = self._examples.examples_left(position, need)
+            if left is not None:
+                self._pass_length = position + left
+
     def on_train_batch_end(self, batch, logs=None) -> None:
         mirror = self._mirror
         plan, self._plan = self._plan, None
+        if self._data_ends_pass and self._pass_length is None:
+            # If the data ended during the execution, its last batch was
+            # short, or it took fewer steps: what the data held was trained.
+            self._pass_length = self._examples.pass_length()
+            if self._pass_length is not None:
+                size = plan.batches[0][1]
+                plan = self._planner.plan(mirror["position"], size, len(plan.batches))
         sizes = plan.sizes
-        if self._data_ends_pass and self._steps_per_execution > 1:
-            # The data may have ended during the execution.
-            steps = int(self._state.step.numpy()) - mirror["step"]
-            seen = int(self._state.examples_seen.numpy()) - mirror["examples_seen"]
-            sizes = sizes[:steps]
-            if sizes:
-                sizes[-1] = seen - sum(sizes[:-1])
-            plan = ExecutionPlan(plan.batches[:steps], mirror["position"] + seen)
         trained = sum(sizes)
         mirror["position"] += trained
         mirror["examples_seen"] += trained
@@ -392,11 +448,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         update_progress_bar(self, self._epoch_steps - 1, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        self._plan = None  # a step begun when the data ran out
-        if self._data_ends_pass:
-            self._end_stream_pass()
-        elif (
-            not self._ended_by_sampling
+        if (
+            not self._data_ends_pass
+            and not self._ended_by_sampling
             and self._mirror["position"] < self.num_examples
             and not self.model.stop_training
         ):
@@ -406,20 +460,6 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "map, prefetch or repeat it) and do not set `steps_per_epoch`."
             )
         super().on_epoch_end(epoch, logs)
-
-    def _end_stream_pass(self) -> None:
-        """After an epoch of a finite stream: if its data ran out, the pass
-        is over (its last batch, trained short, is counted as trained)."""
-        if not self._examples.take_pass_end():
-            return
-        mirror = self._mirror
-        short = mirror["examples_seen"] - int(self._state.examples_seen.numpy())
-        if short:
-            self.batch_sizes_per_epoch[-1][-1] -= short
-            mirror["examples_seen"] -= short
-        mirror["data_pass"] += 1
-        mirror["position"] = 0
-        self._state.write({"data_pass": mirror["data_pass"], "position": 0})
 
     # -- deciding the size -------------------------------------------------
 
