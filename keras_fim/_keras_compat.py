@@ -49,6 +49,7 @@ __all__ = [
     "call_has_training_arg",
     "compile_loss",
     "compiled_losses",
+    "dataset_op_names",
     "distribute_strategy",
     "flat_losses",
     "flatten_layers",
@@ -60,6 +61,7 @@ __all__ = [
     "is_keras_loss_computation",
     "is_keras_train_step",
     "keras_logits",
+    "op_determinism_enabled",
     "optimizer_learning_rate",
     "set_instance_attribute",
     "set_keras_logits",
@@ -211,6 +213,31 @@ def variant_tensor(dataset):
     """The dataset's graph handle, for a `tf.data.Dataset` subclass that
     declares another cardinality (`DynamicSampling`'s epochs change size)."""
     return dataset._variant_tensor
+
+
+def dataset_op_names(dataset) -> set[str]:
+    """The op types in a dataset's graph and its functions (`DynamicSampling`
+    warns when a pipeline it would read into memory holds a random op: that
+    randomness would be drawn once and frozen)."""
+    graph = tf.compat.v1.GraphDef.FromString(
+        dataset._as_serialized_graph(
+            external_state_policy=tf.data.experimental.ExternalStatePolicy.IGNORE
+        ).numpy()
+    )
+    names = {node.op for node in graph.node}
+    for function in graph.library.function:
+        names.update(node.op for node in function.node_def)
+    return names
+
+
+def op_determinism_enabled() -> bool:
+    """Whether `tf.config.experimental.enable_op_determinism()` is on (it
+    turns tf.data's read-ahead off, which a finite stream of
+    `DynamicSampling` needs to see the end of its pass); TensorFlow has a
+    setter but no public getter."""
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
 
 
 def update_progress_bar(progbar_logger, steps_done: int, logs) -> None:

@@ -34,7 +34,8 @@ class SamplingContext(NamedTuple):
             `fit` starts where the last one stopped).
         position: examples already trained in this pass.
         examples_seen: examples trained so far, over all passes.
-        num_examples: examples in one pass.
+        num_examples: examples in one pass (`None` for a streamed dataset
+            of unknown length).
         batch_size: the size used so far (`None` before the first step).
         steps_since_change: steps since the size last changed.
         measurements: Fisher measurements taken so far (0 without a
@@ -53,7 +54,7 @@ class SamplingContext(NamedTuple):
     data_pass: int
     position: int
     examples_seen: int
-    num_examples: int
+    num_examples: int | None
     batch_size: int | None = None
     steps_since_change: int = 0
     measurements: int = 0
@@ -65,8 +66,11 @@ class SamplingContext(NamedTuple):
 
     @property
     def progress(self) -> float:
-        """Fraction of the `fit`'s passes done, in [0, 1]."""
-        done = self.data_pass + self.position / self.num_examples
+        """Fraction of the `fit`'s passes done, in [0, 1] (counting whole
+        passes only when their length is unknown)."""
+        done = self.data_pass
+        if self.num_examples:
+            done += self.position / self.num_examples
         return min(done / max(self.epochs, 1), 1.0)
 
 
@@ -219,7 +223,7 @@ class _PeriodicGrowth(BatchSizeSchedule):
 
     def _capped(self, size: float, context: SamplingContext) -> int:
         cap = self.maximum if self.maximum is not None else context.num_examples
-        return int(min(size, cap))
+        return int(size if cap is None else min(size, cap))
 
     def sizes(self) -> list[int]:
         return [self.initial] + ([self.maximum] if self.maximum is not None else [])

@@ -1,11 +1,14 @@
 """A training job for the resume test: run as a separate process, killable.
 
-python tests/sampling_job.py OUT_DIR [KILL_AT_STEP]
+python tests/sampling_job.py OUT_DIR MODE [KILL_AT_STEP]
 
 Trains a small classifier on digits with `DynamicSampling` (automatic mode,
 AdaScale learning rate), a `FisherCallback` and `BackupAndRestore` in
-OUT_DIR/backup; at the end writes OUT_DIR/result.npz. With KILL_AT_STEP the
-process kills itself (SIGKILL, no clean-up) before that 0-based step.
+OUT_DIR/backup; at the end writes OUT_DIR/result.npz. MODE is `in_memory`
+(arrays; backups at epoch ends) or `stream` (a tf.data pipeline of unknown
+length with a map; backups every 7 steps, so a resumed run starts mid-pass).
+With KILL_AT_STEP the process kills itself (SIGKILL, no clean-up) before
+that 0-based step.
 """
 
 import os
@@ -13,7 +16,7 @@ import signal
 import sys
 
 
-def main(out_dir: str, kill_at_step: int | None) -> None:
+def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -22,7 +25,10 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
     import keras_fim
     from keras_fim.datasets import load_digits
 
-    tf.config.experimental.enable_op_determinism()
+    if mode != "stream":
+        # A finite stream needs tf.data's read-ahead, which this turns off
+        # (DynamicSampling says so); the CPU ops here are deterministic.
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
     (x, y), _ = load_digits()
     x, y = x[:600], y[:600]
@@ -38,8 +44,19 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
+    data, save_freq = (x, y), "epoch"
+    if mode == "stream":
+        # Deterministic, so a resumed pass reads the same examples; the
+        # filter hides the length, so the data ends each pass.
+        data = (
+            tf.data.Dataset.from_tensor_slices((x, y))
+            .map(lambda image, label: (image * 1.0, label))
+            .filter(lambda image, label: True)
+        )
+        save_freq = 7
     sampling = keras_fim.DynamicSampling(
-        (x, y),
+        data,
+        mode=mode,
         schedule=keras_fim.schedules.Automatic(8, 128, min_steps=8),
         learning_rate_scaling="adascale",
         log_dir=os.path.join(out_dir, "logs"),
@@ -55,7 +72,9 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(out_dir, "backup"), save_freq=save_freq
+        ),
         sampling,
         keras_fim.FisherCallback(every_n_steps=4),
     ]
@@ -74,4 +93,4 @@ def main(out_dir: str, kill_at_step: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

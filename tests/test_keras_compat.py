@@ -164,6 +164,19 @@ def test_a_dataset_subclass_with_its_own_cardinality():
     assert compat.variant_tensor(tf.data.Dataset.range(3)) is not None
 
 
+def test_op_determinism_is_readable():
+    assert compat.op_determinism_enabled() in (True, False)
+
+
+def test_dataset_op_names_reach_into_map_functions():
+    plain = tf.data.Dataset.range(3).map(lambda i: i * 2)
+    flipped = plain.map(lambda i: i + tf.random.uniform([], 0, 2, tf.int64))
+    assert not any("Random" in op for op in compat.dataset_op_names(plain))
+    assert "RandomUniformInt" in compat.dataset_op_names(flipped)
+    shuffled = compat.dataset_op_names(plain.shuffle(3))
+    assert any("Shuffle" in op for op in shuffled)
+
+
 def test_progress_bar_internals():
     logger = keras.callbacks.ProgbarLogger()
     logger.set_params({"verbose": 1, "epochs": 1, "steps": 3})

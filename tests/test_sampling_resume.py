@@ -18,8 +18,8 @@ from fim_reference import read_scalars
 JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampling_job.py")
 
 
-def run_job(out_dir, kill_at_step=None):
-    command = [sys.executable, JOB, str(out_dir)]
+def run_job(out_dir, mode, kill_at_step=None):
+    command = [sys.executable, JOB, str(out_dir), mode]
     if kill_at_step is not None:
         command.append(str(kill_at_step))
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -27,19 +27,23 @@ def run_job(out_dir, kill_at_step=None):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 @pytest.mark.slow  # tests/test_persistence.py kills a DynamicSampling run twice
-def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("mode", ["in_memory", "stream"])
+def test_killed_and_resumed_run_repeats_the_uninterrupted_one(tmp_path, mode):
+    """In memory from an epoch's backup; streamed from a backup mid-pass,
+    where the resumed pass skips the examples its recorded position says
+    were trained."""
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    done = run_job(whole)
+    done = run_job(whole, mode)
     assert done.returncode == 0, done.stderr[-3000:]
 
     a = np.load(whole / "result.npz")
     steps = int(a["iterations"])
     # Killed three quarters in: in the fourth or fifth of five epochs, after
     # BackupAndRestore saved the earlier ones.
-    killed = run_job(interrupted, kill_at_step=3 * steps // 4)
+    killed = run_job(interrupted, mode, kill_at_step=3 * steps // 4)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (interrupted / "result.npz").exists()
-    resumed = run_job(interrupted)
+    resumed = run_job(interrupted, mode)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     b = np.load(interrupted / "result.npz")

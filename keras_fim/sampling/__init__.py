@@ -3,7 +3,10 @@
 How it works, and why this way (see docs/sampling.md):
 
 * The examples are held in memory (in `tf.Variable`s) and the batches are
-  gathered from a per-pass permutation. Which examples the next batches hold
+  gathered from a per-pass permutation, or, for a `tf.data` pipeline that
+  should not be frozen (random ops, unknown or endless length, too large),
+  streamed: the pipeline runs afresh every pass, its examples prefetched,
+  and only stacking them into the planned size waits for the step. Which examples the next batches hold
   is decided in Python before every execution of the train function and
   handed to the pipeline through small variables; the pipeline has no
   prefetch, so the batch trained is always the batch decided (prefetch would
@@ -23,7 +26,8 @@ How it works, and why this way (see docs/sampling.md):
 The parts:
 
 * `dataset`: the examples in memory and the pipeline that gathers the
-  planned batches (`InMemoryExamples`).
+  planned batches (`InMemoryExamples`), or the rebatched stream
+  (`StreamedExamples`), and the choice between them (`choose_mode`).
 * `planner`: which rows of which permutation the next batches take, and
   where a pass ends (`SamplingPlanner`; plain Python, no TensorFlow).
 * `learning_rate`: the gain on the optimizer's rate

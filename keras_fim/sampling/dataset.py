@@ -1,29 +1,57 @@
-"""The examples of `DynamicSampling`, in memory, and the batches gathered
-from them.
+"""The examples of `DynamicSampling` and the batches made of them, in one of
+two modes.
 
-The examples are held in `tf.Variable`s. The `tf.data` pipeline yields, at
-each step, the rows of the pass's permutation that the callback planned for
-that step (handed over through small variables before every execution of
-the train function). It has no prefetch, so the batch trained is always the
-batch planned: with prefetch a size change would reach the model a
+* In memory (`InMemoryExamples`): the examples are held in `tf.Variable`s
+  and the pipeline yields, at each step, the rows of the pass's permutation
+  that the callback planned for that step.
+* Streamed (`StreamedExamples`): the user's pipeline runs afresh every pass
+  and its examples are prefetched off the training step's critical path;
+  only the rebatching (stacking the examples already made) is synchronous.
+  It cuts the stream into batches of the sizes the callback planned for the
+  step, read from small variables when the batch is asked for.
+
+In both, the sizes (and rows) of the next batches are handed over before
+every execution of the train function, and nothing after the point where
+they are read is prefetched, so the batch trained is always the batch
+planned: with prefetch a size change would reach the model a
 timing-dependent number of steps later, and a resumed run could not repeat
 it. The dataset declares a large cardinality, which keeps Keras from fixing
 the number of steps per epoch after the first one.
+
+`choose_mode` picks the mode: in memory for arrays and for small, finite,
+deterministic datasets; streamed for the rest.
 """
 
 from __future__ import annotations
 
+import re
+import time
+import warnings
 from collections.abc import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fim._keras_compat import variant_tensor
+from keras_fim._keras_compat import dataset_op_names, variant_tensor
 
 # What the dataset tells Keras its cardinality is: any number larger than the
 # steps of one epoch keeps Keras from learning a fixed epoch length.
 DECLARED_CARDINALITY = 2**62
+
+MODES = ("auto", "in_memory", "stream")
+
+# The largest dataset `mode="auto"` reads into memory.
+IN_MEMORY_LIMIT_BYTES = 2**29
+
+# How long `StreamedExamples.examples_left` waits for a stream that makes no
+# progress before it says so.
+STALL_SECONDS = 60.0
+
+# Op types that draw random numbers, or shuffle, in a pipeline's graph.
+RANDOM_OP = re.compile(
+    r"Random|Shuffle|Multinomial|TruncatedNormal|Rng|SampleDistorted|Categorical"
+)
 
 
 class DeclaredCardinality(tf.data.Dataset):
@@ -45,21 +73,122 @@ class DeclaredCardinality(tf.data.Dataset):
         return tf.constant(self._declared, tf.int64)
 
 
+def is_batched(dataset: tf.data.Dataset, batched: bool | None) -> bool:
+    """`batched`, or, for `None`, a guess from the element spec: a `.batch()`
+    without drop_remainder leaves the leading dimension unknown; any other
+    dataset is taken as unbatched. `ValueError` unless every leaf is dense."""
+    leaves = keras.tree.flatten(dataset.element_spec)
+    for leaf in leaves:
+        if not isinstance(leaf, tf.TensorSpec):
+            raise ValueError(
+                "`data` must hold dense tensors only; "
+                f"received an element with {type(leaf).__name__} {leaf}."
+            )
+    if batched is None:
+        return all(leaf.shape.rank and leaf.shape[0] is None for leaf in leaves)
+    return batched
+
+
+def random_ops(dataset: tf.data.Dataset) -> list[str]:
+    """The op types in `dataset`'s pipeline that draw random numbers or
+    shuffle (a random augmentation `map`, `shuffle`)."""
+    return sorted(op for op in dataset_op_names(dataset) if RANDOM_OP.search(op))
+
+
+def _example_bytes(dataset: tf.data.Dataset, batched: bool) -> int | None:
+    """Bytes of one example, from the element spec (`None` if unknown)."""
+    total = 0
+    for leaf in keras.tree.flatten(dataset.element_spec):
+        dims = leaf.shape.as_list()[1 if batched else 0 :]
+        if any(d is None for d in dims):
+            return None
+        total += int(np.prod(dims, dtype=np.int64)) * leaf.dtype.size
+    return total
+
+
+def choose_mode(
+    data,
+    mode: str,
+    batched: bool | None,
+    examples_per_epoch: int | None,
+) -> str:
+    """``"in_memory"`` or ``"stream"`` for `data`, `mode` being one of
+    `MODES`.
+
+    ``"auto"`` reads into memory arrays, and datasets that are finite (known
+    cardinality), deterministic (no random op) and at most
+    `IN_MEMORY_LIMIT_BYTES`; it streams the rest and whenever
+    `examples_per_epoch` is given. Forcing ``"in_memory"`` on a dataset with
+    a random op warns: the randomness would be drawn once and frozen.
+
+    Raises:
+        ValueError: an infinite dataset without `examples_per_epoch`, or
+            `examples_per_epoch` with arrays or ``"in_memory"``.
+    """
+    if not isinstance(data, tf.data.Dataset):
+        if mode == "stream" or examples_per_epoch is not None:
+            raise ValueError(
+                "Only a tf.data.Dataset can be streamed (`mode='stream'`, "
+                "`examples_per_epoch`); arrays are held in memory. Received: "
+                f"data of type {type(data).__name__}, mode={mode!r}, "
+                f"examples_per_epoch={examples_per_epoch!r}"
+            )
+        return "in_memory"
+    batched = is_batched(data, batched)
+    cardinality = int(data.cardinality())
+    if cardinality == tf.data.INFINITE_CARDINALITY and examples_per_epoch is None:
+        raise ValueError(
+            "`data` is an endless dataset (infinite cardinality, e.g. "
+            "`.repeat()`): it cannot be read into memory, and an epoch of it "
+            "needs a length. Pass `examples_per_epoch=<examples per epoch>`. "
+            "Received: examples_per_epoch=None"
+        )
+    if examples_per_epoch is not None:
+        if mode == "in_memory":
+            raise ValueError(
+                "`examples_per_epoch` cuts a stream into epochs; it cannot be "
+                "used with mode='in_memory'. Received: "
+                f"examples_per_epoch={examples_per_epoch!r}, mode='in_memory'"
+            )
+        return "stream"
+    if mode == "stream":
+        return "stream"
+    randomness = random_ops(data)
+    if mode == "in_memory":
+        if randomness:
+            warnings.warn(
+                "`data` holds random ops "
+                f"({', '.join(randomness)}), and mode='in_memory' reads it "
+                "once: the randomness (augmentation, shuffle) is drawn once "
+                "and frozen for the whole run. Use mode='stream' to run the "
+                "pipeline afresh every pass.",
+                stacklevel=3,
+            )
+        return "in_memory"
+    if randomness or cardinality < 0:
+        return "stream"
+    return _by_size(data, batched)
+
+
+def _by_size(dataset: tf.data.Dataset, batched: bool) -> str:
+    """In memory when the examples fit in `IN_MEMORY_LIMIT_BYTES`."""
+    per_example = _example_bytes(dataset, batched)
+    count = int(dataset.cardinality())
+    if batched:
+        # The size of a batch: the first batch's leading dimension.
+        first = next(iter(dataset.take(1)), None)
+        if first is None:
+            return "in_memory"  # empty: materialize says so
+        count *= int(keras.tree.flatten(first)[0].shape[0])
+    if per_example is None or per_example * count > IN_MEMORY_LIMIT_BYTES:
+        return "stream"
+    return "in_memory"
+
+
 def materialize(data, batched: bool | None):
     """The examples of `data` as a structure of numpy arrays."""
     if isinstance(data, tf.data.Dataset):
-        leaves = keras.tree.flatten(data.element_spec)
-        for leaf in leaves:
-            if not isinstance(leaf, tf.TensorSpec):
-                raise ValueError(
-                    "`data` must hold dense tensors only; "
-                    f"received an element with {type(leaf).__name__} {leaf}."
-                )
-        if batched is None:
-            # A `.batch()` without drop_remainder leaves the leading
-            # dimension unknown; any other dataset is taken as unbatched.
-            batched = all(leaf.shape.rank and leaf.shape[0] is None for leaf in leaves)
-        if batched:
+        if is_batched(data, batched):
             data = data.unbatch()
         chunks = list(data.batch(4096).as_numpy_iterator())
         if not chunks:
@@ -155,6 +284,7 @@ class InMemoryExamples:
         self._starts.assign(np.array([start for start, _ in batches], np.int64))
         self._sizes.assign(np.array([size for _, size in batches], np.int64))
         self._slot.assign(0)
+        self._pulled = True
 
     def _make_dataset(self) -> tf.data.Dataset:
         # Plain tensor code: nothing for autograph to convert.
@@ -182,3 +312,229 @@ class InMemoryExamples:
         options.experimental_optimization.inject_prefetch = False
         options.deterministic = True
         return DeclaredCardinality(dataset.with_options(options), DECLARED_CARDINALITY)
+
+
+def _options(autotune: bool) -> tf.data.Options:
+    options = tf.data.Options()
+    # No prefetch after the point where the planned sizes are read: the
+    # batch trained must be the batch planned.
+    options.autotune.enabled = autotune
+    options.experimental_optimization.inject_prefetch = False
+    options.deterministic = True
+    return options
+
+
+def _rebatched(elements, sizes, slot) -> tf.data.Dataset:
+    """`elements` in batches of ``sizes[slot]``, `slot` advancing by one per
+    batch. The size is read as the batch's first element is pulled, so the
+    variables set before a batch is asked for decide its size."""
+
+    @tf.autograph.experimental.do_not_convert
+    def size_of(*_):
+        last = tf.shape(sizes, out_type=tf.int64)[0] - 1
+        return sizes[tf.minimum(slot.read_value(), last)]
+
+    @tf.autograph.experimental.do_not_convert
+    def batch(size, window):
+        return window.batch(size)
+
+    @tf.autograph.experimental.do_not_convert
+    def advance(*batch):
+        with tf.control_dependencies([slot.assign_add(1)]):
+            batch = tf.nest.map_structure(tf.identity, batch)
+        return batch[0] if len(batch) == 1 else batch
+
+    return elements.group_by_window(size_of, batch, window_size_func=tf.identity).map(
+        advance
+    )
+
+
+class StreamedExamples:
+    """The user's pipeline, run afresh every pass and cut into the planned
+    batches.
+
+    The examples of `dataset` (unbatched first if `batched`) are prefetched
+    (all the pipeline's work: reads, maps, augmentation), then cut into
+    batches of the sizes set with `set_batches`; only that cutting runs when
+    a batch is asked for.
+
+    A finite dataset: every iteration of `dataset` (Keras makes one per
+    epoch) is one pass, which starts `begin_pass`'s position in (skipping
+    the examples before it). Where it ends is known before a batch is asked
+    for: the prefetching side counts the examples it has made and marks the
+    end of the data, and `examples_left` waits for as many as a decision
+    needs. (Letting the data run out inside the train function would not
+    do: TensorFlow runs the step's updates that do not depend on the data,
+    `optimizer.iterations` among them, before the end surfaces.)
+
+    With `examples_per_epoch`, the data is repeated (every repetition a
+    fresh iteration) into one stream, read by one iterator for the life of
+    this object, and a pass is `examples_per_epoch` examples of it.
+
+    Args:
+        data: a `tf.data.Dataset` of dense tensors.
+        batched: whether `data` is batched (`None`: guessed).
+        examples_per_epoch: Integer or `None`, the examples in one pass of
+            an endless stream.
+        preprocess: a function applied to every batch, or `None`.
+        buffer_size: Integer, the examples prefetched, at least the largest
+            batch when `drop_remainder` has to look that far ahead; `None`
+            lets tf.data tune it. Defaults to `None`.
+    """
+
+    def __init__(
+        self,
+        data: tf.data.Dataset,
+        batched: bool | None,
+        examples_per_epoch: int | None = None,
+        preprocess: Callable | None = None,
+        buffer_size: int | None = None,
+    ):
+        elements = data.unbatch() if is_batched(data, batched) else data
+        self._elements = elements
+        self.endless = examples_per_epoch is not None
+        cardinality = int(elements.cardinality())
+        # Examples in a pass when known in advance.
+        self.num_examples = (
+            examples_per_epoch
+            if self.endless
+            else (cardinality if cardinality >= 0 else None)
+        )
+        self._buffer_size = tf.data.AUTOTUNE if buffer_size is None else buffer_size
+        self._started = False
+        self._pulled = False
+        with tf.init_scope(), tf.device("/cpu:0"):
+            self._sizes = tf.Variable(
+                tf.ones([1], tf.int64), shape=[None], trainable=False
+            )
+            self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # Examples of the pass made so far; -(made + 1) once it ended.
+            self._made = tf.Variable(0, dtype=tf.int64, trainable=False)
+            make = self._endless_dataset if self.endless else self._pass_dataset
+            dataset = make()
+        if preprocess is not None:
+            dataset = dataset.map(preprocess)
+        dataset = dataset.with_options(_options(autotune=True))
+        self.dataset = DeclaredCardinality(dataset, DECLARED_CARDINALITY)
+
+    def _batches(self, elements: tf.data.Dataset) -> tf.data.Dataset:
+        return _rebatched(elements.prefetch(self._buffer_size), self._sizes, self._slot)
+
+    def _pass_dataset(self) -> tf.data.Dataset:
+        @tf.autograph.experimental.do_not_convert
+        def count(*element):
+            with tf.control_dependencies([self._made.assign_add(1)]):
+                element = tf.nest.map_structure(tf.identity, element)
+            return element[0] if len(element) == 1 else element
+
+        # range(2): 0 opens the pass; 1 is pulled only when the pass's
+        # examples have run out, and marks the end.
+        @tf.autograph.experimental.do_not_convert
+        def mark(i):
+            made = self._made.read_value()
+            value = tf.where(i > 0, -made - 1, self._start.read_value())
+            with tf.control_dependencies([self._made.assign(value)]):
+                return tf.identity(i)
+
+        @tf.autograph.experimental.do_not_convert
+        def opening(i):
+            return i == 0
+
+        @tf.autograph.experimental.do_not_convert
+        def from_start(_):
+            return self._elements.skip(self._start.read_value()).map(count)
+
+        # A batch past the plan (a dropped remainder's, when an execution
+        # asks for more) ends the iteration: it is never trained.
+        @tf.autograph.experimental.do_not_convert
+        def planned(*_):
+            return self._slot <= tf.shape(self._sizes, out_type=tf.int64)[0]
+
+        examples = tf.data.Dataset.range(2).map(mark).filter(opening)
+        return self._batches(examples.flat_map(from_start)).take_while(planned)
+
+    def _endless_dataset(self) -> tf.data.Dataset:
+        # One iterator over the repeated stream, kept across Keras's
+        # iterators (one per epoch): each epoch continues the stream.
+        @tf.autograph.experimental.do_not_convert
+        def from_start(_):
+            return self._elements.repeat().skip(self._start.read_value())
+
+        stream = self._batches(tf.data.Dataset.from_tensors(0).flat_map(from_start))
+        self._iterator = iter(stream.with_options(_options(autotune=True)))
+
+        @tf.autograph.experimental.do_not_convert
+        def planned(_):
+            return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
+
+        @tf.autograph.experimental.do_not_convert
+        def next_batch(_):
+            return self._iterator.get_next()
+
+        return (
+            tf.data.Dataset.range(DECLARED_CARDINALITY)
+            .take_while(planned)
+            .map(next_batch)
+        )
+
+    def set_batches(self, batches) -> None:
+        """Plans the next batches: ``(start, size)`` pairs (the sizes count)."""
+        self._sizes.assign(np.array([size for _, size in batches], np.int64))
+        self._slot.assign(0)
+        self._pulled = True
+
+    def begin_pass(self, position: int, examples_seen: int, need: int) -> bool:
+        """Gets ready for an epoch starting `position` examples into a pass,
+        `examples_seen` into the stream; `False` when, resuming, that pass
+        turns out to be over (a finite one with fewer than `need` examples
+        left after `position`)."""
+        if self.endless:
+            if not self._started:
+                # A resumed (or later) run: the stream continues where the
+                # model's sampling state stands, its start read and dropped.
+                self._start.assign(examples_seen)
+                self._started = True
+            return True
+        self._start.assign(position)
+        self._made.assign(position)
+        self._pulled = False
+        if position == 0:
+            return True
+        # Resumed mid-pass (or where a pass ended but the state was saved
+        # before the next pass began): look at what is left.
+        rest = self._elements.skip(position).take(need)
+        return sum(1 for _ in rest) >= need
+
+    def pass_length(self) -> int | None:
+        """The finite pass's examples once the data has ended, else `None`."""
+        made = int(self._made.numpy())
+        return -made - 1 if made < 0 else None
+
+    def examples_left(self, position: int, need: int) -> int | None:
+        """The examples of the finite pass after `position` when fewer than
+        `need` are left, else `None`; waits for the prefetching side to
+        make `position + need` examples or reach the end. Before the pass's
+        first batch the pipeline has not started (tf.data starts it at the
+        first request): the pass is taken to hold a first batch."""
+        if not self._pulled:
+            return None
+        stalled_since, last = time.monotonic(), None
+        while True:
+            made = int(self._made.numpy())
+            if made < 0:
+                left = -made - 1 - position
+                return left if left < need else None
+            if made >= position + need:
+                return None
+            if made != last:
+                stalled_since, last = time.monotonic(), made
+            elif time.monotonic() - stalled_since > STALL_SECONDS:
+                raise RuntimeError(
+                    f"The stream made no example for {STALL_SECONDS} s while "
+                    f"{need} were needed ahead of the training (it holds "
+                    f"{made - position}): its prefetch buffer is too small, or "
+                    "the pipeline is stuck. Pass a larger `buffer_size` (at "
+                    "least the largest batch times steps_per_execution)."
+                )
+            time.sleep(1e-4)

@@ -2,13 +2,15 @@
 
 It wires the parts of the package together: the schedule decides the size
 before every execution of the train function, the planner
-(`planner.SamplingPlanner`) which rows of the pass's permutation the batches
-take, the pipeline (`dataset.InMemoryExamples`) gathers them, and a step
+(`planner.SamplingPlanner`) which rows of the pass the batches take, the
+pipeline (`dataset.InMemoryExamples`, or `dataset.StreamedExamples` for a
+stream) makes them, and a step
 wrapper scales the learning rate by `learning_rate.learning_rate_gain` and
 advances `model.sampling_state`. The callback ends every epoch at the end of
 a pass by raising `OutOfRangeError` before the next pass's first step (the
 signal Keras itself uses for a dataset that ran out, so no phantom step is
-run), and it is Keras's progress bar too (a `ProgbarLogger`, which `fit`
+run); a finite stream ends its pass itself, as any dataset that runs out
+does in `fit`. It is Keras's progress bar too (a `ProgbarLogger`, which `fit`
 then does not add a second time), so the bar counts this epoch's steps.
 """
 
@@ -25,11 +27,19 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim._keras_compat import (
+    op_determinism_enabled,
     optimizer_learning_rate,
     set_optimizer_learning_rate,
     update_progress_bar,
 )
-from keras_fim.sampling.dataset import InMemoryExamples, count_examples, materialize
+from keras_fim.sampling.dataset import (
+    MODES,
+    InMemoryExamples,
+    StreamedExamples,
+    choose_mode,
+    count_examples,
+    materialize,
+)
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
     ScaledLearningRate,
@@ -56,6 +66,24 @@ from keras_fim.validation import check_bool, check_choice, check_int, check_log_
 _RAN_OUT_WARNING = "Your input ran out of data"
 
 
+def _largest_size(schedule) -> int:
+    """The largest size `schedule` (an integer, or a schedule) can return."""
+    if isinstance(schedule, (int, np.integer)):
+        return int(schedule)
+    known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
+    if isinstance(schedule, Staged | Automatic) or (
+        len(known) > 1 and getattr(schedule, "maximum", None) is not None
+    ):
+        return max(known)
+    raise ValueError(
+        "drop_remainder=True on a finite stream looks a whole batch ahead, "
+        "and the largest batch of this schedule is not known. Pass "
+        "`buffer_size` (at least the largest size times steps_per_execution) "
+        f"or a schedule with a maximum. Received: schedule={schedule!r}, "
+        "buffer_size=None"
+    )
+
+
 class DynamicSampling(keras.callbacks.ProgbarLogger):
     """Trains with a mini-batch size that changes inside one `model.fit`.
 
@@ -66,6 +94,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     `drop_remainder`), so `epochs`, the progress bar (drawn by this callback,
     with this epoch's number of steps), validation, other callbacks and
     learning-rate schedules keep their meaning.
+
+    The data is held in memory (``mode="in_memory"``: arrays, and small,
+    finite datasets without random ops; every pass is a permutation drawn
+    from `seed`) or streamed (``mode="stream"``: the `tf.data` pipeline,
+    with its own shuffle and augmentation, runs afresh every pass, its
+    examples prefetched, and is only rebatched into the sizes planned;
+    memory stays bounded by the prefetch buffer). ``mode="auto"`` chooses.
+    An endless dataset is streamed in epochs of `examples_per_epoch`
+    examples.
 
     The schedule is asked for the size before every execution of the train
     function (every step; every `steps_per_execution` steps when that is
@@ -97,12 +134,12 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         data: the training examples: a `tf.data.Dataset` (unbatched or
             batched) or arrays, as ``x``, ``(x, y)`` or
             ``(x, y, sample_weight)``, each of which may be a dict or tuple.
-            The structure is kept. The examples are held in memory.
+            The structure is kept.
         schedule: a `keras_fim.schedules` schedule, a function
             ``f(SamplingContext) -> int``, or an integer (a fixed size).
-        shuffle: draw a new permutation of the examples for every pass.
-            Defaults to `True`.
-        seed: integer seed of the permutations. Defaults to `0`.
+        shuffle: draw a new permutation of the examples for every pass
+            (in memory; a stream keeps its own order). Defaults to `True`.
+        seed: integer seed of the permutations (in memory). Defaults to `0`.
         drop_remainder: drop a pass's final batch when it is smaller than
             the scheduled size. Defaults to `False`.
         allow_shrink: allow the schedule to decrease the size. Defaults to
@@ -118,6 +155,22 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             (augmentation, for instance). Defaults to `None`.
         log_dir: path for TensorBoard event files, or `None`. Defaults to
             `None`.
+        mode: ``"auto"``, ``"in_memory"`` or ``"stream"``. ``"auto"``
+            holds arrays, and datasets that are finite, without random ops
+            and at most `dataset.IN_MEMORY_LIMIT_BYTES`, in memory, and
+            streams the rest. Forcing ``"in_memory"`` on a pipeline with a
+            random op warns (it would be drawn once). Defaults to ``"auto"``.
+        examples_per_epoch: the examples in one epoch of a stream, which is
+            then repeated endlessly and read by one iterator across epochs;
+            needed for an endless dataset. Defaults to `None` (an epoch is
+            one pass over a finite dataset).
+        buffer_size: the examples a stream prefetches. With
+            `drop_remainder`, a finite stream must look a whole execution's
+            batches ahead to know whether the last is short, so it holds at
+            least the largest size times `steps_per_execution`. Defaults to
+            `None`: tf.data tunes it (twice the schedule's largest size with
+            `drop_remainder`, which then needs a schedule whose sizes are
+            known).
 
     Example:
 
@@ -147,6 +200,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         batched: bool | None = None,
         preprocess: Callable | None = None,
         log_dir: str | None = None,
+        mode: str = "auto",
+        examples_per_epoch: int | None = None,
+        buffer_size: int | None = None,
     ):
         super().__init__()
         fixed_size = isinstance(schedule, (int, np.integer)) and not isinstance(
@@ -171,9 +227,29 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 f"`preprocess` must be None or a function. Received: preprocess={preprocess!r}"
             )
         log_dir = check_log_dir(log_dir)
+        check_choice("mode", mode, MODES)
+        examples_per_epoch = check_int(
+            "examples_per_epoch", examples_per_epoch, 1, allow_none=True
+        )
+        buffer_size = check_int("buffer_size", buffer_size, 1, allow_none=True)
 
-        arrays = materialize(data, batched)
-        self.num_examples = count_examples(arrays)
+        self.mode = choose_mode(data, mode, batched, examples_per_epoch)
+        if self.mode == "in_memory":
+            arrays = materialize(data, batched)
+            self.num_examples = count_examples(arrays)
+            self._examples = InMemoryExamples(arrays, preprocess)
+        else:
+            if drop_remainder and examples_per_epoch is None and buffer_size is None:
+                buffer_size = 2 * _largest_size(schedule)
+            self._examples = StreamedExamples(
+                data, batched, examples_per_epoch, preprocess, buffer_size
+            )
+            # `None`: a finite stream of unknown length.
+            self.num_examples = self._examples.num_examples
+        # A finite stream's pass ends where its data does: its length is
+        # learnt near the end (`_pass_length`).
+        self._data_ends_pass = self.mode == "stream" and examples_per_epoch is None
+        self._pass_length = None if self._data_ends_pass else self.num_examples
         if fixed_size:
             size = check_size("schedule", schedule, self.num_examples)
             schedule = Staged([size])
@@ -199,7 +275,6 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self.log_dir = log_dir
         self.batch_sizes_per_epoch: list[list[int]] = []
 
-        self._examples = InMemoryExamples(arrays, preprocess)
         self.dataset = self._examples.dataset
         self._state: SamplingState | None = None
         self._writer = None
@@ -212,7 +287,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         # Built from the attributes at every use: `seed`, `shuffle` and
         # `drop_remainder` changed between fits take effect, as they always did.
         return SamplingPlanner(
-            self.num_examples, self.seed, self.shuffle, self.drop_remainder
+            self._pass_length,
+            self.seed,
+            self.shuffle,
+            self.drop_remainder,
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -235,6 +313,14 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
             )
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        if self._data_ends_pass and op_determinism_enabled():
+            raise ValueError(
+                "A finite stream learns where its pass ends from tf.data's "
+                "read-ahead, which tf.config.experimental.enable_op_determinism() "
+                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
+                "planner then ends the passes) or mode='in_memory'. Received: "
+                f"mode={self.mode!r}, examples_per_epoch=None"
+            )
         if self.log_dir is not None:
             try:
                 self._writer = summaries.create_writer(self.log_dir)
@@ -280,10 +366,19 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         data_pass, position = planner.epoch_start(
             mirror["data_pass"], mirror["position"]
         )
+        if self.mode == "in_memory":
+            self._examples.set_order(planner.permutation(data_pass))
+        else:
+            if self._data_ends_pass:
+                self._pass_length = None
+            need = max(mirror["batch_size"], 1) if self.drop_remainder else 1
+            if not self._examples.begin_pass(position, mirror["examples_seen"], need):
+                # Resumed where a stream's pass had ended: the next one.
+                data_pass, position = data_pass + 1, 0
+                self._examples.begin_pass(0, mirror["examples_seen"], need)
         if data_pass != mirror["data_pass"]:  # the last pass is done
             mirror["data_pass"], mirror["position"] = data_pass, position
             self._state.write({"data_pass": data_pass, "position": position})
-        self._examples.set_order(planner.permutation(data_pass))
         self._epoch = epoch
         self._epoch_steps = 0
         self._ended_by_sampling = False
@@ -295,6 +390,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
         mirror = self._mirror
+        self._learn_pass_length(1)
         planner = self._planner
         if planner.pass_done(mirror["position"]):
             self._ended_by_sampling = True
@@ -304,6 +400,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 None, None, "keras-fim: end of a pass over the data"
             )
         size = self._decide(self._context())
+        if self.drop_remainder:
+            self._learn_pass_length(size * self._steps_per_execution)
+        planner = self._planner
         plan = planner.plan(mirror["position"], size, self._steps_per_execution)
         if not plan.batches:
             mirror["position"] = plan.end
@@ -313,15 +412,33 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._examples.set_batches(plan.batches)
         self._plan = plan
 
+    def _learn_pass_length(self, need: int) -> None:
+        """For a finite stream: the pass's length, once fewer than `need`
+        examples are left (waiting, if need be, for the prefetching side).
+        The end must be known before the train function is called."""
+        if self._data_ends_pass and self._pass_length is None:
+            position = self._mirror["position"]
+            left = self._examples.examples_left(position, need)
+            if left is not None:
+                self._pass_length = position + left
+
     def on_train_batch_end(self, batch, logs=None) -> None:
         mirror = self._mirror
         plan, self._plan = self._plan, None
-        trained = sum(plan.sizes)
+        if self._data_ends_pass and self._pass_length is None:
+            # If the data ended during the execution, its last batch was
+            # short, or it took fewer steps: what the data held was trained.
+            self._pass_length = self._examples.pass_length()
+            if self._pass_length is not None:
+                size = plan.batches[0][1]
+                plan = self._planner.plan(mirror["position"], size, len(plan.batches))
+        sizes = plan.sizes
+        trained = sum(sizes)
         mirror["position"] += trained
         mirror["examples_seen"] += trained
-        mirror["step"] += len(plan.batches)
-        self._epoch_steps += len(plan.batches)
-        self.batch_sizes_per_epoch[-1].extend(plan.sizes)
+        mirror["step"] += len(sizes)
+        self._epoch_steps += len(sizes)
+        self.batch_sizes_per_epoch[-1].extend(sizes)
         if plan.end != mirror["position"]:
             # The execution stopped at a remainder that will be dropped.
             mirror["position"] = plan.end
@@ -332,7 +449,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if (
-            not self._ended_by_sampling
+            not self._data_ends_pass
+            and not self._ended_by_sampling
             and self._mirror["position"] < self.num_examples
             and not self.model.stop_training
         ):
@@ -428,14 +546,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                     )
                 }
             )
-            if current is not None:
-                self.target = self._epoch_steps + self._steps_left(size)
+            left = self._steps_left(size)
+            if current is not None and left is not None:
+                self.target = self._epoch_steps + left
                 if self.progbar is not None:
                     self.progbar.target = self.target
         return size
 
-    def _steps_left(self, size: int) -> int:
-        return self._planner.steps_left(self._mirror["position"], size)
+    def _steps_left(self, size: int) -> int | None:
+        # A finite stream's length, when known, is a hint for the bar only.
+        planner = SamplingPlanner(self.num_examples, drop_remainder=self.drop_remainder)
+        return planner.steps_left(self._mirror["position"], size)
 
     # -- the train step ----------------------------------------------------
 

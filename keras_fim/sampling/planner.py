@@ -6,6 +6,9 @@ a batch never straddles two passes. The final batch of a pass is what
 remains, or, with ``drop_remainder``, nothing: the pass then ends as soon as
 fewer examples remain than the size asked for.
 
+A pass of unknown length (``N`` is `None`: a streamed dataset that ends
+where its data does) never ends by position: the data ends it.
+
 `SamplingPlanner` answers from where a pass stands (``data_pass``, and
 ``position``: the examples of the pass already trained) and the size asked
 for. It holds no state and uses neither TensorFlow nor Keras, so the same
@@ -47,7 +50,8 @@ class SamplingPlanner:
     """The batches of every pass over `num_examples` examples.
 
     Args:
-        num_examples: Integer, the examples in one pass, ``N``.
+        num_examples: Integer, the examples in one pass, ``N``, or `None`
+            when the data ends the pass.
         seed: Integer, the seed of the permutations. Defaults to `0`.
         shuffle: Boolean, whether every pass draws its own permutation
             (otherwise every pass is in the data order). Defaults to `True`.
@@ -63,7 +67,7 @@ class SamplingPlanner:
     ExecutionPlan(batches=(), end=10)
     """
 
-    num_examples: int
+    num_examples: int | None
     seed: int = 0
     shuffle: bool = True
     drop_remainder: bool = False
@@ -82,7 +86,7 @@ class SamplingPlanner:
 
     def pass_done(self, position: int) -> bool:
         """Whether a pass that reached `position` is over."""
-        return position >= self.num_examples
+        return self.num_examples is not None and position >= self.num_examples
 
     def epoch_start(self, data_pass: int, position: int) -> tuple[int, int]:
         """``(data_pass, position)`` where the next epoch starts: where the
@@ -96,6 +100,8 @@ class SamplingPlanner:
         asked for (smaller at the end of the pass), or `None` where the pass
         ends: at its end, or, with `drop_remainder`, where fewer than `size`
         examples remain."""
+        if self.num_examples is None:
+            return position, size
         remaining = self.num_examples - position
         if remaining <= 0 or (self.drop_remainder and remaining < size):
             return None
@@ -119,8 +125,11 @@ class SamplingPlanner:
         end = self.num_examples if len(batches) < steps else position
         return ExecutionPlan(tuple(batches), end)
 
-    def steps_left(self, position: int, size: int) -> int:
-        """Steps the rest of the pass takes from `position` at `size`."""
+    def steps_left(self, position: int, size: int) -> int | None:
+        """Steps the rest of the pass takes from `position` at `size`
+        (`None` for a pass of unknown length)."""
+        if self.num_examples is None:
+            return None
         remaining = self.num_examples - position
         if self.drop_remainder:
             return remaining // size

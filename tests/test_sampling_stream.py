@@ -1,0 +1,230 @@
+"""`DynamicSampling` on a stream: the tf.data pipeline runs afresh every pass,
+is rebatched into exactly the planned sizes, and an endless one needs an
+epoch length. The mode is chosen sensibly, and can be forced."""
+
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_fim
+from keras_fim.schedules import Geometric
+
+N = 103
+
+
+class Recorder(keras.Model):
+    """Records the ids (column 0 of x) of every batch it trains, compiled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def train_step(self, data):
+        x = data[0]
+        tf.py_function(
+            lambda ids: self.seen.append(ids.numpy().astype(int).tolist()),
+            [x[:, 0]],
+            [],
+        )
+        return super().train_step(data)
+
+
+def recorder(steps_per_execution=1):
+    inputs = keras.Input((2,))
+    model = Recorder(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.001),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
+def id_pipeline(n=N, known_length=False):
+    """Examples (id, 0) -> 0 through a map; a filter hides the length."""
+    ids = np.arange(n, dtype=np.float32)
+    data = tf.data.Dataset.from_tensor_slices(ids)
+
+    @tf.autograph.experimental.do_not_convert
+    def example(i):
+        return tf.stack([i, 0.0]), tf.zeros([1])
+
+    data = data.map(example)
+    if not known_length:
+        data = data.filter(tf.autograph.experimental.do_not_convert(lambda x, y: True))
+    return data
+
+
+def per_epoch(seen, sizes_per_epoch):
+    out, start = [], 0
+    for sizes in sizes_per_epoch:
+        out.append([i for batch in seen[start : start + len(sizes)] for i in batch])
+        start += len(sizes)
+    assert start == len(seen)
+    return out
+
+
+def fit(model, sampling, epochs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Keras: shuffle=True on a dataset
+        model.fit(sampling.dataset, epochs=epochs, callbacks=[sampling], verbose=0)
+
+
+@pytest.mark.parametrize("known_length", [False, True])
+@pytest.mark.parametrize("drop_remainder", [False, True])
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_every_example_exactly_once_per_epoch_while_the_batch_grows(
+    known_length, drop_remainder, steps_per_execution
+):
+    model = recorder(steps_per_execution)
+    sampling = keras_fim.DynamicSampling(
+        id_pipeline(known_length=known_length),
+        # A maximum: with drop_remainder, twice it is prefetched, to see a
+        # whole execution ahead.
+        Geometric(8, 2, maximum=32),
+        drop_remainder=drop_remainder,
+        mode="stream",
+    )
+    assert sampling.mode == "stream"
+    assert sampling.num_examples == (N if known_length else None)
+    fit(model, sampling, epochs=3)
+
+    sizes = sampling.batch_sizes_per_epoch
+    # Exactly the batch planned at each step: the sizes the model trained.
+    assert [len(b) for b in model.seen] == [s for e in sizes for s in e]
+    for epoch, (size, ids) in enumerate(
+        zip([8, 16, 32], per_epoch(model.seen, sizes), strict=True)
+    ):
+        full, rest = divmod(N, size)
+        expected = [size] * full + ([] if drop_remainder or not rest else [rest])
+        assert sizes[epoch] == expected
+        # The stream's own order, every example once (the rest dropped).
+        assert ids == list(range(full * size if drop_remainder else N))
+    state = model.sampling_state.read()
+    # As in memory, the next epoch starts the next pass.
+    assert state["data_pass"] == 2 and state["position"] == N
+    assert state["examples_seen"] == sum(map(sum, sizes))
+
+
+def flip_counts(mode, epochs=3):
+    """Examples flipped per epoch by a random augmentation map."""
+    data = tf.data.Dataset.from_tensor_slices(np.ones((256, 2), np.float32))
+
+    # A generator's state runs on across iterations, as in plain `fit(ds)`
+    # (a stateful op under a global seed would restart with each iteration).
+    generator = tf.random.Generator.from_seed(1)
+
+    @tf.autograph.experimental.do_not_convert
+    def augment(x):
+        flip = generator.uniform([]) < 0.5
+        return tf.where(flip, -x, x), tf.zeros([1])
+
+    flipped = []
+
+    class NewEpoch(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            flipped.append(0)
+
+    def add(n):
+        flipped[-1] += int(n)
+
+    @tf.autograph.experimental.do_not_convert
+    def count(x, y):  # `preprocess`: runs on every batch trained
+        n = tf.reduce_sum(tf.cast(x[:, 0] < 0, tf.int64))
+        tf.py_function(add, [n], [])
+        return x, y
+
+    sampling = keras_fim.DynamicSampling(
+        data.map(augment), 32, mode=mode, preprocess=count, shuffle=False
+    )
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.fit(
+            sampling.dataset,
+            epochs=epochs,
+            callbacks=[NewEpoch(), sampling],
+            verbose=0,
+        )
+    return sampling, flipped
+
+
+def test_random_augmentation_runs_afresh_every_epoch():
+    sampling, flipped = flip_counts("auto")
+    assert sampling.mode == "stream"  # the random op chose the stream
+    assert len(flipped) == 3 and sum(flipped) > 0
+    assert len(set(flipped)) > 1, flipped  # like fit(ds): not frozen
+
+
+def test_materialising_a_random_pipeline_warns_and_freezes_it():
+    with pytest.warns(UserWarning, match=r"random ops.*RandomUniform.*frozen"):
+        sampling, flipped = flip_counts("in_memory")
+    assert sampling.mode == "in_memory"
+    assert len(set(flipped)) == 1, flipped
+
+
+def test_an_endless_dataset_needs_an_epoch_length_at_once():
+    endless = tf.data.Dataset.range(10).repeat()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"endless.*examples_per_epoch"):
+        keras_fim.DynamicSampling(endless, 4)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ValueError, match="examples_per_epoch"):
+        keras_fim.DynamicSampling(endless, 4, mode="in_memory", examples_per_epoch=8)
+
+
+def test_a_huge_lazy_dataset_is_streamed_not_read():
+    start = time.perf_counter()
+    sampling = keras_fim.DynamicSampling(tf.data.Dataset.range(10**9), 4)
+    assert sampling.mode == "stream" and sampling.num_examples == 10**9
+    assert time.perf_counter() - start < 5
+
+
+def test_an_endless_stream_runs_in_epochs_that_continue_it():
+    ids = tf.data.Dataset.range(10**12).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda i: (tf.stack([tf.cast(i, tf.float32), 0.0]), tf.zeros([1]))
+        )
+    )
+    endless = ids.repeat()
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(
+        endless, Geometric(4, 2), examples_per_epoch=10
+    )
+    fit(model, sampling, epochs=3)
+    assert sampling.batch_sizes_per_epoch == [[4, 4, 2], [8, 2], [10]]
+    assert [i for b in model.seen for i in b] == list(range(30))
+    fit(model, sampling, epochs=1)  # a later fit continues the stream too
+    assert [i for b in model.seen for i in b] == list(range(40))
+
+
+def test_drop_remainder_on_a_stream_needs_a_known_largest_batch():
+    with pytest.raises(ValueError, match=r"largest batch.*buffer_size"):
+        keras_fim.DynamicSampling(
+            id_pipeline(), Geometric(8, 2), drop_remainder=True, mode="stream"
+        )
+    keras_fim.DynamicSampling(
+        id_pipeline(), Geometric(8, 2), drop_remainder=True, buffer_size=64
+    )
+
+
+def test_the_mode_is_chosen_and_checked():
+    x = np.zeros((10, 2), np.float32)
+    small = tf.data.Dataset.from_tensor_slices(x)
+    assert keras_fim.DynamicSampling(x, 2).mode == "in_memory"
+    assert keras_fim.DynamicSampling(small, 2).mode == "in_memory"
+    assert keras_fim.DynamicSampling(small.batch(3), 2).mode == "in_memory"
+    assert keras_fim.DynamicSampling(small.shuffle(10), 2).mode == "stream"
+    assert keras_fim.DynamicSampling(small.filter(lambda x: True), 2).mode == "stream"
+    assert keras_fim.DynamicSampling(small, 2, mode="stream").mode == "stream"
+    with pytest.raises(ValueError, match=r"mode.*'streaming'"):
+        keras_fim.DynamicSampling(small, 2, mode="streaming")
+    with pytest.raises(ValueError, match=r"Only a tf\.data\.Dataset can be streamed"):
+        keras_fim.DynamicSampling(x, 2, mode="stream")
+    with pytest.raises(ValueError, match="examples_per_epoch"):
+        keras_fim.DynamicSampling(small, 2, examples_per_epoch=0)
