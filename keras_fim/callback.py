@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim._keras_compat import (
+    compile_loss,
     is_default_strategy,
     is_keras_loss_computation,
     is_keras_train_step,
@@ -28,7 +29,12 @@ from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applie
 from keras_fim.engine.units import batch_size as batch_size_of
 from keras_fim.engine.units import read_variables, resolve_layers
 from keras_fim.state import FisherState, attach_state
-from keras_fim.train_step import begin_fit, compile_train_function, end_fit
+from keras_fim.train_step import (
+    begin_fit,
+    compile_train_function,
+    end_fit,
+    wrappers_cache_key,
+)
 from keras_fim.validation import (
     check_bool,
     check_callable,
@@ -242,6 +248,9 @@ class FisherCallback(keras.callbacks.Callback):
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}
+        # (key, functions, writer) of the last fit: a later fit with an equal
+        # key reuses the traced functions (`_function_key`).
+        self._cache: tuple | None = None
         self._epoch = 0
         self._warned = False
         self._unsupported_strategy = None
@@ -376,10 +385,7 @@ class FisherCallback(keras.callbacks.Callback):
         if self._unsupported_strategy or self._not_measured:
             return  # Keras's own train function: training as without us
         if not self._functions:
-            self._functions = {
-                "plain": self._build_train_function(measure=False),
-                "measure": self._build_train_function(measure=True),
-            }
+            self._functions = self._train_functions()
         if self._steps_per_execution > 1:
             # One function, the decision is taken per step in-graph. Set at
             # every batch: another keras-fim callback may have set its own.
@@ -396,6 +402,7 @@ class FisherCallback(keras.callbacks.Callback):
         if self._retrace:
             self._retrace = False
             self._functions = {}
+            self._cache = None
 
     def on_train_end(self, logs=None) -> None:
         self._warn_if_skipped()
@@ -433,7 +440,8 @@ class FisherCallback(keras.callbacks.Callback):
         )
 
     def _end_fit(self) -> None:
-        # Later fits (with or without this callback) rebuild a clean function.
+        # Later fits without this callback get Keras's own function; this
+        # callback's next fit reuses its own if nothing changed (`_cache`).
         self.model.train_function = None
         self._functions = {}
         if self._writer is not None:
@@ -452,6 +460,58 @@ class FisherCallback(keras.callbacks.Callback):
         return tf.where(dense, tf.constant(1, tf.int64), self.every_n_steps)
 
     # -- the train step ----------------------------------------------------
+
+    def _train_functions(self) -> dict:
+        """The plain and the measuring train functions: those of the last
+        `fit` when nothing they were traced with has changed (Keras keeps
+        its own train function across fits likewise), otherwise new ones.
+        A new input signature is traced by the functions themselves."""
+        key = self._function_key()
+        if self._cache is not None and key is not None and _same(self._cache[0], key):
+            return self._cache[1]
+        functions = {
+            "plain": self._build_train_function(measure=False),
+            "measure": self._build_train_function(measure=True),
+        }
+        # The writer is kept with them: they write through its resource.
+        self._cache = None if key is None else (key, functions, self._writer)
+        return functions
+
+    def _function_key(self) -> tuple | None:
+        """Everything the train functions are traced with (the model and its
+        compilation, the options, this fit's loss, writer and the other
+        keras-fim callbacks' step wrappers); `None` when they cannot be
+        reused (a wrapper that gave no cache key)."""
+        model = self.model
+        wrappers = wrappers_cache_key(model)
+        if wrappers is None:
+            return None
+        layers = self.measured_layers
+        return (
+            model,
+            type(model),
+            model.__dict__.get("train_step"),
+            model.optimizer,
+            compile_loss(model),
+            model.jit_compile,
+            model.run_eagerly,
+            self._steps_per_execution,
+            model.distribute_strategy,
+            tuple(sorted((k, v) for k, v in self._options().items())),
+            None if layers is None else tuple(layers),
+            self.per_example_loss,
+            self._loss,
+            self._writer,
+            self._state,
+            wrappers,
+        )
+
+    def _options(self) -> dict:
+        """The options the train functions read (plain values)."""
+        config = self.get_config()
+        for name in ("per_example_loss", "measured_layers"):
+            config.pop(name)
+        return config
 
     def _build_train_function(self, measure: bool):
         def wrap(original_step):
@@ -728,6 +788,17 @@ class FisherCallback(keras.callbacks.Callback):
             summaries.write_layer_measurements(
                 self._writer, step, layers, measurement.trace
             )
+
+
+def _same(a, b) -> bool:
+    """Whether two cache keys are equal: plain values by value, tuples item
+    by item, anything else (models, optimizers, writers, functions) by
+    identity."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (str, int, float, bool, type(None))):
+        return type(a) is type(b) and a == b
+    return a is b
 
 
 def _own_objective(model) -> bool:

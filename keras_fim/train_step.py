@@ -36,9 +36,26 @@ def _model_dict(model: keras.Model, name: str) -> dict:
     return value
 
 
-def add_step_wrapper(model: keras.Model, key: str, wrapper: StepWrapper) -> None:
-    """Registers `wrapper` under `key` (replacing an earlier one)."""
-    _model_dict(model, _WRAPPERS)[key] = wrapper
+def add_step_wrapper(
+    model: keras.Model, key: str, wrapper: StepWrapper, cache_key: object = None
+) -> None:
+    """Registers `wrapper` under `key` (replacing an earlier one).
+
+    `cache_key`: `None`, or a value (compared with ``==``) equal for two
+    registrations whose wrappers trace the same step; a train function
+    compiled with it may then be reused by a later `fit` (see
+    `wrappers_cache_key`). `None` means never reused."""
+    _model_dict(model, _WRAPPERS)[key] = (wrapper, cache_key)
+
+
+def wrappers_cache_key(model: keras.Model) -> tuple | None:
+    """What the registered wrappers contribute to a train function's cache
+    key: ``((key, cache_key), ...)``, or `None` when one of them gave none
+    (the function is then compiled afresh at every `fit`)."""
+    entries = list(_model_dict(model, _WRAPPERS).items())
+    if any(cache_key is None for _, (_, cache_key) in entries):
+        return None
+    return tuple((key, cache_key) for key, (_, cache_key) in entries)
 
 
 def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None:
@@ -83,7 +100,7 @@ def compile_train_function(model: keras.Model, inner: StepWrapper | None = None)
     step = model.train_step
     if inner is not None:
         step = inner(step)
-    for wrapper in list(_model_dict(model, _WRAPPERS).values()):
+    for wrapper, _ in list(_model_dict(model, _WRAPPERS).values()):
         step = wrapper(step)
     # `make_train_function` compiles whatever `model.train_step` is when it
     # runs; the instance attribute is removed right after.

@@ -440,3 +440,79 @@ def test_plain_model_weights_list_is_unchanged_but_state_is_saved(tmp_path):
     fresh.load_weights(path)
     assert int(state.measurements) == 2 and int(state.step) == 2
     assert float(state.energy_sum) == float(model.fisher_state.energy_sum)
+
+
+# -- no retracing across fits (issue 15 item 2) --------------------------------
+
+
+@pytest.fixture
+def measure_traces(monkeypatch):
+    """How many times a measuring train step was traced (a Python side
+    effect of the traced function: it runs once per trace)."""
+    traces = []
+    original = keras_fim.FisherCallback._measure
+
+    def counted(self, *args, **kwargs):
+        traces.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras_fim.FisherCallback, "_measure", counted)
+    return traces
+
+
+@pytest.mark.parametrize("log_dir", [False, True])
+def test_a_second_fit_reuses_the_traced_functions(tmp_path, measure_traces, log_dir):
+    x, y = data(32, shape=(6, 6, 2))
+    model = compile_sgd(bn_dropout_cnn())
+    log = str(tmp_path) if log_dir else None
+    callback = keras_fim.FisherCallback(log_dir=log, every_n_steps=2)
+    for _ in range(3):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert len(measure_traces) == 1
+    assert int(model.fisher_state.measurements) == 6
+    if log_dir:
+        # One event file per fit, each point written once.
+        scalars, _ = read_scalars(str(tmp_path))
+        assert [s for s, _ in scalars["fisher/C_K_bar"]] == [1, 3, 5, 7, 9, 11]
+        assert scalars["fisher/L_K"][-1][1] == pytest.approx(
+            float(model.fisher_state.energy_sum)
+        )
+
+
+def test_reused_functions_train_as_plain_keras_and_as_fresh_ones(measure_traces):
+    x, y = data(32)
+    fresh_model, reused_model, plain = (compile_sgd(mlp()) for _ in range(3))
+    for other in (fresh_model, plain):
+        other.set_weights(reused_model.get_weights())
+    reused = keras_fim.FisherCallback(every_n_steps=2)
+    for _ in range(2):
+        fit = dict(x=x, y=y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        reused_model.fit(**fit, callbacks=[reused])
+        fresh_model.fit(**fit, callbacks=[keras_fim.FisherCallback(every_n_steps=2)])
+        plain.fit(**fit)
+    assert sum(c is reused for c in measure_traces) == 1
+    assert_same_weights(reused_model, plain)
+    for name in ("energy_sum", "condition_sum", "measurements", "step"):
+        assert float(getattr(reused_model.fisher_state, name)) == float(
+            getattr(fresh_model.fisher_state, name)
+        ), name
+
+
+def test_a_changed_option_a_recompile_or_another_callback_traces_again(measure_traces):
+    x, y = data(32)
+    model = compile_sgd(mlp())
+    callback = keras_fim.FisherCallback(every_n_steps=2)
+
+    def fit(xs=x):
+        model.fit(xs, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+        return len(measure_traces)
+
+    assert fit() == 1
+    assert fit() == 1
+    callback.ema_decay = 0.5  # read while tracing
+    assert fit() == 2
+    compile_sgd(model)
+    assert fit() == 3
+    other = keras_fim.FisherCallback(every_n_steps=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[other])
+    assert len(measure_traces) == 4
