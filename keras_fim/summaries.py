@@ -260,7 +260,8 @@ def write_measurement(
     learning_rate: tf.Tensor,
     batch_size: tf.Tensor,
 ) -> None:
-    """Writes one measured step (graph-safe)."""
+    """Writes one measured step (graph-safe); a name of `SCALARS` missing
+    from `running` and the measurement's values is not written."""
     values = {
         **running,
         "condition_number": measurement.condition_number,
@@ -278,6 +279,8 @@ def write_measurement(
     # "fisher/..." even when written inside a tf.cond or while loop.
     with writer.as_default(step=step), tf.name_scope("fisher/"):
         for name in SCALARS:
+            if name not in values:  # not measured in this fit
+                continue
             value = tf.cast(values[name], tf.float64)
             # Undefined values (B_simple with a non-positive estimate, ...)
             # are left out rather than drawn as NaN or with a wrong sign.

@@ -25,6 +25,7 @@ StepWrapper = Callable[[StepFunction], StepFunction]
 
 _WRAPPERS = "_keras_fim_step_wrappers"
 _CLEANUPS = "_keras_fim_cleanups"
+_READERS = "_keras_fim_noise_scale_readers"
 
 
 def _model_dict(model: keras.Model, name: str) -> dict:
@@ -58,6 +59,19 @@ def wrappers_cache_key(model: keras.Model) -> tuple | None:
     return tuple((key, cache_key) for key, (_, cache_key) in entries)
 
 
+def read_noise_scale(model: keras.Model, key: str) -> None:
+    """Says that the callback registered under `key` reads the gradient
+    noise scale (`model.fisher_state.noise_scale`) in this fit: a
+    `FisherCallback(noise_scale="auto")` then runs the half-batch passes a
+    batch-coupled model needs for it. Forgotten at `end_fit(model, key)`."""
+    _model_dict(model, _READERS)[key] = True
+
+
+def noise_scale_readers(model: keras.Model) -> list[str]:
+    """The keys of the callbacks that read the noise scale in this fit."""
+    return list(_model_dict(model, _READERS))
+
+
 def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None:
     """Registers what undoes a callback's changes to `model` for this fit.
 
@@ -70,8 +84,10 @@ def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None
 
 
 def end_fit(model: keras.Model, key: str) -> None:
-    """Runs and forgets `key`'s cleanup and step wrapper."""
+    """Runs and forgets `key`'s cleanup and step wrapper (and that it reads
+    the noise scale)."""
     _model_dict(model, _WRAPPERS).pop(key, None)
+    _model_dict(model, _READERS).pop(key, None)
     cleanup = _model_dict(model, _CLEANUPS).pop(key, None)
     if cleanup is not None:
         cleanup()

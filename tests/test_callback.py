@@ -516,3 +516,109 @@ def test_a_changed_option_a_recompile_or_another_callback_traces_again(measure_t
     other = keras_fim.FisherCallback(every_n_steps=2)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[other])
     assert len(measure_traces) == 4
+
+
+# -- the noise passes only when read (issue 15 item 4) -------------------------
+
+
+@pytest.fixture
+def noise_passes(monkeypatch):
+    """[traces, runs]: how often the half-batch passes were traced, and a
+    variable counting how often they ran."""
+    import tensorflow as tf
+
+    from keras_fim import callback as callback_module
+
+    runs = tf.Variable(0, dtype=tf.int64)
+    counts = {"traces": 0, "runs": runs}
+    original = callback_module.gradient_noise_components
+
+    def counted(*args, **kwargs):
+        counts["traces"] += 1
+        runs.assign_add(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "gradient_noise_components", counted)
+    return counts
+
+
+def bn_fit(noise_scale, log_dir=None, sampling=None, epochs=1):
+    keras.utils.set_random_seed(1)
+    x, y = data(48, shape=(6, 6, 2))
+    model = compile_sgd(bn_dropout_cnn())
+    fisher = keras_fim.FisherCallback(
+        log_dir=log_dir, every_n_steps=2, noise_scale=noise_scale
+    )
+    if sampling is None:
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[fisher],
+        )
+    else:
+        sampling = keras_fim.DynamicSampling(
+            (x, y), schedule=8, learning_rate_scaling=sampling, shuffle=False
+        )
+        model.fit(
+            sampling.dataset, epochs=epochs, verbose=0, callbacks=[fisher, sampling]
+        )
+    return model
+
+
+def test_auto_runs_no_noise_passes_without_a_reader(noise_passes, tmp_path):
+    model = bn_fit("auto", log_dir=str(tmp_path))
+    state = model.fisher_state
+    assert noise_passes["traces"] == 0 and int(noise_passes["runs"]) == 0
+    assert int(state.measurements) == 3
+    assert float(state.trace_sigma_ema) == 0.0  # never set
+    assert np.isnan(float(state.noise_scale))
+    scalars, _ = read_scalars(str(tmp_path))
+    assert "fisher/noise_scale" not in scalars  # nothing read it: not written
+    assert "fisher/C_K_bar" in scalars
+
+
+def test_auto_with_a_reader_equals_always(noise_passes):
+    read = bn_fit("auto", sampling="adascale")
+    assert noise_passes["traces"] >= 1
+    assert int(noise_passes["runs"]) == int(read.fisher_state.measurements) == 3
+    always = bn_fit("always", sampling="adascale")
+    plain_always = bn_fit("always")
+    for name in ("trace_sigma_ema", "true_gradient_sq_ema", "condition_sum"):
+        value = float(getattr(read.fisher_state, name))
+        assert value != 0.0, name
+        assert value == float(getattr(always.fisher_state, name)), name
+    # Without a reader "auto" records the same spectra, only not the noise.
+    no_reader = bn_fit("auto")
+    assert float(no_reader.fisher_state.condition_sum) == float(
+        plain_always.fisher_state.condition_sum
+    )
+    assert_same_weights(no_reader, plain_always)
+
+
+def test_noise_scale_cadence_and_never(noise_passes):
+    model = bn_fit(2, epochs=2)  # 6 measured steps: passes at the 1st, 3rd, 5th
+    assert int(model.fisher_state.measurements) == 6
+    assert int(noise_passes["runs"]) == 3
+    assert float(model.fisher_state.trace_sigma_ema) != 0.0
+    never = bn_fit("never")
+    assert (
+        int(noise_passes["runs"]) == 3
+        and float(never.fisher_state.trace_sigma_ema) == 0.0
+    )
+    # Free noise components (no batch coupling) are kept whatever the option.
+    x, y = data(32)
+    free = compile_sgd(mlp())
+    free.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras_fim.FisherCallback(every_n_steps=1, noise_scale="never")],
+    )
+    assert float(free.fisher_state.trace_sigma_ema) != 0.0
+    assert int(noise_passes["runs"]) == 3

@@ -41,6 +41,7 @@ NON_DEFAULT = {
     "reuse_training_pass": False,
     "fail_mode": "warn",
     "measured_layers": ["hidden"],
+    "noise_scale": "always",
 }
 
 
