@@ -622,3 +622,101 @@ def test_noise_scale_cadence_and_never(noise_passes):
     )
     assert float(free.fisher_state.trace_sigma_ema) != 0.0
     assert int(noise_passes["runs"]) == 3
+
+
+# -- no noise a user sees (issue 15 item 6) ------------------------------------
+
+
+@pytest.fixture
+def tf_log():
+    """The messages TensorFlow's logger emits, and Python's warnings."""
+    import logging
+    import warnings
+
+    import tensorflow as tf
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = tf.get_logger()
+    logger.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield records, caught
+    logger.removeHandler(handler)
+
+
+def embedding_model(batch_norm=False):
+    layers = [keras.Input((5,), dtype="int32"), keras.layers.Embedding(20, 4)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)]
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def noisy(messages):
+    return [
+        m
+        for m in messages
+        if "IndexedSlices" in m or "retracing" in m or "parallel_iterations" in m
+    ]
+
+
+@pytest.mark.parametrize("reuse_training_pass", [True, False])
+def test_embedding_fits_and_measure_loops_warn_about_nothing(
+    tf_log, reuse_training_pass
+):
+    records, caught = tf_log
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 20, (32, 5)), rng.integers(0, 3, 32)
+    for batch_norm in (False, True):
+        model = embedding_model(batch_norm)
+        callback = keras_fim.FisherCallback(
+            every_n_steps=1,
+            noise_scale="always",
+            reuse_training_pass=reuse_training_pass,
+        )
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+        assert int(model.fisher_state.measurements) == 4
+        for i in range(8):  # measure in a Python loop, batches of one shape
+            batch = slice(4 * i, 4 * i + 4)
+            keras_fim.measure(model, x[batch], y[batch])
+            keras_fim.fisher_gram(model, x[batch], y[batch])
+    assert not noisy(records)
+    assert not noisy([str(w.message) for w in caught])
+
+
+def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
+    import tensorflow as tf
+
+    class Scale(keras.layers.Layer):  # the generic (pfor) rule
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4), Scale(), keras.layers.Dense(3)]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(48)
+    results = [keras_fim.measure(model, x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
+    (function,) = model._keras_fim_api_functions.values()
+    assert function.experimental_get_tracing_count() == 1
+    for _ in range(4):
+        keras_fim.measure(model, x[:8], y[:8])
+    assert function.experimental_get_tracing_count() == 1
+    direct = tf.function(lambda a, b: keras_fim.measure(model, a, b))(x[8:16], y[8:16])
+    np.testing.assert_allclose(
+        results[1].eigenvalues.numpy(), direct.eigenvalues.numpy(), rtol=1e-12
+    )
