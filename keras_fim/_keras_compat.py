@@ -31,8 +31,9 @@ import tensorflow as tf
 #   is exact only around Keras's own train step and loss computation;
 # * Functional, functional_init_arguments: `FisherModel(inputs, outputs)`
 #   must become a functional model as `keras.Model(inputs, outputs)` does;
-# * control_flow_util, summary_ops_v2: whether a graph is compiled by XLA,
-#   and a raw event written into a summary file.
+# * control_flow_util, summary_ops_v2, gen_summary_ops: whether a graph is
+#   compiled by XLA, a raw event written into a summary file, and a closed
+#   summary writer reopened on its resource.
 from keras.src.backend import get_keras_mask
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.losses.loss import apply_mask, squeeze_or_expand_to_same_rank
@@ -40,7 +41,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
-from tensorflow.python.ops import control_flow_util, summary_ops_v2
+from tensorflow.python.ops import control_flow_util, gen_summary_ops, summary_ops_v2
 
 __all__ = [
     "Functional",
@@ -63,6 +64,7 @@ __all__ = [
     "keras_logits",
     "op_determinism_enabled",
     "optimizer_learning_rate",
+    "reopen_file_writer",
     "set_instance_attribute",
     "set_keras_logits",
     "set_keras_mask",
@@ -251,3 +253,19 @@ def import_event(writer, serialized_event) -> None:
     TensorBoard needs to drop the points of an interrupted run)."""
     with writer.as_default():
         summary_ops_v2.import_event(tf.constant(serialized_event))
+
+
+def reopen_file_writer(writer, logdir: str) -> None:
+    """Opens a new event file in `logdir` for a closed `tf.summary` file
+    writer, on the same resource, with `create_file_writer`'s defaults: the
+    train functions traced with it (which hold its resource, not the Python
+    object) keep writing through it, so a later `fit` reuses them instead of
+    tracing them again."""
+    gen_summary_ops.create_summary_file_writer(
+        writer._resource,
+        logdir=logdir,
+        max_queue=10,
+        flush_millis=120000,
+        filename_suffix=".v2",
+    )
+    writer._closed = False

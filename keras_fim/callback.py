@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim._keras_compat import (
+    compile_loss,
     is_default_strategy,
     is_keras_loss_computation,
     is_keras_train_step,
@@ -28,7 +29,13 @@ from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applie
 from keras_fim.engine.units import batch_size as batch_size_of
 from keras_fim.engine.units import read_variables, resolve_layers
 from keras_fim.state import FisherState, attach_state
-from keras_fim.train_step import begin_fit, compile_train_function, end_fit
+from keras_fim.train_step import (
+    begin_fit,
+    compile_train_function,
+    end_fit,
+    noise_scale_readers,
+    wrappers_cache_key,
+)
 from keras_fim.validation import (
     check_bool,
     check_callable,
@@ -36,6 +43,7 @@ from keras_fim.validation import (
     check_int,
     check_layers,
     check_log_dir,
+    check_noise_scale,
     check_real,
 )
 
@@ -183,6 +191,22 @@ class FisherCallback(keras.callbacks.Callback):
             at any depth): only their trainable weights make up ``J`` (a
             GAN's generator, say, when its loss is measured). Defaults to
             `None` (every trainable weight).
+        noise_scale: String or integer, when the gradient noise scale
+            (``model.fisher_state.noise_scale``, TensorBoard
+            ``fisher/noise_scale``) is measured where it costs extra passes:
+            a batch-coupled model (BatchNorm in training mode) on one device
+            needs the gradients of the batch and of its two halves, three
+            more forward and backward passes per measured step. Elsewhere it
+            comes free from the Gram matrix (independent examples) or the
+            replicas' shards, and is always kept. ``"auto"`` runs the passes
+            only in a `fit` where something reads the noise scale (a
+            `keras_fim.DynamicSampling` with AdaScale, an `Automatic`
+            schedule on the noise scale, or a schedule function of one's
+            own); ``"always"`` at every measured step; an integer ``n >= 1``
+            at every ``n``-th measured step; ``"never"`` not at all. Where
+            the passes do not run, ``fisher/noise_scale`` is not written
+            and the running averages keep their values. Defaults to
+            `"auto"`.
 
     Example:
 
@@ -211,6 +235,7 @@ class FisherCallback(keras.callbacks.Callback):
         fail_mode: str = "error",
         per_example_loss: PerExampleLoss | None = None,
         measured_layers: list | None = None,
+        noise_scale: str | int = "auto",
     ):
         super().__init__()
         self.log_dir = check_log_dir(log_dir)
@@ -235,6 +260,10 @@ class FisherCallback(keras.callbacks.Callback):
             allow_none=True,
         )
         self.measured_layers = check_layers("measured_layers", measured_layers)
+        self.noise_scale = check_noise_scale(noise_scale)
+        # Whether this fit's measuring function runs the half-batch passes
+        # (set when the functions are built).
+        self._noise_passes = False
         # Set again at every fit's start (`on_train_begin`).
         self._loss = self.per_example_loss
         self._not_measured = None
@@ -242,6 +271,9 @@ class FisherCallback(keras.callbacks.Callback):
         self._state: FisherState | None = None
         self._writer = None
         self._functions: dict[str, Any] = {}
+        # (key, functions, writer) of the last fit: a later fit with an equal
+        # key reuses the traced functions (`_function_key`).
+        self._cache: tuple | None = None
         self._epoch = 0
         self._warned = False
         self._unsupported_strategy = None
@@ -265,6 +297,7 @@ class FisherCallback(keras.callbacks.Callback):
                 else keras.saving.serialize_keras_object(self.per_example_loss)
             ),
             "measured_layers": _layer_names(self.measured_layers),
+            "noise_scale": self.noise_scale,
         }
 
     @classmethod
@@ -376,10 +409,7 @@ class FisherCallback(keras.callbacks.Callback):
         if self._unsupported_strategy or self._not_measured:
             return  # Keras's own train function: training as without us
         if not self._functions:
-            self._functions = {
-                "plain": self._build_train_function(measure=False),
-                "measure": self._build_train_function(measure=True),
-            }
+            self._functions = self._train_functions()
         if self._steps_per_execution > 1:
             # One function, the decision is taken per step in-graph. Set at
             # every batch: another keras-fim callback may have set its own.
@@ -396,6 +426,7 @@ class FisherCallback(keras.callbacks.Callback):
         if self._retrace:
             self._retrace = False
             self._functions = {}
+            self._cache = None
 
     def on_train_end(self, logs=None) -> None:
         self._warn_if_skipped()
@@ -433,7 +464,8 @@ class FisherCallback(keras.callbacks.Callback):
         )
 
     def _end_fit(self) -> None:
-        # Later fits (with or without this callback) rebuild a clean function.
+        # Later fits without this callback get Keras's own function; this
+        # callback's next fit reuses its own if nothing changed (`_cache`).
         self.model.train_function = None
         self._functions = {}
         if self._writer is not None:
@@ -452,6 +484,69 @@ class FisherCallback(keras.callbacks.Callback):
         return tf.where(dense, tf.constant(1, tf.int64), self.every_n_steps)
 
     # -- the train step ----------------------------------------------------
+
+    def _train_functions(self) -> dict:
+        """The plain and the measuring train functions: those of the last
+        `fit` when nothing they were traced with has changed (Keras keeps
+        its own train function across fits likewise), otherwise new ones.
+        A new input signature is traced by the functions themselves."""
+        self._noise_passes = self._runs_noise_passes()
+        key = self._function_key()
+        if self._cache is not None and key is not None and _same(self._cache[0], key):
+            return self._cache[1]
+        functions = {
+            "plain": self._build_train_function(measure=False),
+            "measure": self._build_train_function(measure=True),
+        }
+        # The writer is kept with them: they write through its resource.
+        self._cache = None if key is None else (key, functions, self._writer)
+        return functions
+
+    def _function_key(self) -> tuple | None:
+        """Everything the train functions are traced with (the model and its
+        compilation, the options, this fit's loss, writer and the other
+        keras-fim callbacks' step wrappers); `None` when they cannot be
+        reused (a wrapper that gave no cache key)."""
+        model = self.model
+        wrappers = wrappers_cache_key(model)
+        if wrappers is None:
+            return None
+        layers = self.measured_layers
+        return (
+            model,
+            type(model),
+            model.__dict__.get("train_step"),
+            model.optimizer,
+            compile_loss(model),
+            model.jit_compile,
+            model.run_eagerly,
+            self._steps_per_execution,
+            model.distribute_strategy,
+            tuple(sorted((k, v) for k, v in self._options().items())),
+            None if layers is None else tuple(layers),
+            self.per_example_loss,
+            self._loss,
+            self._writer,
+            self._state,
+            self._noise_passes,
+            wrappers,
+        )
+
+    def _runs_noise_passes(self) -> bool:
+        """Whether this fit's measured steps may run the half-batch passes of
+        a batch-coupled model (`noise_scale`)."""
+        if self.noise_scale == "never":
+            return False
+        if self.noise_scale == "auto":
+            return bool(noise_scale_readers(self.model))
+        return True
+
+    def _options(self) -> dict:
+        """The options the train functions read (plain values)."""
+        config = self.get_config()
+        for name in ("per_example_loss", "measured_layers"):
+            config.pop(name)
+        return config
 
     def _build_train_function(self, measure: bool):
         def wrap(original_step):
@@ -659,16 +754,35 @@ class FisherCallback(keras.callbacks.Callback):
                 def coupled_noise(gram):
                     # Half batches of a batch-coupled model are run for real
                     # (through the compiled loss: not with a custom one, whose
-                    # noise scale is then left undefined).
-                    if self._loss is not None:
-                        nan = tf.constant(float("nan"), tf.float64)
+                    # noise scale is then left undefined), when asked for.
+                    nan = tf.constant(float("nan"), tf.float64)
+                    if self._loss is not None or not self._noise_passes:
                         return nan, nan
-                    return gradient_noise_components(
-                        model, *batch, record.variable_values
+
+                    def passes():
+                        return gradient_noise_components(
+                            model, *batch, record.variable_values
+                        )
+
+                    if self.noise_scale in ("auto", "always", 1):
+                        return passes()
+                    # Every n-th measured step (counted before this one).
+                    index = state.measurements + state.skipped
+                    return tf.cond(
+                        tf.equal(index % self.noise_scale, 0),
+                        passes,
+                        lambda: (nan, nan),
                     )
 
             # A non-finite Gram gives an all-NaN measurement, which
             # `FisherState.record` counts as skipped.
+            # Whether this step can give a noise scale: free from the Gram
+            # or the shards, or from the passes when they run.
+            noise_written = (
+                distributed
+                or not record.coupled
+                or (self._loss is None and self._noise_passes)
+            )
             result = measure_pass(
                 record,
                 grams=grams,
@@ -694,7 +808,11 @@ class FisherCallback(keras.callbacks.Callback):
 
         def write():
             self._write(
-                result.measurement, result.layers, inputs["learning_rate"], batch_size
+                result.measurement,
+                result.layers,
+                inputs["learning_rate"],
+                batch_size,
+                noise_written,
             )
             return tf.constant(True)
 
@@ -707,27 +825,37 @@ class FisherCallback(keras.callbacks.Callback):
         # Only the first replica writes (no collective in this branch).
         tf.cond(measured & first, write, lambda: tf.constant(False))
 
-    def _write(self, measurement, layers, learning_rate, batch_size) -> None:
+    def _write(
+        self, measurement, layers, learning_rate, batch_size, noise_written
+    ) -> None:
         state = self._state
         step = state.step + 1
+        running = {
+            "C_K_bar": state.condition_mean,
+            "L_K": state.energy_sum,
+            "condition_number_ema": state.condition_ema,
+            "skipped": state.skipped,
+        }
+        if noise_written:
+            running["noise_scale"] = state.noise_scale
         summaries.write_measurement(
-            self._writer,
-            step,
-            measurement,
-            {
-                "C_K_bar": state.condition_mean,
-                "L_K": state.energy_sum,
-                "condition_number_ema": state.condition_ema,
-                "noise_scale": state.noise_scale,
-                "skipped": state.skipped,
-            },
-            learning_rate,
-            batch_size,
+            self._writer, step, measurement, running, learning_rate, batch_size
         )
         if self.per_layer:
             summaries.write_layer_measurements(
                 self._writer, step, layers, measurement.trace
             )
+
+
+def _same(a, b) -> bool:
+    """Whether two cache keys are equal: plain values by value, tuples item
+    by item, anything else (models, optimizers, writers, functions) by
+    identity."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (str, int, float, bool, type(None))):
+        return type(a) is type(b) and a == b
+    return a is b
 
 
 def _own_objective(model) -> bool:

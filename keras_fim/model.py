@@ -23,6 +23,7 @@ _OPTIONS = (
     "reuse_training_pass",
     "fail_mode",
     "measured_layers",
+    "noise_scale",
 )
 
 
@@ -64,6 +65,11 @@ class FisherModel(keras.Model):
             layer whose rule fails does (see `FisherCallback`).
         measured_layers: `None` (all), or layers of the model or their
             names: only their weights are measured (see `FisherCallback`).
+        noise_scale: ``"auto"``, ``"always"``, ``"never"`` or an integer
+            cadence: when a batch-coupled model's gradient noise scale is
+            measured, at the cost of three more passes per measured step
+            (see `FisherCallback`). Defaults to ``"auto"``: when something
+            in the `fit` reads it.
         **kwargs: Keyword arguments of `keras.Model`.
 
     Example:
@@ -102,6 +108,7 @@ class FisherModel(keras.Model):
         reuse_training_pass: bool = True,
         fail_mode: str = "error",
         measured_layers: list | None = None,
+        noise_scale: str | int = "auto",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -120,6 +127,7 @@ class FisherModel(keras.Model):
             fail_mode=fail_mode,
             per_example_loss=_model_per_example_loss if overridden else None,
             measured_layers=measured_layers,
+            noise_scale=noise_scale,
         )
         self.fisher_state = FisherState()
         # Tracked here (a plain model gets it untracked from DynamicSampling),

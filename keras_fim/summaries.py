@@ -30,11 +30,12 @@ import math
 import os
 import time
 import warnings
+import weakref
 
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from keras_fim._keras_compat import import_event
+from keras_fim._keras_compat import import_event, reopen_file_writer
 from keras_fim.measurements import FisherMeasurement
 
 SCALARS = (
@@ -79,22 +80,35 @@ def create_writer(log_dir: str):
     Callers in one process asking for the same folder while it is open share
     one writer, so that one `fit` writes one event file there (see
     `start_session`); each caller calls `close()` once, and the last one
-    closes the file."""
+    closes the file. A closed writer that is still referenced (a
+    `FisherCallback` keeps its traced train functions, which write through
+    it, for its next `fit`) is reopened on the same resource, with a new
+    event file, when its folder is asked for again."""
     path = os.path.join(log_dir, "train")
     key = path if "://" in path else os.path.abspath(path)
     shared = _OPEN_WRITERS.get(key)
     if shared is None:
-        writer = tf.summary.create_file_writer(path)
-        with writer.as_default(step=0):
+        shared = _CLOSED_WRITERS.pop(key, None)
+        if shared is not None:
+            # A new event file on the same resource: train functions traced
+            # with this writer (kept by a callback that reuses them) write
+            # into it.
+            reopen_file_writer(shared.writer, path)
+            shared.session_step = None
+        else:
+            shared = _SharedWriter(tf.summary.create_file_writer(path), key)
+        with shared.writer.as_default(step=0):
             _write_layout()
-        writer.flush()
-        shared = _SharedWriter(writer, key)
+        shared.writer.flush()
         _OPEN_WRITERS[key] = shared
     shared.users += 1
     return shared
 
 
 _OPEN_WRITERS: dict = {}
+# Closed writers still referenced (by a callback's traced functions), by
+# folder: `create_writer` reopens them rather than creating another resource.
+_CLOSED_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class _SharedWriter(tf.summary.SummaryWriter):
@@ -125,6 +139,7 @@ class _SharedWriter(tf.summary.SummaryWriter):
             return None
         if _OPEN_WRITERS.get(self.key) is self:
             del _OPEN_WRITERS[self.key]
+            _CLOSED_WRITERS[self.key] = self
         return self.writer.close()
 
     def __getattr__(self, name):
@@ -245,7 +260,8 @@ def write_measurement(
     learning_rate: tf.Tensor,
     batch_size: tf.Tensor,
 ) -> None:
-    """Writes one measured step (graph-safe)."""
+    """Writes one measured step (graph-safe); a name of `SCALARS` missing
+    from `running` and the measurement's values is not written."""
     values = {
         **running,
         "condition_number": measurement.condition_number,
@@ -263,6 +279,8 @@ def write_measurement(
     # "fisher/..." even when written inside a tf.cond or while loop.
     with writer.as_default(step=step), tf.name_scope("fisher/"):
         for name in SCALARS:
+            if name not in values:  # not measured in this fit
+                continue
             value = tf.cast(values[name], tf.float64)
             # Undefined values (B_simple with a non-positive estimate, ...)
             # are left out rather than drawn as NaN or with a wrong sign.

@@ -25,6 +25,7 @@ StepWrapper = Callable[[StepFunction], StepFunction]
 
 _WRAPPERS = "_keras_fim_step_wrappers"
 _CLEANUPS = "_keras_fim_cleanups"
+_READERS = "_keras_fim_noise_scale_readers"
 
 
 def _model_dict(model: keras.Model, name: str) -> dict:
@@ -36,9 +37,39 @@ def _model_dict(model: keras.Model, name: str) -> dict:
     return value
 
 
-def add_step_wrapper(model: keras.Model, key: str, wrapper: StepWrapper) -> None:
-    """Registers `wrapper` under `key` (replacing an earlier one)."""
-    _model_dict(model, _WRAPPERS)[key] = wrapper
+def add_step_wrapper(
+    model: keras.Model, key: str, wrapper: StepWrapper, cache_key: object = None
+) -> None:
+    """Registers `wrapper` under `key` (replacing an earlier one).
+
+    `cache_key`: `None`, or a value (compared with ``==``) equal for two
+    registrations whose wrappers trace the same step; a train function
+    compiled with it may then be reused by a later `fit` (see
+    `wrappers_cache_key`). `None` means never reused."""
+    _model_dict(model, _WRAPPERS)[key] = (wrapper, cache_key)
+
+
+def wrappers_cache_key(model: keras.Model) -> tuple | None:
+    """What the registered wrappers contribute to a train function's cache
+    key: ``((key, cache_key), ...)``, or `None` when one of them gave none
+    (the function is then compiled afresh at every `fit`)."""
+    entries = list(_model_dict(model, _WRAPPERS).items())
+    if any(cache_key is None for _, (_, cache_key) in entries):
+        return None
+    return tuple((key, cache_key) for key, (_, cache_key) in entries)
+
+
+def read_noise_scale(model: keras.Model, key: str) -> None:
+    """Says that the callback registered under `key` reads the gradient
+    noise scale (`model.fisher_state.noise_scale`) in this fit: a
+    `FisherCallback(noise_scale="auto")` then runs the half-batch passes a
+    batch-coupled model needs for it. Forgotten at `end_fit(model, key)`."""
+    _model_dict(model, _READERS)[key] = True
+
+
+def noise_scale_readers(model: keras.Model) -> list[str]:
+    """The keys of the callbacks that read the noise scale in this fit."""
+    return list(_model_dict(model, _READERS))
 
 
 def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None:
@@ -53,8 +84,10 @@ def begin_fit(model: keras.Model, key: str, cleanup: Callable[[], None]) -> None
 
 
 def end_fit(model: keras.Model, key: str) -> None:
-    """Runs and forgets `key`'s cleanup and step wrapper."""
+    """Runs and forgets `key`'s cleanup and step wrapper (and that it reads
+    the noise scale)."""
     _model_dict(model, _WRAPPERS).pop(key, None)
+    _model_dict(model, _READERS).pop(key, None)
     cleanup = _model_dict(model, _CLEANUPS).pop(key, None)
     if cleanup is not None:
         cleanup()
@@ -83,7 +116,7 @@ def compile_train_function(model: keras.Model, inner: StepWrapper | None = None)
     step = model.train_step
     if inner is not None:
         step = inner(step)
-    for wrapper in list(_model_dict(model, _WRAPPERS).values()):
+    for wrapper, _ in list(_model_dict(model, _WRAPPERS).values()):
         step = wrapper(step)
     # `make_train_function` compiles whatever `model.train_step` is when it
     # runs; the instance attribute is removed right after.

@@ -104,6 +104,23 @@ def check_choice(name: str, value, allowed: Iterable[str]) -> str:
     return value
 
 
+NOISE_SCALE_MODES = ("auto", "always", "never")
+
+
+def check_noise_scale(value) -> str | int:
+    """`FisherCallback`'s `noise_scale`: one of `NOISE_SCALE_MODES`, or an
+    integer >= 1 (a cadence in measured steps)."""
+    if is_integer(value):
+        if value < 1:
+            _fail(
+                "noise_scale", f"one of {NOISE_SCALE_MODES} or an integer >= 1", value
+            )
+        return int(value)
+    if not isinstance(value, str) or value not in NOISE_SCALE_MODES:
+        _fail("noise_scale", f"one of {NOISE_SCALE_MODES} or an integer >= 1", value)
+    return value
+
+
 def check_callable(name: str, value, allowed: str, *, allow_none: bool = False):
     """A callable (`None` if `allow_none`); `allowed` describes it."""
     if value is None and allow_none:

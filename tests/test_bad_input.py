@@ -102,6 +102,11 @@ FISHER_BAD = [
     ("measured_layers", 3),
     ("measured_layers", []),
     ("measured_layers", ["dense", None]),
+    ("noise_scale", "sometimes"),
+    ("noise_scale", 0),
+    ("noise_scale", True),
+    ("noise_scale", 2.0),
+    ("noise_scale", None),
 ]
 
 # FisherModel's counterpart is a method (`FisherModel.per_example_loss`).
@@ -144,6 +149,7 @@ def test_bad_fisher_option_is_refused_at_construction():
         ("log_dir", pathlib.Path("some/logs"), "some/logs"),
         ("log_dir", b"some/logs", "some/logs"),
         ("memory_budget", 2**20, 2**20),
+        ("noise_scale", np.int64(4), 4),
     ],
 )
 def test_numpy_numbers_and_paths_are_accepted(name, value, stored):

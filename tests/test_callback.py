@@ -440,3 +440,283 @@ def test_plain_model_weights_list_is_unchanged_but_state_is_saved(tmp_path):
     fresh.load_weights(path)
     assert int(state.measurements) == 2 and int(state.step) == 2
     assert float(state.energy_sum) == float(model.fisher_state.energy_sum)
+
+
+# -- no retracing across fits (issue 15 item 2) --------------------------------
+
+
+@pytest.fixture
+def measure_traces(monkeypatch):
+    """How many times a measuring train step was traced (a Python side
+    effect of the traced function: it runs once per trace)."""
+    traces = []
+    original = keras_fim.FisherCallback._measure
+
+    def counted(self, *args, **kwargs):
+        traces.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras_fim.FisherCallback, "_measure", counted)
+    return traces
+
+
+@pytest.mark.parametrize("log_dir", [False, True])
+def test_a_second_fit_reuses_the_traced_functions(tmp_path, measure_traces, log_dir):
+    x, y = data(32, shape=(6, 6, 2))
+    model = compile_sgd(bn_dropout_cnn())
+    log = str(tmp_path) if log_dir else None
+    callback = keras_fim.FisherCallback(log_dir=log, every_n_steps=2)
+    for _ in range(3):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    assert len(measure_traces) == 1
+    assert int(model.fisher_state.measurements) == 6
+    if log_dir:
+        # One event file per fit, each point written once.
+        scalars, _ = read_scalars(str(tmp_path))
+        assert [s for s, _ in scalars["fisher/C_K_bar"]] == [1, 3, 5, 7, 9, 11]
+        assert scalars["fisher/L_K"][-1][1] == pytest.approx(
+            float(model.fisher_state.energy_sum)
+        )
+
+
+def test_reused_functions_train_as_plain_keras_and_as_fresh_ones(measure_traces):
+    x, y = data(32)
+    fresh_model, reused_model, plain = (compile_sgd(mlp()) for _ in range(3))
+    for other in (fresh_model, plain):
+        other.set_weights(reused_model.get_weights())
+    reused = keras_fim.FisherCallback(every_n_steps=2)
+    for _ in range(2):
+        fit = dict(x=x, y=y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        reused_model.fit(**fit, callbacks=[reused])
+        fresh_model.fit(**fit, callbacks=[keras_fim.FisherCallback(every_n_steps=2)])
+        plain.fit(**fit)
+    assert sum(c is reused for c in measure_traces) == 1
+    assert_same_weights(reused_model, plain)
+    for name in ("energy_sum", "condition_sum", "measurements", "step"):
+        assert float(getattr(reused_model.fisher_state, name)) == float(
+            getattr(fresh_model.fisher_state, name)
+        ), name
+
+
+def test_a_changed_option_a_recompile_or_another_callback_traces_again(measure_traces):
+    x, y = data(32)
+    model = compile_sgd(mlp())
+    callback = keras_fim.FisherCallback(every_n_steps=2)
+
+    def fit(xs=x):
+        model.fit(xs, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+        return len(measure_traces)
+
+    assert fit() == 1
+    assert fit() == 1
+    callback.ema_decay = 0.5  # read while tracing
+    assert fit() == 2
+    compile_sgd(model)
+    assert fit() == 3
+    other = keras_fim.FisherCallback(every_n_steps=2)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[other])
+    assert len(measure_traces) == 4
+
+
+# -- the noise passes only when read (issue 15 item 4) -------------------------
+
+
+@pytest.fixture
+def noise_passes(monkeypatch):
+    """[traces, runs]: how often the half-batch passes were traced, and a
+    variable counting how often they ran."""
+    import tensorflow as tf
+
+    from keras_fim import callback as callback_module
+
+    runs = tf.Variable(0, dtype=tf.int64)
+    counts = {"traces": 0, "runs": runs}
+    original = callback_module.gradient_noise_components
+
+    def counted(*args, **kwargs):
+        counts["traces"] += 1
+        runs.assign_add(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "gradient_noise_components", counted)
+    return counts
+
+
+def bn_fit(noise_scale, log_dir=None, sampling=None, epochs=1):
+    keras.utils.set_random_seed(1)
+    x, y = data(48, shape=(6, 6, 2))
+    model = compile_sgd(bn_dropout_cnn())
+    fisher = keras_fim.FisherCallback(
+        log_dir=log_dir, every_n_steps=2, noise_scale=noise_scale
+    )
+    if sampling is None:
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=epochs,
+            verbose=0,
+            shuffle=False,
+            callbacks=[fisher],
+        )
+    else:
+        sampling = keras_fim.DynamicSampling(
+            (x, y), schedule=8, learning_rate_scaling=sampling, shuffle=False
+        )
+        model.fit(
+            sampling.dataset, epochs=epochs, verbose=0, callbacks=[fisher, sampling]
+        )
+    return model
+
+
+def test_auto_runs_no_noise_passes_without_a_reader(noise_passes, tmp_path):
+    model = bn_fit("auto", log_dir=str(tmp_path))
+    state = model.fisher_state
+    assert noise_passes["traces"] == 0 and int(noise_passes["runs"]) == 0
+    assert int(state.measurements) == 3
+    assert float(state.trace_sigma_ema) == 0.0  # never set
+    assert np.isnan(float(state.noise_scale))
+    scalars, _ = read_scalars(str(tmp_path))
+    assert "fisher/noise_scale" not in scalars  # nothing read it: not written
+    assert "fisher/C_K_bar" in scalars
+
+
+def test_auto_with_a_reader_equals_always(noise_passes):
+    read = bn_fit("auto", sampling="adascale")
+    assert noise_passes["traces"] >= 1
+    assert int(noise_passes["runs"]) == int(read.fisher_state.measurements) == 3
+    always = bn_fit("always", sampling="adascale")
+    plain_always = bn_fit("always")
+    for name in ("trace_sigma_ema", "true_gradient_sq_ema", "condition_sum"):
+        value = float(getattr(read.fisher_state, name))
+        assert value != 0.0, name
+        assert value == float(getattr(always.fisher_state, name)), name
+    # Without a reader "auto" records the same spectra, only not the noise.
+    no_reader = bn_fit("auto")
+    assert float(no_reader.fisher_state.condition_sum) == float(
+        plain_always.fisher_state.condition_sum
+    )
+    assert_same_weights(no_reader, plain_always)
+
+
+def test_noise_scale_cadence_and_never(noise_passes):
+    model = bn_fit(2, epochs=2)  # 6 measured steps: passes at the 1st, 3rd, 5th
+    assert int(model.fisher_state.measurements) == 6
+    assert int(noise_passes["runs"]) == 3
+    assert float(model.fisher_state.trace_sigma_ema) != 0.0
+    never = bn_fit("never")
+    assert (
+        int(noise_passes["runs"]) == 3
+        and float(never.fisher_state.trace_sigma_ema) == 0.0
+    )
+    # Free noise components (no batch coupling) are kept whatever the option.
+    x, y = data(32)
+    free = compile_sgd(mlp())
+    free.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=1,
+        verbose=0,
+        callbacks=[keras_fim.FisherCallback(every_n_steps=1, noise_scale="never")],
+    )
+    assert float(free.fisher_state.trace_sigma_ema) != 0.0
+    assert int(noise_passes["runs"]) == 3
+
+
+# -- no noise a user sees (issue 15 item 6) ------------------------------------
+
+
+@pytest.fixture
+def tf_log():
+    """The messages TensorFlow's logger emits, and Python's warnings."""
+    import logging
+    import warnings
+
+    import tensorflow as tf
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logger = tf.get_logger()
+    logger.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield records, caught
+    logger.removeHandler(handler)
+
+
+def embedding_model(batch_norm=False):
+    layers = [keras.Input((5,), dtype="int32"), keras.layers.Embedding(20, 4)]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)]
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def noisy(messages):
+    return [
+        m
+        for m in messages
+        if "IndexedSlices" in m or "retracing" in m or "parallel_iterations" in m
+    ]
+
+
+@pytest.mark.parametrize("reuse_training_pass", [True, False])
+def test_embedding_fits_and_measure_loops_warn_about_nothing(
+    tf_log, reuse_training_pass
+):
+    records, caught = tf_log
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 20, (32, 5)), rng.integers(0, 3, 32)
+    for batch_norm in (False, True):
+        model = embedding_model(batch_norm)
+        callback = keras_fim.FisherCallback(
+            every_n_steps=1,
+            noise_scale="always",
+            reuse_training_pass=reuse_training_pass,
+        )
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+        assert int(model.fisher_state.measurements) == 4
+        for i in range(8):  # measure in a Python loop, batches of one shape
+            batch = slice(4 * i, 4 * i + 4)
+            keras_fim.measure(model, x[batch], y[batch])
+            keras_fim.fisher_gram(model, x[batch], y[batch])
+    assert not noisy(records)
+    assert not noisy([str(w.message) for w in caught])
+
+
+def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
+    import tensorflow as tf
+
+    class Scale(keras.layers.Layer):  # the generic (pfor) rule
+        def build(self, shape):
+            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.w
+
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(4), Scale(), keras.layers.Dense(3)]
+    )
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data(48)
+    results = [keras_fim.measure(model, x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
+    (function,) = model._keras_fim_api_functions.values()
+    assert function.experimental_get_tracing_count() == 1
+    for _ in range(4):
+        keras_fim.measure(model, x[:8], y[:8])
+    assert function.experimental_get_tracing_count() == 1
+    direct = tf.function(lambda a, b: keras_fim.measure(model, a, b))(x[8:16], y[8:16])
+    np.testing.assert_allclose(
+        results[1].eigenvalues.numpy(), direct.eigenvalues.numpy(), rtol=1e-12
+    )

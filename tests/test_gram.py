@@ -356,6 +356,7 @@ def test_fit_measurements_do_not_depend_on_reusing_the_pass(batch_norm, tmp_path
             reuse_training_pass=reuse_training_pass,
             per_layer=True,
             log_dir=str(tmp_path / str(reuse_training_pass)),
+            noise_scale="always",
         )
         model.fit(
             x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[callback]

@@ -200,6 +200,35 @@ def test_a_raw_event_reaches_the_file(tmp_path):
     assert any(e.step == 4 and e.HasField("session_log") for e in events)
 
 
+def test_a_closed_writer_reopens_on_its_resource_for_a_traced_function(tmp_path):
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    traces = []
+
+    @tf.function
+    def write(value):
+        traces.append(1)
+        with writer.as_default(step=tf.cast(value, tf.int64)):
+            tf.summary.scalar("x", value)
+
+    write(tf.constant(1.0))
+    writer.close()
+    compat.reopen_file_writer(writer, str(tmp_path))
+    write(tf.constant(2.0))  # the same trace, writing into a new file
+    writer.close()
+    assert len(traces) == 1
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2
+    steps = [
+        [
+            e.step
+            for e in tf.compat.v1.train.summary_iterator(os.path.join(tmp_path, n))
+            if e.summary.value
+        ]
+        for n in names
+    ]
+    assert steps == [[1], [2]]
+
+
 def test_functional_construction_is_recognised():
     inputs = keras.Input((2,))
     outputs = keras.layers.Dense(1)(inputs)

@@ -317,3 +317,15 @@ def record_batch_pass(
             call.cotangents = cotangents[position : position + n]
             position += n
     return BatchPass(recorder.calls, (trainable, non_trainable), losses)
+
+
+def dense_gradient(gradient, like) -> tf.Tensor:
+    """`gradient` as a dense tensor shaped like `like` (a variable or its
+    value): an Embedding's `IndexedSlices` is summed into its rows by index
+    (`tf.math.unsorted_segment_sum`), with the static row count, rather
+    than converted with an unknown shape (which TensorFlow warns about)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        rows = like.shape[0]
+        values = tf.reshape(gradient.values, [-1, *like.shape[1:]])
+        return tf.math.unsorted_segment_sum(values, gradient.indices, rows)
+    return gradient

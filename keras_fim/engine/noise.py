@@ -23,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim._keras_compat import call_has_training_arg
+from keras_fim.engine.capture import dense_gradient
 from keras_fim.engine.losses import per_example_losses
 from keras_fim.engine.scaling import pass_loss_factor
 from keras_fim.engine.units import batch_size, read_variables
@@ -76,11 +77,11 @@ def gradient_noise_components(
         grads = tape.gradient(
             loss, trainable, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
-        # convert_to_tensor: an Embedding's gradient is IndexedSlices.
+        # An Embedding's gradient is IndexedSlices (repeated rows add up).
         total = tf.add_n(
             [
-                tf.reduce_sum(tf.cast(tf.convert_to_tensor(g), tf.float64) ** 2)
-                for g in grads
+                tf.reduce_sum(tf.cast(dense_gradient(g, v), tf.float64) ** 2)
+                for g, v in zip(grads, trainable, strict=True)
             ]
         )
         return total if scale is None else total / tf.cast(scale, tf.float64) ** 2

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim._keras_compat import in_xla_context
-from keras_fim.engine.capture import LayerCall, differentiable_outputs
+from keras_fim.engine.capture import LayerCall, dense_gradient, differentiable_outputs
 from keras_fim.engine.gram import (
     GhostFactors,
     convolution_block,
@@ -134,9 +134,10 @@ def per_example_rule(
             share = _output_share(
                 differentiable_outputs(out), [d[None] for d in dy_i], 1
             )
-        return tape.gradient(
+        grads = tape.gradient(
             share, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
+        return [dense_gradient(g, v) for g, v in zip(grads, variables, strict=True)]
 
     return list(tf.vectorized_map(one, (inputs, cotangents)))
 

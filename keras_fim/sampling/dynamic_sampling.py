@@ -60,6 +60,7 @@ from keras_fim.train_step import (
     begin_fit,
     compile_train_function,
     end_fit,
+    read_noise_scale,
 )
 from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
@@ -336,6 +337,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         warnings.filterwarnings("ignore", message=_RAN_OUT_WARNING)
         begin_fit(model, "dynamic_sampling", self._end_fit)
         add_step_wrapper(model, "dynamic_sampling", self._wrap_step)
+        if self._reads_noise_scale():
+            read_noise_scale(model, "dynamic_sampling")
         # A FisherCallback in the same fit replaces it at every batch with
         # its own functions, which include this callback's step wrapper.
         model.train_function = compile_train_function(model)
@@ -469,6 +472,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         if self.learning_rate_scaling == "adascale":
             return "learning_rate_scaling='adascale'"
         return None
+
+    def _reads_noise_scale(self) -> bool:
+        """Whether this fit reads `fisher_state.noise_scale`: AdaScale, an
+        `Automatic` schedule on the noise scale (or on a signal function of
+        its own), or a schedule function of the user's, which may read the
+        context's `noise_scale`."""
+        if self.learning_rate_scaling == "adascale":
+            return True
+        if isinstance(self.schedule, Automatic):
+            return self.schedule.signal != "condition_number"
+        return getattr(self.schedule, "uses_measurements", True)
 
     def _context(self) -> SamplingContext:
         mirror = self._mirror
