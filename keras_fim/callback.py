@@ -15,19 +15,9 @@ from keras_fim._keras_compat import (
     is_keras_loss_computation,
     is_keras_train_step,
 )
-from keras_fim.engine.distribute import example_counts, gathered_grams
 from keras_fim.engine.gram import check_fail_mode, check_memory_budget
-from keras_fim.engine.noise import (
-    gradient_noise_components,
-    noise_components_from_gram,
-    noise_components_from_groups,
-)
-from keras_fim.engine.pipeline import local_grams, measure_pass
-from keras_fim.engine.probes import ProbedPass, reuses_training_pass
-from keras_fim.engine.record import PerExampleLoss, record_pass
-from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
-from keras_fim.engine.units import batch_size as batch_size_of
-from keras_fim.engine.units import read_variables, resolve_layers
+from keras_fim.engine.record import PerExampleLoss
+from keras_fim.measured_step import MeasuredStep
 from keras_fim.state import FisherState, attach_state
 from keras_fim.train_step import (
     begin_fit,
@@ -417,7 +407,10 @@ class FisherCallback(keras.callbacks.Callback):
             return
         if self._step is None:
             self._step = int(self._state.step.numpy())
-        name = "measure" if self._is_measured(self._step, self._epoch) else "plain"
+        measured = (
+            self._step % self.every_n_steps == 0 or self._epoch < self.dense_epochs
+        )
+        name = "measure" if measured else "plain"
         self.model.train_function = self._functions[name]
 
     def on_train_batch_end(self, batch, logs=None) -> None:
@@ -475,14 +468,6 @@ class FisherCallback(keras.callbacks.Callback):
 
     # -- schedule ----------------------------------------------------------
 
-    def _is_measured(self, step, epoch):
-        """Whether the 0-based global `step` is measured (Python or tensors)."""
-        return (epoch < self.dense_epochs) | (step % self.every_n_steps == 0)
-
-    def _steps_represented(self, epoch):
-        dense = tf.cast(epoch, tf.int64) < self.dense_epochs
-        return tf.where(dense, tf.constant(1, tf.int64), self.every_n_steps)
-
     # -- the train step ----------------------------------------------------
 
     def _train_functions(self) -> dict:
@@ -494,6 +479,17 @@ class FisherCallback(keras.callbacks.Callback):
         key = self._function_key()
         if self._cache is not None and key is not None and _same(self._cache[0], key):
             return self._cache[1]
+        self._measured_step = MeasuredStep(
+            self.model,
+            self._state,
+            self,
+            self._loss,
+            self._noise_passes,
+            self._steps_per_execution,
+            self._writer,
+            self._warn,
+            self._request_retrace,
+        )
         functions = {
             "plain": self._build_train_function(measure=False),
             "measure": self._build_train_function(measure=True),
@@ -559,151 +555,15 @@ class FisherCallback(keras.callbacks.Callback):
         if not measure:
             logs = original_step(data)
         else:
-            logs = self._measured_step(original_step, data)
+            logs = self._measured_step(original_step, data)  # a MeasuredStep
         state.step.assign_add(1)
         logs = dict(logs)
         logs["C_K_bar"] = state.condition_mean
         logs["L_K"] = tf.convert_to_tensor(state.energy_sum)
         return logs
 
-    def _measured_step(self, original_step, data):
-        """Keras's own step, then the measurement of its batch with the
-        variables as the step found them: from the step's own forward and
-        backward pass where that is exact (`engine.probes.ProbedPass`),
-        otherwise from a recorded pass of its own (`engine.record`)."""
-        if self._loss is not None:
-            return self._loss_measured_step(original_step, data)
-        model = self.model
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        inputs = self._step_inputs(x)
-        distributed = replicas_in_sync() > 1
-        # With several replicas, `max_examples` counts the global batch.
-        max_examples = None if distributed else self.max_examples
-        if self.reuse_training_pass and reuses_training_pass(model, original_step):
-            try:
-                layers = resolve_layers(model, self.measured_layers)
-                probe = ProbedPass(model, x, max_examples, layers=layers)
-            except Exception as error:
-                self._warn(error)
-                return original_step(data)
-            with probe:
-                logs = original_step(data)
-            recorded = probe.recorded
-        else:
-            # Read before the update (the reads precede its writes).
-            variable_values = read_variables(model)
-            logs = original_step(data)
-            measured_batch = (x, y, sample_weight)
-            if distributed and self._steps_per_execution > 1:
-                # The collectives run at every step: on a step that is not
-                # measured, a pass over one example serves them.
-                state = self._state
-                measured_batch = _first_examples(
-                    measured_batch, self._is_measured(state.step, state.epoch)
-                )
-
-            def recorded():
-                return record_pass(
-                    model,
-                    *measured_batch,
-                    max_examples=max_examples,
-                    variable_values=variable_values,
-                    measured_layers=self.measured_layers,
-                )
-
-        inputs["update_applied"] = update_applied(model, inputs["loss_scale"])
-        if distributed:
-            self._measure(inputs, recorded, (x, y, sample_weight), distributed)
-        else:
-            self._when_measured(
-                lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
-            )
-        return logs
-
-    def _loss_measured_step(self, original_step, data):
-        """The model's own step, then the measurement of the gradients of
-        `per_example_loss` on its batch, with the variables as the step
-        found them (one device; `on_train_begin` leaves several replicas
-        unmeasured). Whatever fails while the measurement is built leaves
-        it out, with one warning: the step itself always runs."""
-        model = self.model
-        try:
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            scale = loss_scale(model)
-            inputs = {
-                "learning_rate": _current_learning_rate(model),
-                "batch_size": batch_size_of(x),
-                "loss_scale": scale,
-            }
-            # Read before the update (the reads precede its writes).
-            variables = [*model.trainable_variables, *model.non_trainable_variables]
-            variable_values = read_variables(model)
-        except Exception as error:  # never let a measurement stop training
-            self._warn(error)
-            return original_step(data)
-        logs = original_step(data)
-        inputs["update_applied"] = update_applied(model, scale)
-        if len(variables) != len(
-            [*model.trainable_variables, *model.non_trainable_variables]
-        ):
-            # The step created variables (a model its own first step
-            # builds): their values as the step found them are their initial
-            # ones, which hold now, while the function is traced. Right for
-            # this function's first run only, so it is traced again after
-            # that batch.
-            self._retrace = True
-            if self._steps_per_execution > 1:
-                return logs  # one run covers several steps: not measured
-            variable_values = _values_before(model, variables, variable_values)
-
-        def recorded():
-            return record_pass(
-                model,
-                x,
-                y,
-                sample_weight,
-                max_examples=self.max_examples,
-                variable_values=variable_values,
-                per_example_loss=self._loss,
-                measured_layers=self.measured_layers,
-            )
-
-        self._when_measured(
-            lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
-        )
-        return logs
-
-    def _when_measured(self, build) -> None:
-        """Runs `build()` at measured steps (in-graph with several steps per
-        execution, where one function serves every step)."""
-        if self._steps_per_execution == 1:
-            build()
-            return
-        state = self._state
-
-        def measured():
-            build()
-            return tf.constant(True)
-
-        tf.cond(
-            self._is_measured(state.step, state.epoch),
-            measured,
-            lambda: tf.constant(False),
-        )
-
-    def _step_inputs(self, x) -> dict:
-        """What a measurement needs from before the update: the learning rate
-        the update uses and the batch."""
-        model = self.model
-        if not model.built:
-            # A subclassed model builds on its first call, which Keras's
-            # own step would make only after the measurement.
-            model(x, training=False)
-        return {
-            "learning_rate": _current_learning_rate(model),
-            "batch_size": tf.shape(keras.tree.flatten(x)[0])[0],
-            "loss_scale": loss_scale(model),
-        }
+    def _request_retrace(self) -> None:
+        self._retrace = True
 
     def _warn(self, error) -> None:
         if not self._warned:
@@ -714,137 +574,6 @@ class FisherCallback(keras.callbacks.Callback):
                 stacklevel=3,
             )
             self._warned = True
-
-    def _measure(self, inputs: dict, recorded, batch, distributed: bool) -> None:
-        """Builds one step's measurement ops (graph mode) through the one
-        pipeline (`engine.pipeline.measure_pass`): `recorded()` gives the
-        recorded pass, `batch` is ``(x, y, sample_weight)``.
-
-        Under several replicas in sync the Gram source is the global batch's
-        (`engine.distribute`: the replicas all-gather their examples'
-        factors, outside any `tf.cond`, and record the same values); in a
-        function serving several steps it runs at every step, and
-        `measured` gates the record and the writes."""
-        model, state = self.model, self._state
-        measured = tf.constant(True)
-        if distributed and self._steps_per_execution > 1:
-            measured = self._is_measured(state.step, state.epoch)
-        try:
-            record = recorded()
-            if distributed:
-                sizes, counts = example_counts(
-                    record.examples, self.max_examples, measured
-                )
-                batch_size = tf.reduce_sum(sizes)
-
-                def grams(r):
-                    return gathered_grams(
-                        r.units, r.calls, counts, self.memory_budget, self.fail_mode
-                    )[0]
-
-                def coupled_noise(gram):
-                    # The replicas' shards are real batches of their own
-                    # (each normalised with its own statistics).
-                    return noise_components_from_groups(gram, counts)
-
-            else:
-                batch_size = inputs["batch_size"]
-                grams = local_grams(self.memory_budget, self.fail_mode)
-
-                def coupled_noise(gram):
-                    # Half batches of a batch-coupled model are run for real
-                    # (through the compiled loss: not with a custom one, whose
-                    # noise scale is then left undefined), when asked for.
-                    nan = tf.constant(float("nan"), tf.float64)
-                    if self._loss is not None or not self._noise_passes:
-                        return nan, nan
-
-                    def passes():
-                        return gradient_noise_components(
-                            model, *batch, record.variable_values
-                        )
-
-                    if self.noise_scale in ("auto", "always", 1):
-                        return passes()
-                    # Every n-th measured step (counted before this one).
-                    index = state.measurements + state.skipped
-                    return tf.cond(
-                        tf.equal(index % self.noise_scale, 0),
-                        passes,
-                        lambda: (nan, nan),
-                    )
-
-            # A non-finite Gram gives an all-NaN measurement, which
-            # `FisherState.record` counts as skipped.
-            # Whether this step can give a noise scale: free from the Gram
-            # or the shards, or from the passes when they run.
-            noise_written = (
-                distributed
-                or not record.coupled
-                or (self._loss is None and self._noise_passes)
-            )
-            result = measure_pass(
-                record,
-                grams=grams,
-                noise=coupled_noise if record.coupled else noise_components_from_gram,
-                zero_threshold=self.zero_threshold,
-                per_layer=self.per_layer,
-            )
-        except Exception as error:  # never let a measurement stop training
-            self._warn(error)
-            return
-        state.record(
-            result.measurement,
-            inputs["learning_rate"],
-            batch_size,
-            self._steps_represented(state.epoch),
-            self.ema_decay,
-            result.noise_components,
-            measured=measured,
-            update_applied=inputs["update_applied"],
-        )
-        if self._writer is None:
-            return
-
-        def write():
-            self._write(
-                result.measurement,
-                result.layers,
-                inputs["learning_rate"],
-                batch_size,
-                noise_written,
-            )
-            return tf.constant(True)
-
-        if not distributed:
-            write()
-            return
-        first = tf.equal(
-            tf.distribute.get_replica_context().replica_id_in_sync_group, 0
-        )
-        # Only the first replica writes (no collective in this branch).
-        tf.cond(measured & first, write, lambda: tf.constant(False))
-
-    def _write(
-        self, measurement, layers, learning_rate, batch_size, noise_written
-    ) -> None:
-        state = self._state
-        step = state.step + 1
-        running = {
-            "C_K_bar": state.condition_mean,
-            "L_K": state.energy_sum,
-            "condition_number_ema": state.condition_ema,
-            "skipped": state.skipped,
-        }
-        if noise_written:
-            running["noise_scale"] = state.noise_scale
-        summaries.write_measurement(
-            self._writer, step, measurement, running, learning_rate, batch_size
-        )
-        if self.per_layer:
-            summaries.write_layer_measurements(
-                self._writer, step, layers, measurement.trace
-            )
 
 
 def _same(a, b) -> bool:
@@ -863,25 +592,6 @@ def _own_objective(model) -> bool:
     its own, whose objective the compiled loss need not be."""
     return not (
         is_keras_train_step(model.train_step) and is_keras_loss_computation(type(model))
-    )
-
-
-def _values_before(model, variables, values) -> tuple[list, list]:
-    """`read_variables(model)` as before a step that created variables:
-    `values` (read from `variables`, trainable then non-trainable) for the
-    variables that existed then, and the current (initial) values, read
-    eagerly, for those created since."""
-    read = dict(zip((id(v) for v in variables), [*values[0], *values[1]], strict=True))
-
-    def value(variable):
-        if id(variable) in read:
-            return read[id(variable)]
-        with tf.init_scope():
-            return tf.convert_to_tensor(variable.value)
-
-    return (
-        [value(v) for v in model.trainable_variables],
-        [value(v) for v in model.non_trainable_variables],
     )
 
 
@@ -906,19 +616,3 @@ def _unsupported_strategy(strategy) -> str | None:
     if isinstance(strategy, supported) or is_default_strategy(strategy):
         return None
     return type(strategy).__name__
-
-
-def _first_examples(batch, measured):
-    """`batch` (a nest of tensors), cut to its first example unless
-    `measured` (a boolean tensor)."""
-    first = next(t for t in keras.tree.flatten(batch) if t is not None)
-    size = tf.shape(first)[0]
-    keep = tf.where(measured, size, tf.minimum(size, 1))
-    return keras.tree.map_structure(lambda t: t if t is None else t[:keep], batch)
-
-
-def _current_learning_rate(model) -> tf.Tensor:
-    optimizer = model.optimizer
-    if optimizer is None:
-        return tf.constant(float("nan"), tf.float64)
-    return tf.cast(optimizer.learning_rate, tf.float64)

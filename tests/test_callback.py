@@ -450,13 +450,15 @@ def measure_traces(monkeypatch):
     """How many times a measuring train step was traced (a Python side
     effect of the traced function: it runs once per trace)."""
     traces = []
-    original = keras_fim.FisherCallback._measure
+    from keras_fim.measured_step import MeasuredStep
+
+    original = MeasuredStep._measure
 
     def counted(self, *args, **kwargs):
         traces.append(self)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(keras_fim.FisherCallback, "_measure", counted)
+    monkeypatch.setattr(MeasuredStep, "_measure", counted)
     return traces
 
 
@@ -490,7 +492,7 @@ def test_reused_functions_train_as_plain_keras_and_as_fresh_ones(measure_traces)
         reused_model.fit(**fit, callbacks=[reused])
         fresh_model.fit(**fit, callbacks=[keras_fim.FisherCallback(every_n_steps=2)])
         plain.fit(**fit)
-    assert sum(c is reused for c in measure_traces) == 1
+    assert sum(c.options is reused for c in measure_traces) == 1
     assert_same_weights(reused_model, plain)
     for name in ("energy_sum", "condition_sum", "measurements", "step"):
         assert float(getattr(reused_model.fisher_state, name)) == float(
@@ -527,7 +529,7 @@ def noise_passes(monkeypatch):
     variable counting how often they ran."""
     import tensorflow as tf
 
-    from keras_fim import callback as callback_module
+    from keras_fim import measured_step as callback_module
 
     runs = tf.Variable(0, dtype=tf.int64)
     counts = {"traces": 0, "runs": runs}
