@@ -394,3 +394,27 @@ def test_a_mobile_block_with_squeeze_and_excitation_matches_loop():
         np.testing.assert_allclose(
             blocks[name], expected, atol=2e-6 * np.abs(expected).max(), err_msg=name
         )
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="c"),
+        lambda: keras.layers.DepthwiseConv2D(3, dilation_rate=2, name="c"),
+        lambda: keras.layers.SeparableConv2D(4, 3, padding="same", name="c"),
+    ],
+    ids=["depthwise_s2", "depthwise_dilated", "separable"],
+)
+def test_depthwise_and_separable_under_xla_match_loop(layer):
+    model = conv_model(layer(), (7, 6, 3))
+    x = np.random.default_rng(16).normal(size=(5, 7, 6, 3)).astype("float32")
+    y = np.random.default_rng(8).integers(0, 3, 5)
+    xla = tf.function(
+        lambda: keras_fim.per_example_gradients(model, x, y), jit_compile=True
+    )()
+    gram = tf.function(lambda: keras_fim.fisher_gram(model, x, y), jit_compile=True)()
+    loop = ref.loop_per_example_gradients(model, x, y)
+    for got, want in zip(xla, loop, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    jac = ref.flatten_gradients(loop)
+    np.testing.assert_allclose(gram, jac @ jac.T, atol=2e-6 * np.abs(jac @ jac.T).max())
