@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import keras_fim
 from keras_fim.engine import grams_from_calls, payloads_from_calls, record_pass
-from keras_fim.engine.gram import kernel_factors
+from keras_fim.engine.gram import kernel_factors, path_choice
 from keras_fim.engine.rules import (
     GENERIC,
     LayerRule,
@@ -283,7 +283,13 @@ def test_depthwise_conv2d_matches_loop(case, batch):
     model = conv_model(layer, (7, 6, 3))
     x = np.random.default_rng(9).normal(size=(batch, 7, 6, 3)).astype("float32")
     assert builtin_registry().rule_for(layer).per_example is depthwise_rule
-    check_layer_against_loop(model, x, "dw")
+    plans = check_layer_against_loop(model, x, "dw")
+    assert plans["dw"].path == "materialise"
+    # Each way of forming the kernel gradients (where it applies).
+    for method in ("folded", "slices"):
+        with path_choice(method):
+            plans = check_layer_against_loop(model, x, "dw")
+        assert plans["dw"].method == method or "dilation_rate" in DEPTHWISE_CASES[case]
 
 
 @pytest.mark.parametrize("batch", [1, 5])
@@ -381,7 +387,7 @@ def test_a_mobile_block_with_squeeze_and_excitation_matches_loop():
     # on pooled vectors, one position each: the ghost form.
     for name in ("se_reduce", "se_expand", "dense_se", "dense_ex", "head"):
         assert paths[name] == "ghost", (name, paths)
-    assert paths["dw"] == "rule"
+    assert paths["dw"] == "materialise"
     grads = ref.loop_per_example_gradients(model, x, y)
     jac = ref.flatten_gradients(grads)
     np.testing.assert_allclose(

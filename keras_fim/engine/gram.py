@@ -311,22 +311,36 @@ def _kernel_block(
         if materialise_cost > HOPELESS * ghost_cost and "ghost" in candidates:
             candidates = {"ghost": candidates["ghost"]}
     materialised = [m for m in candidates if m != "ghost"]
-    forceable = [m for m in fitting if m != "ghost"]
+    cheap_ghost = "ghost" in candidates and ghost_cost <= materialise_cost
+    default = "ghost" if cheap_ghost or not materialised else materialised[0]
+    return choose_path(candidates, tensors, batch, key, default, fitting)
+
+
+def choose_path(candidates, tensors, batch, key, default, forceable=None):
+    """Forms a unit's block by the candidate `path_choice` picks.
+
+    `candidates` maps method names to ``(plan, build)``, ``build(tensors)``
+    forming the block from `tensors` (or from random ones shaped like them,
+    with `batch` examples, when calibrating); `default` is the cost model's
+    pick; `forceable` (default: `candidates`) what a forced choice may
+    take. `key` describes the computation beyond the shapes of `tensors`
+    (`None`: never timed). Returns ``(block, plan)``.
+    """
+    forceable = candidates if forceable is None else forceable
+    materialised = [m for m in forceable if m != "ghost"]
     choice, timer = _CHOICE[-1] if _CHOICE else (_default_choice(), None)
     chosen, by = None, "cost"
-    if choice in fitting:
-        chosen, by, candidates = choice, "forced", fitting
-    elif choice == "materialise" and forceable:
-        chosen, by, candidates = forceable[0], "forced", fitting
+    if choice in forceable:
+        chosen, by, candidates = choice, "forced", forceable
+    elif choice == "materialise" and materialised:
+        chosen, by, candidates = materialised[0], "forced", forceable
     elif len(candidates) == 1:
         chosen, by = next(iter(candidates)), ""
     elif choice == "calibrate":
         chosen = _calibrated(key, candidates, tensors, batch, timer)
         by = "calibration"
-    if chosen is None:  # the cost model
-        by = "cost"
-        cheap_ghost = "ghost" in candidates and ghost_cost <= materialise_cost
-        chosen = "ghost" if cheap_ghost or not materialised else materialised[0]
+    if chosen is None:
+        chosen, by = default, "cost"
     plan, build = candidates[chosen]
     return build(tensors), dataclasses.replace(plan, chosen_by=by)
 
@@ -406,6 +420,55 @@ def convolution_block(layer, operands, budget):
         key,
         patch_bytes=batch * (positions or 0) * m * d.dtype.size,
     )
+    if layer.use_bias:
+        block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
+    return block, plan
+
+
+def depthwise_block(layer, operands, budget):
+    """A plain depthwise convolution unit's block from its calls' operands
+    (`keras_fim.engine.rules.ConvolutionOperands`): its per-example kernel
+    gradients (a few values per channel) by one of the operands'
+    `depthwise_methods()`, as `path_choice` chooses (the fastest differs
+    by 100x between 16x16 maps and 1x1 maps of many channels), and their
+    Gram product. `budget` is not needed: the gradients are small."""
+    kernel = layer.kernel.shape
+    multiplier = kernel[-1]
+    tensors = [t for o in operands for t in (o.x, o.dz)]
+    d = operands[0].dz
+    batch = _static_batch(None, d)
+    size = math.prod(kernel)
+    positions = sum(o.positions or 0 for o in operands)
+    cost = batch * positions * size + batch * batch * size
+    peak = batch * size * (d.dtype.size + _GRAM_ITEMSIZE)
+
+    def build(method):
+        def gradients(tensors):
+            rebuilt = [
+                dataclasses.replace(o, x=tensors[2 * i], dz=tensors[2 * i + 1])
+                for i, o in enumerate(operands)
+            ]
+            return gram_of(
+                tf.add_n([o.depthwise_gradients(multiplier, method) for o in rebuilt])
+            )
+
+        return gradients
+
+    methods = [o.depthwise_methods() for o in operands]
+    common = [m for m in methods[0] if all(m in other for other in methods)]
+    candidates = {
+        m: (Plan(layer.name, "materialise", cost, peak, method=m), build(m))
+        for m in common
+    }
+    key = (
+        "depthwise",
+        multiplier,
+        tuple(
+            (tuple(o.kernel_size), tuple(o.strides), tuple(o.rates), o.padding)
+            for o in operands
+        ),
+    )
+    block, plan = choose_path(candidates, tensors, batch, key, common[0])
     if layer.use_bias:
         block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
     return block, plan
