@@ -7,7 +7,9 @@ measurement takes above what the process held before it (model, data,
 compiled function). Beside it: what materialising every per-example gradient
 would take (``B x P x 4`` bytes, the naive engine's ``J``), the seconds per
 measurement, and how the layers were formed (ghost / materialised / rule, and
-how many materialised kernels were split to fit the budget).
+how many materialised kernels were split to fit the budget; materialised
+ones with the method that formed them, timed on this machine unless
+``KERAS_FIM_PATH_CHOICE=cost``).
 
     python benchmarks/memory.py                      # ResNet-8 and ResNet-50
     python benchmarks/memory.py --models resnet50 --batch-sizes 256
@@ -95,7 +97,10 @@ def main(argv=None):
         params = model.count_params()
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             peak, seconds, first, plans = measure_once(model, batch, args.memory_budget)
-            paths = collections.Counter(p.path for p in plans)
+            paths = collections.Counter(
+                p.path + (f"/{p.method}" if p.method not in ("", "ghost") else "")
+                for p in plans
+            )
             split = sum(p.chunks > 1 for p in plans)
             naive = batch * params * 4 / 2**20
             print(

@@ -3,6 +3,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Paths by the cost model, not by timings on a shared machine: the tests'
+# path assertions stay deterministic (tests/test_gram.py times on purpose).
+os.environ.setdefault("KERAS_FIM_PATH_CHOICE", "cost")
 
 # tests/reference.py and tests/helpers.py as the modules `fim_reference` and
 # `fim_helpers` (tests import them by those names; pytest's importlib mode puts

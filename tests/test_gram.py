@@ -18,6 +18,7 @@ from keras_fim.engine import (
     record_pass,
     reuses_training_pass,
 )
+from keras_fim.engine.gram import path_choice
 
 
 def reference_blocks(model, x, y, **kwargs):
@@ -409,3 +410,185 @@ def test_convolution_gradients_under_xla_match_loop(conv):
     expected = ref.loop_per_example_gradients(model, x, y)
     for actual, wanted in zip(xla, expected, strict=True):
         np.testing.assert_allclose(actual.numpy(), wanted, rtol=1e-4, atol=1e-6)
+
+
+# -- choosing paths: forced, calibrated (timed), by cost ---------------------------
+
+KERNEL_MODELS = {
+    "conv_same_s2": (
+        lambda: [
+            keras.layers.Conv2D(4, 3, strides=2, padding="same", name="k"),
+            keras.layers.Flatten(),
+        ],
+        (9, 8, 3),
+    ),
+    "conv_valid_rect_s21": (
+        lambda: [
+            keras.layers.Conv2D(5, (3, 2), strides=(2, 1), activation="tanh", name="k"),
+            keras.layers.GlobalAveragePooling2D(),
+        ],
+        (7, 6, 2),
+    ),
+    "conv_same_dilated": (
+        lambda: [
+            keras.layers.Conv2D(3, 3, padding="same", dilation_rate=2, name="k"),
+            keras.layers.Flatten(),
+        ],
+        (7, 6, 2),
+    ),
+    "conv1d_causal": (
+        lambda: [
+            keras.layers.Conv1D(4, 3, padding="causal", strides=2, name="k"),
+            keras.layers.Flatten(),
+        ],
+        (9, 2),
+    ),
+    "separable_pointwise": (
+        lambda: [
+            keras.layers.SeparableConv2D(4, 3, strides=2, padding="same", name="k"),
+            keras.layers.Flatten(),
+        ],
+        (7, 6, 3),
+    ),
+    "dense_sequence": (
+        lambda: [keras.layers.Dense(4, name="k"), keras.layers.Flatten()],
+        (3, 5),
+    ),
+}
+
+
+def kernel_model(case):
+    layers, shape = KERNEL_MODELS[case]
+    keras.utils.set_random_seed(16)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input(shape),
+                *layers(),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+    )
+    x = np.random.default_rng(17).normal(size=(5, *shape)).astype("float32")
+    return model, x, labels(5)
+
+
+@pytest.mark.parametrize(
+    "method", ["ghost", "materialise", "map_fn", "slices", "im2col", "einsum"]
+)
+@pytest.mark.parametrize("case", list(KERNEL_MODELS))
+def test_every_forced_path_matches_loop(case, method):
+    """Whichever path is chosen, the block is the reference's: each path
+    (and each method of materialising) forced in turn."""
+    model, x, y = kernel_model(case)
+    with path_choice(method):
+        actual, plans = engine_blocks(model, x, y)
+    plan = plans["k"]
+    dilated = case == "conv_same_dilated"
+    convolution = case.startswith("conv")
+    candidate = method in ("ghost", "materialise") or (
+        method == "einsum" and not convolution
+    )
+    candidate |= convolution and method in ("slices", "im2col")
+    candidate |= convolution and method == "map_fn" and not dilated
+    if candidate:
+        assert plan.chosen_by == "forced", plan
+        if method != "materialise":
+            assert plan.method == method, plan
+    else:
+        assert plan.chosen_by in ("cost", ""), plan  # one candidate: ""
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
+def test_calibration_takes_the_fastest_candidate_once_per_shape():
+    """With timings injected: the fastest candidate by the timer is taken,
+    timed once per shape (two identical layers share it), and a candidate
+    over the memory budget is never timed."""
+    from keras_fim.engine.gram import calibrations, clear_calibrations
+
+    keras.utils.set_random_seed(18)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((8, 8, 2)),
+                keras.layers.Conv2D(2, 3, padding="same", name="a"),
+                keras.layers.Conv2D(2, 3, padding="same", name="b"),
+                keras.layers.Conv2D(3, 3, strides=2, name="c"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+    )
+    x = np.random.default_rng(19).normal(size=(4, 8, 8, 2)).astype("float32")
+    y = labels(4)
+    speeds = {"ghost": 3.0, "map_fn": 2.0, "slices": 1.0, "im2col": 4.0, "einsum": 5}
+    timed = []
+
+    def timer(plan, run):
+        timed.append((plan.layer, plan.method))
+        run()  # each candidate runs on the random operands
+        return speeds[plan.method]
+
+    clear_calibrations()
+    with path_choice("calibrate", timer=timer):
+        actual, plans = engine_blocks(model, x, y)
+    assert {plans[n].method for n in "abc"} == {"slices"}
+    assert all(plans[n].chosen_by == "calibration" for n in "abc")
+    # a and b share a shape: timed once; c has its own (and the head).
+    assert sorted({layer for layer, _ in timed}) == ["a", "c", "head"]
+    assert plans["head"].method == "ghost"
+    assert len(timed) == len(set(timed))
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+    # Cached: planning again times nothing.
+    timed.clear()
+    with path_choice("calibrate", timer=timer):
+        engine_blocks(model, x, y)
+    assert timed == []
+    assert len(calibrations()) >= 2
+
+    # Over the budget, the ghost form and im2col (its patches) are no
+    # candidates, and the materialised kernels are split.
+    clear_calibrations()
+    speeds.update(ghost=0.1, im2col=0.2)
+    with path_choice("calibrate", timer=timer):
+        actual, plans = engine_blocks(model, x, y, memory_budget=600)
+    convolutions = [method for layer, method in timed if layer != "head"]
+    assert convolutions and not {"ghost", "im2col"} & set(convolutions)
+    assert plans["a"].method == "slices" and plans["a"].chunks > 1
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
+def test_calibration_by_the_clock_inside_a_function_matches_loop():
+    """Timed for real (whatever wins on this machine), from inside a
+    `tf.function` being traced: the block is the reference's."""
+    from keras_fim.engine.gram import clear_calibrations
+
+    model, x, y = kernel_model("conv_same_s2")
+    clear_calibrations()
+    plans = []
+
+    @tf.function
+    def blocks():
+        record = record_pass(model, x, y)
+        built, unit_plans = grams_from_calls(
+            record.units, record.calls, record.examples
+        )
+        plans[:] = unit_plans
+        return built
+
+    with path_choice("calibrate"):
+        actual = {k: v.numpy() for k, v in blocks().items()}
+    plan = {p.layer: p for p in plans}["k"]
+    assert plan.chosen_by == "calibration"
+    assert plan.method in ("ghost", "map_fn", "slices", "im2col")
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
+def test_path_choice_is_checked_and_the_environment_sets_its_default(monkeypatch):
+    with pytest.raises(ValueError, match="choice"), path_choice(""):
+        pass
+    model, x, y = kernel_model("conv_same_s2")
+    monkeypatch.setenv("KERAS_FIM_PATH_CHOICE", "im2col")
+    _, plans = engine_blocks(model, x, y)
+    assert (plans["k"].method, plans["k"].chosen_by) == ("im2col", "forced")

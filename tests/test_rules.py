@@ -11,13 +11,14 @@ import tensorflow as tf
 
 import keras_fim
 from keras_fim.engine import grams_from_calls, payloads_from_calls, record_pass
-from keras_fim.engine.gram import kernel_factors
+from keras_fim.engine.gram import kernel_factors, path_choice
 from keras_fim.engine.rules import (
     GENERIC,
     LayerRule,
     RuleRegistry,
     builtin_registry,
     dense_rule,
+    depthwise_rule,
     register_rule,
 )
 
@@ -227,3 +228,199 @@ def test_fail_mode_is_checked():
     model, x, y = model_and_batch()
     with pytest.raises(ValueError, match="fail_mode"):
         keras_fim.measure(model, x, y, fail_mode="loud")
+
+
+# -- depthwise and separable convolutions ------------------------------------------
+
+DEPTHWISE_CASES = {
+    "same_s1_m1_bias": dict(kernel_size=3, padding="same"),
+    "valid_s2_m2_nobias": dict(
+        kernel_size=3, strides=2, depth_multiplier=2, use_bias=False
+    ),
+    "same_s2_m3_rect": dict(
+        kernel_size=(2, 3), strides=2, padding="same", depth_multiplier=3
+    ),
+    "same_dilated": dict(kernel_size=3, padding="same", dilation_rate=2),
+    "valid_s21": dict(kernel_size=(3, 2), strides=(2, 1)),
+}
+
+
+def conv_model(layer, shape):
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            layer,
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax", name="head"),
+        ]
+    )
+    model.compile(loss="sparse_categorical_crossentropy")
+    return model
+
+
+def check_layer_against_loop(model, x, name, expected_paths=None):
+    y = np.random.default_rng(8).integers(0, 3, len(x))
+    expected = loop_block(model, x, y, name)
+    record = record_pass(model, x, y)
+    blocks, plans = grams_from_calls(record.units, record.calls, record.examples)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(blocks[name], expected, atol=2e-6 * scale, rtol=1e-5)
+    # The per-example rule (the naive path, and the distributed payload).
+    grads = keras_fim.per_example_gradients(model, x, y)
+    loop = ref.loop_per_example_gradients(model, x, y)
+    for got, want in zip(grads, loop, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    return {p.layer: p for p in plans}
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_depthwise_conv2d_matches_loop(case, batch):
+    layer = keras.layers.DepthwiseConv2D(
+        activation="tanh", name="dw", **DEPTHWISE_CASES[case]
+    )
+    model = conv_model(layer, (7, 6, 3))
+    x = np.random.default_rng(9).normal(size=(batch, 7, 6, 3)).astype("float32")
+    assert builtin_registry().rule_for(layer).per_example is depthwise_rule
+    plans = check_layer_against_loop(model, x, "dw")
+    assert plans["dw"].path == "materialise"
+    # Each way of forming the kernel gradients (where it applies).
+    for method in ("folded", "slices"):
+        with path_choice(method):
+            plans = check_layer_against_loop(model, x, "dw")
+        assert plans["dw"].method == method or "dilation_rate" in DEPTHWISE_CASES[case]
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_separable_conv2d_matches_loop(case, batch):
+    kwargs = DEPTHWISE_CASES[case]
+    layer = keras.layers.SeparableConv2D(4, activation="relu", name="sep", **kwargs)
+    model = conv_model(layer, (7, 6, 3))
+    x = np.random.default_rng(10).normal(size=(batch, 7, 6, 3)).astype("float32")
+    plans = check_layer_against_loop(model, x, "sep")
+    assert plans["sep"].path in ("ghost", "materialise")
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: keras.layers.DepthwiseConv1D(
+            3, strides=2, depth_multiplier=2, name="c"
+        ),
+        lambda: keras.layers.SeparableConv1D(
+            4, 3, padding="same", activation="tanh", name="c"
+        ),
+    ],
+    ids=["depthwise1d", "separable1d"],
+)
+def test_one_dimensional_depthwise_and_separable_match_loop(layer):
+    model = conv_model(layer(), (9, 3))
+    x = np.random.default_rng(11).normal(size=(5, 9, 3)).astype("float32")
+    check_layer_against_loop(model, x, "c")
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "separable"])
+def test_channels_first_and_both_pointwise_paths_match_loop(kind):
+    kwargs = dict(
+        kernel_size=3, strides=2, padding="same", data_format="channels_first"
+    )
+    if kind == "depthwise":
+        layer = keras.layers.DepthwiseConv2D(depth_multiplier=2, name="c", **kwargs)
+    else:
+        layer = keras.layers.SeparableConv2D(4, activation="tanh", name="c", **kwargs)
+    model = conv_model(layer, (3, 7, 6))
+    x = np.random.default_rng(12).normal(size=(5, 3, 7, 6)).astype("float32")
+    check_layer_against_loop(model, x, "c")
+    if kind == "separable":  # the pointwise kernel materialised, split
+        y = np.random.default_rng(8).integers(0, 3, 5)
+        record = record_pass(model, x, y)
+        blocks, plans = grams_from_calls(
+            record.units, record.calls, record.examples, memory_budget=64
+        )
+        assert {p.layer: p.path for p in plans}["c"] == "materialise"
+        expected = loop_block(model, x, y, "c")
+        np.testing.assert_allclose(
+            blocks["c"], expected, atol=2e-6 * np.abs(expected).max()
+        )
+
+
+def mobile_block_model():
+    """An inverted residual block with squeeze-and-excitation, as
+    keras.applications builds them (EfficientNet, MobileNetV3), without
+    BatchNorm (the loop reference has no batch statistics), and a
+    separable convolution."""
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inputs)
+    h = keras.layers.Activation("swish")(h)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.Activation("swish")(h)
+    se = keras.layers.GlobalAveragePooling2D()(h)
+    se = keras.layers.Reshape((1, 1, 8))(se)
+    se = keras.layers.Conv2D(2, 1, activation="swish", name="se_reduce")(se)
+    se = keras.layers.Conv2D(8, 1, activation="sigmoid", name="se_expand")(se)
+    h = keras.layers.Multiply()([h, se])
+    h = keras.layers.Conv2D(8, 1, name="project")(h)
+    h = keras.layers.SeparableConv2D(6, 3, strides=2, padding="same", name="sep")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    dense_se = keras.layers.Dense(3, activation="relu", name="dense_se")(h)
+    dense_se = keras.layers.Dense(6, activation="sigmoid", name="dense_ex")(dense_se)
+    h = keras.layers.Multiply()([h, dense_se])
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile(loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_a_mobile_block_with_squeeze_and_excitation_matches_loop():
+    model = mobile_block_model()
+    x = np.random.default_rng(14).normal(size=(5, 8, 8, 3)).astype("float32")
+    y = np.random.default_rng(15).integers(0, 3, 5)
+    record = record_pass(model, x, y)
+    rules = {u.layer.name: u.rule.per_example.__name__ for u in record.units}
+    assert rules["dw"] == "depthwise_rule" and rules["sep"] == "separable_rule"
+    blocks, plans = grams_from_calls(record.units, record.calls, record.examples)
+    paths = {p.layer: p.path for p in plans}
+    # Squeeze-and-excitation: 1x1 convolutions on 1x1 maps and Dense layers
+    # on pooled vectors, one position each: the ghost form.
+    for name in ("se_reduce", "se_expand", "dense_se", "dense_ex", "head"):
+        assert paths[name] == "ghost", (name, paths)
+    assert paths["dw"] == "materialise"
+    grads = ref.loop_per_example_gradients(model, x, y)
+    jac = ref.flatten_gradients(grads)
+    np.testing.assert_allclose(
+        sum(b.numpy() for b in blocks.values()),
+        jac @ jac.T,
+        atol=2e-6 * np.abs(jac @ jac.T).max(),
+    )
+    for name in blocks:
+        expected = loop_block(model, x, y, name)
+        np.testing.assert_allclose(
+            blocks[name], expected, atol=2e-6 * np.abs(expected).max(), err_msg=name
+        )
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: keras.layers.DepthwiseConv2D(3, strides=2, padding="same", name="c"),
+        lambda: keras.layers.DepthwiseConv2D(3, dilation_rate=2, name="c"),
+        lambda: keras.layers.SeparableConv2D(4, 3, padding="same", name="c"),
+    ],
+    ids=["depthwise_s2", "depthwise_dilated", "separable"],
+)
+def test_depthwise_and_separable_under_xla_match_loop(layer):
+    model = conv_model(layer(), (7, 6, 3))
+    x = np.random.default_rng(16).normal(size=(5, 7, 6, 3)).astype("float32")
+    y = np.random.default_rng(8).integers(0, 3, 5)
+    xla = tf.function(
+        lambda: keras_fim.per_example_gradients(model, x, y), jit_compile=True
+    )()
+    gram = tf.function(lambda: keras_fim.fisher_gram(model, x, y), jit_compile=True)()
+    loop = ref.loop_per_example_gradients(model, x, y)
+    for got, want in zip(xla, loop, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    jac = ref.flatten_gradients(loop)
+    np.testing.assert_allclose(gram, jac @ jac.T, atol=2e-6 * np.abs(jac @ jac.T).max())

@@ -37,13 +37,18 @@ piece fits. The batch size in these plans is the static one, or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import time
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
+from keras_fim._keras_compat import in_xla_context
 from keras_fim.validation import check_choice, check_real
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -78,6 +83,15 @@ class Plan:
         multiply_adds: Estimated multiply-adds of the block.
         peak_bytes: Estimated bytes of its largest temporary.
         chunks: Pieces the materialised kernel gradient is split into.
+        method: How the path was taken: ``"ghost"``; for materialised
+            kernels ``"einsum"`` (Dense), ``"map_fn"``, ``"slices"``,
+            ``"im2col"`` or ``"grouped"`` (convolutions:
+            `keras_fim.engine.rules.ConvolutionOperands.kernel_gradients`);
+            ``""`` where there is one way.
+        chosen_by: ``"calibration"`` (the fastest when timed on this
+            machine, `path_choice`), ``"cost"`` (the cost model),
+            ``"forced"`` (`path_choice` naming it) or ``""`` (one
+            candidate).
     """
 
     layer: str
@@ -85,6 +99,8 @@ class Plan:
     multiply_adds: float
     peak_bytes: float
     chunks: int = 1
+    method: str = ""
+    chosen_by: str = ""
 
 
 def _static_batch(examples, tensor) -> int:
@@ -94,32 +110,239 @@ def _static_batch(examples, tensor) -> int:
     return int(value) if value is not None else PLANNING_BATCH_SIZE
 
 
-def _kernel_block(name, batch, positions, m, n, itemsize, budget, ghost, materialise):
+# -- choosing a kernel's path: the cost model, or timings on this machine --------
+
+PATH_CHOICE_ENV = "KERAS_FIM_PATH_CHOICE"
+"""The environment variable giving the default of `path_choice`:
+``"calibrate"`` (unset), ``"cost"``, or a path or method to force."""
+
+CALIBRATION_REPEATS = 3
+"""Timed runs per candidate when calibrating (after one warm-up); the
+fastest counts."""
+
+HOPELESS = 16
+"""A candidate path with this many times the multiply-adds of another is
+not a candidate (nor timed): the methods' speeds per multiply-add differ by
+less (issue 15 measured up to 5x)."""
+
+_CHOICE: list = []  # the `path_choice` contexts entered, innermost last
+_CALIBRATIONS: dict = {}  # calibration key -> (method, {method: seconds})
+
+
+def _default_choice() -> str:
+    return os.environ.get(PATH_CHOICE_ENV, "").strip() or "calibrate"
+
+
+@contextlib.contextmanager
+def path_choice(choice: str = "calibrate", timer: Callable | None = None):
+    """How the Gram blocks built inside this context choose their paths.
+
+    A kernel's block (Dense, convolutions, separable convolutions, a
+    `kernel_factors` layer) can be formed several ways: the ghost form, or
+    the per-example gradients materialised by one of several methods (for
+    convolutions: a filter gradient per example, shifted slices times
+    batched matrix products, im2col), each with its Gram product. Which is
+    fastest depends on the shapes and the machine.
+
+    * ``"calibrate"`` (the default, or the environment variable
+      ``KERAS_FIM_PATH_CHOICE``): the first time a kernel of given shapes is
+      planned, each candidate that fits the memory budget runs on random
+      operands of those shapes (in a `tf.function`, once to warm up, then
+      `CALIBRATION_REPEATS` times) and the fastest is taken; the choice is
+      cached for the process per (layer kind, geometry, operand shapes with
+      the batch size, dtypes, candidates). The candidates include the naive
+      path (the per-example rule's own method), so the chosen block is never
+      slower than it, up to timing noise. Where timing is not possible (under
+      XLA, under a distribution strategy, shapes not static) the cost model
+      chooses.
+    * ``"cost"``: the cost model alone (multiply-adds; see
+      docs/performance.md): deterministic, no timing.
+    * a path or a method (``"ghost"``, ``"materialise"``, ``"einsum"``,
+      ``"map_fn"``, ``"slices"``, ``"im2col"``, ``"grouped"``): that one
+      wherever it is a candidate (tests use this), the cost model elsewhere.
+
+    Args:
+        choice: String, one of the above. Defaults to ``"calibrate"``.
+        timer: `None` or a callable ``timer(plan, run) -> seconds``, where
+            ``run()`` forms the candidate `plan`'s block once: replaces the
+            timing while calibrating (to make it deterministic in tests).
+            Defaults to `None` (wall-clock timing).
+
+    Example:
+
+    >>> from keras_fim.engine.gram import path_choice
+    >>> with path_choice("cost"):
+    ...     pass  # measurements here plan by multiply-adds alone
+    """
+    if not isinstance(choice, str) or not choice:
+        raise ValueError(
+            "`choice` must be 'calibrate', 'cost' or a path or method name. "
+            f"Received: choice={choice!r}"
+        )
+    _CHOICE.append((choice, timer))
+    try:
+        yield
+    finally:
+        _CHOICE.pop()
+
+
+def clear_calibrations() -> None:
+    """Forgets every calibrated choice (the next plans time again)."""
+    _CALIBRATIONS.clear()
+
+
+def calibrations() -> dict:
+    """The calibrated choices of this process: ``{key: (method, {method:
+    seconds})}``."""
+    return dict(_CALIBRATIONS)
+
+
+def _synthetic(tensor, batch):
+    """Random (or zero, for integers) values shaped like `tensor` with
+    `batch` examples, eagerly, without touching TensorFlow's random state."""
+    shape = [batch, *tensor.shape[1:]]
+    if tensor.dtype.is_floating:
+        values = np.random.default_rng(0).standard_normal(shape, np.float32)
+        return tf.cast(values, tensor.dtype)
+    return tf.zeros(shape, tensor.dtype)
+
+
+def _wall_clock(plan, run) -> float:
+    run()  # traces and warms up
+    best = math.inf
+    for _ in range(CALIBRATION_REPEATS):
+        start = time.perf_counter()
+        np.asarray(run())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _calibrated(key, candidates, tensors, batch, timer):
+    """The fastest of `candidates` (``{method: (plan, build)}``) on random
+    operands shaped like `tensors` with `batch` examples, cached under
+    `key`; `None` where timing is not possible here."""
+    if key is None or in_xla_context() or tf.distribute.has_strategy():
+        return None
+    if not all(t.shape[1:].is_fully_defined() for t in tensors):
+        return None
+    key = (
+        key,
+        batch,
+        tuple((tuple(t.shape[1:]), t.dtype.name) for t in tensors),
+        tuple(sorted((m, p.chunks) for m, (p, _) in candidates.items())),
+    )
+    if key not in _CALIBRATIONS:
+        seconds = {}
+        with tf.init_scope():  # out of the graph being built: run eagerly
+            operands = [_synthetic(t, batch) for t in tensors]
+            for method, (plan, build) in candidates.items():
+                run = tf.function(lambda build=build: build(operands), autograph=False)
+                seconds[method] = (timer or _wall_clock)(plan, run)
+        _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
+    return _CALIBRATIONS[key][0]
+
+
+def _kernel_block(
+    name,
+    batch,
+    positions,
+    m,
+    n,
+    itemsize,
+    budget,
+    tensors,
+    ghost,
+    materialisers,
+    key=None,
+    patch_bytes=0,
+):
     """The block of a kernel whose per-example gradient is
     ``g_i = sum_t a_it^T d_it`` over `positions` (a: m wide, d: n wide).
 
-    ``ghost()`` forms it from the ``(B, B, T, T)`` products of the rows;
-    ``materialise(start, stop)`` returns the per-example gradients of the
-    output columns ``[start, stop)``, leading axis the batch. Returns
-    ``(block, plan)``: the cheaper path that fits `budget`, the materialised
-    one split over output columns until each piece fits.
+    ``ghost(tensors)`` forms it from the ``(B, B, T, T)`` products of the
+    rows (`None`: no ghost form); ``materialisers`` maps method names to
+    ``materialise(tensors, start, stop)``, which returns the per-example
+    gradients of the output columns ``[start, stop)``, leading axis the
+    batch. Each candidate whose temporary fits `budget` (the materialised
+    ones split over output columns until each piece fits; `patch_bytes`:
+    the im2col patches the ghost form and ``"im2col"`` also hold) is
+    planned; `path_choice` picks one (`key`: the kernel's geometry beyond
+    the shapes of `tensors`, for the calibration cache; `None`: never
+    timed). Returns ``(block, plan)``.
     """
+    candidates = {}
     materialise_cost = batch * (positions or 1) * m * n + batch * batch * m * n
-    if positions is not None:
-        ghost_bytes = 2 * batch * batch * positions * positions * _GRAM_ITEMSIZE
+    ghost_cost = None
+    if ghost is not None and positions is not None:
+        ghost_bytes = max(
+            2 * batch * batch * positions * positions * _GRAM_ITEMSIZE, patch_bytes
+        )
         ghost_cost = batch * batch * positions * positions * (m + n)
-        if ghost_bytes <= budget and ghost_cost <= materialise_cost:
-            return ghost(), Plan(name, "ghost", ghost_cost, ghost_bytes)
+        if ghost_bytes <= budget:
+            plan = Plan(name, "ghost", ghost_cost, ghost_bytes, method="ghost")
+            candidates["ghost"] = (plan, ghost)
     # The gradients and their float64 copy for the product.
     gradient_bytes = batch * m * n * (itemsize + _GRAM_ITEMSIZE)
     chunks = max(1, min(n, math.ceil(gradient_bytes / budget)))
     width = math.ceil(n / chunks)
-    block = None
-    for start in range(0, n, width):
-        part = gram_of(materialise(start, start + width))
-        block = part if block is None else block + part
-    plan = Plan(name, "materialise", materialise_cost, gradient_bytes / chunks, chunks)
-    return block, plan
+
+    def chunked(materialise):
+        def build(tensors):
+            block = None
+            for start in range(0, n, width):
+                part = gram_of(materialise(tensors, start, start + width))
+                block = part if block is None else block + part
+            return block
+
+        return build
+
+    for method, materialise in materialisers.items():
+        peak = gradient_bytes / chunks
+        if method == "im2col":
+            if patch_bytes > budget:
+                continue
+            peak = max(peak, patch_bytes)
+        plan = Plan(name, "materialise", materialise_cost, peak, chunks, method)
+        candidates[method] = (plan, chunked(materialise))
+    fitting = dict(candidates)  # what a forced choice may take
+    if ghost_cost is not None:  # not worth timing: far dearer by the count
+        if ghost_cost > HOPELESS * materialise_cost and len(candidates) > 1:
+            candidates.pop("ghost", None)
+        if materialise_cost > HOPELESS * ghost_cost and "ghost" in candidates:
+            candidates = {"ghost": candidates["ghost"]}
+    materialised = [m for m in candidates if m != "ghost"]
+    cheap_ghost = "ghost" in candidates and ghost_cost <= materialise_cost
+    default = "ghost" if cheap_ghost or not materialised else materialised[0]
+    return choose_path(candidates, tensors, batch, key, default, fitting)
+
+
+def choose_path(candidates, tensors, batch, key, default, forceable=None):
+    """Forms a unit's block by the candidate `path_choice` picks.
+
+    `candidates` maps method names to ``(plan, build)``, ``build(tensors)``
+    forming the block from `tensors` (or from random ones shaped like them,
+    with `batch` examples, when calibrating); `default` is the cost model's
+    pick; `forceable` (default: `candidates`) what a forced choice may
+    take. `key` describes the computation beyond the shapes of `tensors`
+    (`None`: never timed). Returns ``(block, plan)``.
+    """
+    forceable = candidates if forceable is None else forceable
+    materialised = [m for m in forceable if m != "ghost"]
+    choice, timer = _CHOICE[-1] if _CHOICE else (_default_choice(), None)
+    chosen, by = None, "cost"
+    if choice in forceable:
+        chosen, by, candidates = choice, "forced", forceable
+    elif choice == "materialise" and materialised:
+        chosen, by, candidates = materialised[0], "forced", forceable
+    elif len(candidates) == 1:
+        chosen, by = next(iter(candidates)), ""
+    elif choice == "calibrate":
+        chosen = _calibrated(key, candidates, tensors, batch, timer)
+        by = "calibration"
+    if chosen is None:
+        chosen, by = default, "cost"
+    plan, build = candidates[chosen]
+    return build(tensors), dataclasses.replace(plan, chosen_by=by)
 
 
 def _ghost(a, d):
@@ -142,33 +365,110 @@ def _bias_block(sums):
 
 def convolution_block(layer, operands, budget):
     """A plain convolution unit's block from its calls' operands
-    (`keras_fim.engine.rules.ConvolutionOperands`)."""
+    (`keras_fim.engine.rules.ConvolutionOperands`): the ghost form or the
+    kernel gradients materialised by one of the operands'
+    `kernel_methods()`, as `path_choice` chooses."""
     sizes = [o.positions for o in operands]
     positions = None if None in sizes else sum(sizes)
     kernel = layer.kernel.shape
+    tensors = [t for o in operands for t in (o.x, o.dz)]
 
-    def ghost():
-        pairs = [o.patches() for o in operands]
+    def rebuilt(tensors):
+        return [
+            dataclasses.replace(o, x=tensors[2 * i], dz=tensors[2 * i + 1])
+            for i, o in enumerate(operands)
+        ]
+
+    def ghost(tensors):
+        pairs = [o.patches() for o in rebuilt(tensors)]
         return _ghost(
             tf.concat([p[0] for p in pairs], axis=1),
             tf.concat([p[1] for p in pairs], axis=1),
         )
 
-    def materialise(start, stop):
-        return tf.add_n([o.kernel_gradients(start, stop) for o in operands])
+    def materialiser(method):
+        def materialise(tensors, start, stop):
+            return tf.add_n(
+                [o.kernel_gradients(start, stop, method) for o in rebuilt(tensors)]
+            )
 
+        return materialise
+
+    methods = [o.kernel_methods() for o in operands]
+    common = [m for m in methods[0] if all(m in other for other in methods)]
     d = operands[0].dz
+    batch = _static_batch(None, d)
+    m = math.prod(kernel[:-1])
+    key = (
+        "convolution",
+        tuple(
+            (tuple(o.kernel_size), tuple(o.strides), tuple(o.rates), o.padding)
+            for o in operands
+        ),
+    )
     block, plan = _kernel_block(
         layer.name,
-        _static_batch(None, d),
+        batch,
         positions,
-        math.prod(kernel[:-1]),
+        m,
         kernel[-1],
         d.dtype.size,
         budget,
+        tensors,
         ghost,
-        materialise,
+        {method: materialiser(method) for method in common},
+        key,
+        patch_bytes=batch * (positions or 0) * m * d.dtype.size,
     )
+    if layer.use_bias:
+        block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
+    return block, plan
+
+
+def depthwise_block(layer, operands, budget):
+    """A plain depthwise convolution unit's block from its calls' operands
+    (`keras_fim.engine.rules.ConvolutionOperands`): its per-example kernel
+    gradients (a few values per channel) by one of the operands'
+    `depthwise_methods()`, as `path_choice` chooses (the fastest differs
+    by 100x between 16x16 maps and 1x1 maps of many channels), and their
+    Gram product. `budget` is not needed: the gradients are small."""
+    kernel = layer.kernel.shape
+    multiplier = kernel[-1]
+    tensors = [t for o in operands for t in (o.x, o.dz)]
+    d = operands[0].dz
+    batch = _static_batch(None, d)
+    size = math.prod(kernel)
+    positions = sum(o.positions or 0 for o in operands)
+    cost = batch * positions * size + batch * batch * size
+    peak = batch * size * (d.dtype.size + _GRAM_ITEMSIZE)
+
+    def build(method):
+        def gradients(tensors):
+            rebuilt = [
+                dataclasses.replace(o, x=tensors[2 * i], dz=tensors[2 * i + 1])
+                for i, o in enumerate(operands)
+            ]
+            return gram_of(
+                tf.add_n([o.depthwise_gradients(multiplier, method) for o in rebuilt])
+            )
+
+        return gradients
+
+    methods = [o.depthwise_methods() for o in operands]
+    common = [m for m in methods[0] if all(m in other for other in methods)]
+    candidates = {
+        m: (Plan(layer.name, "materialise", cost, peak, method=m), build(m))
+        for m in common
+    }
+    key = (
+        "depthwise",
+        multiplier,
+        tuple(
+            (tuple(o.kernel_size), tuple(o.strides), tuple(o.rates), o.padding)
+            for o in operands
+        ),
+    )
+    block, plan = choose_path(candidates, tensors, batch, key, common[0])
     if layer.use_bias:
         block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
     return block, plan
@@ -261,8 +561,14 @@ def kernel_factors(
             d.shape[-1],
             d.dtype.size,
             budget,
-            lambda: _ghost(a, d),
-            lambda start, stop: tf.einsum("bti,btj->bij", a, d[..., start:stop]),
+            tensors,
+            lambda t: _ghost(*t),
+            {
+                "einsum": lambda t, start, stop: tf.einsum(
+                    "bti,btj->bij", t[0], t[1][..., start:stop]
+                )
+            },
+            key=("kernel",),
         )
         if use_bias:
             kernel += _bias_block([tf.reduce_sum(d, axis=1)])

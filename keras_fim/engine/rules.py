@@ -33,7 +33,9 @@ from keras_fim.engine.capture import LayerCall, dense_gradient, differentiable_o
 from keras_fim.engine.gram import (
     GhostFactors,
     convolution_block,
+    depthwise_block,
     embedding_block,
+    gram_of,
     kernel_factors,
 )
 
@@ -264,6 +266,22 @@ def convolution_is_plain(layer) -> bool:
     return False
 
 
+def same_padding(size, kernel, stride, rate):
+    """``[before, after]``: the zeros TensorFlow's ``"SAME"`` padding puts
+    around an axis of `size` positions (half before, rounded down)."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * rate + 1 - size, 0)
+    return [total // 2, total - total // 2]
+
+
+KERNEL_METHODS = ("map_fn", "slices", "im2col", "grouped")
+"""The ways `ConvolutionOperands.kernel_gradients` forms the per-example
+kernel gradients of a convolution (see there)."""
+
+DEPTHWISE_METHODS = ("folded", "slices")
+"""The ways `ConvolutionOperands.depthwise_gradients` forms those of a
+depthwise convolution."""
+
+
 @dataclasses.dataclass
 class ConvolutionOperands:
     """A 1D/2D convolution call in NHWC form (1D as height 1): the input
@@ -300,21 +318,109 @@ class ConvolutionOperands:
             tf.reshape(self.dz, [batch, -1, self.dz.shape[-1]]),
         )
 
-    def kernel_gradients(self, start=0, stop=None):
+    def padded_input(self):
+        """`x` with its ``"SAME"`` zeros added: the input of the equivalent
+        ``"VALID"`` convolution."""
+        if self.padding != "SAME":
+            return self.x
+        pads = [
+            same_padding(self.x.shape[axis], k, s, r)
+            for axis, k, s, r in zip(
+                (1, 2), self.kernel_size, self.strides, self.rates, strict=True
+            )
+        ]
+        return tf.pad(self.x, [[0, 0], *pads, [0, 0]])
+
+    def has_static_geometry(self) -> bool:
+        """Whether the spatial sizes of `x` and `dz` are known (`offsets`
+        needs them)."""
+        return None not in (*self.x.shape[1:3], *self.dz.shape[1:3])
+
+    def offsets(self):
+        """For each kernel offset ``(i, j)``, row-major, the input values it
+        multiplies at every output position: ``(B, Ho, Wo, C)`` slices of
+        the padded input (``x[p * stride + (i, j) * rate]``). Strided
+        slices are slow on CPU (10x at stride 2), so a strided axis is
+        first split into ``(positions, stride)`` and sliced without a
+        stride."""
+        x = self.padded_input()
+        out = self.dz.shape[1:3]
+        needed = [
+            (k - 1) * r + (o - 1) * s + 1
+            for k, r, o, s in zip(
+                self.kernel_size, self.rates, out, self.strides, strict=True
+            )
+        ]
+        # Each axis as (rows, stride): a multiple of its stride, cropped or
+        # zero-padded at the end (positions past `needed` are never read).
+        sizes = [-(-n // s) * s for n, s in zip(needed, self.strides, strict=True)]
+        x = x[:, : sizes[0], : sizes[1]]
+        pads = [
+            max(size - x.shape[axis], 0)
+            for axis, size in ((1, sizes[0]), (2, sizes[1]))
+        ]
+        if any(pads):
+            x = tf.pad(x, [[0, 0], [0, pads[0]], [0, pads[1]], [0, 0]])
+        (sh, sw), (rh, rw) = self.strides, self.rates
+        x = tf.reshape(x, [-1, sizes[0] // sh, sh, sizes[1] // sw, sw, x.shape[-1]])
+        for i in range(self.kernel_size[0]):
+            for j in range(self.kernel_size[1]):
+                (qi, ri), (qj, rj) = divmod(i * rh, sh), divmod(j * rw, sw)
+                yield x[:, qi : qi + out[0], ri, qj : qj + out[1], rj]
+
+    def kernel_methods(self) -> tuple:
+        """The `KERNEL_METHODS` that can form this call's kernel gradients
+        here: the grouped convolution under XLA only, the filter-gradient
+        loop only without dilation (no dilated filter gradient on CPU), the
+        shifted slices only with static spatial sizes."""
+        if in_xla_context():
+            return ("grouped",)
+        methods = []
+        if all(rate == 1 for rate in self.rates):
+            methods.append("map_fn")
+        if self.has_static_geometry():
+            methods.append("slices")
+        methods.append("im2col")
+        return tuple(methods)
+
+    def kernel_gradients(self, start=0, stop=None, method=None):
         """Per-example gradients of the kernel's output channels
-        ``[start, stop)``, shaped ``(B, kh, kw, in, stop - start)``: one
-        filter-gradient convolution per example (`tf.map_fn`), which costs
-        what the batch's own filter gradient costs; TensorFlow cannot
-        vectorise this op, and im2col is 2-4x slower on CPU (measured)."""
+        ``[start, stop)``, shaped ``(B, kh, kw, in, stop - start)``.
+
+        `method` (one of `kernel_methods()`; `None`: the first of them):
+
+        * ``"map_fn"``: one filter-gradient convolution per example
+          (`tf.map_fn`), together as costly as the batch's own filter
+          gradient; TensorFlow cannot vectorise this op.
+        * ``"slices"``: for each kernel offset a batched matrix product of
+          the shifted input slice and the cotangent (``kh * kw`` products of
+          ``(B, in, positions) x (B, positions, out)``).
+        * ``"im2col"``: the input patches (``tf.image.extract_patches``)
+          times the cotangent, one batched matrix product.
+        * ``"grouped"``: one convolution with a group per example (XLA).
+
+        Which is fastest depends on the shape and the machine (issue 15:
+        none wins every shape); `keras_fim.engine.gram` times them.
+        """
         dz = self.dz[..., start:stop]
         sizes = [*self.kernel_size, self.x.shape[-1], dz.shape[-1]]
-        if in_xla_context():
+        method = method or self.kernel_methods()[0]
+        if method == "grouped":
             return self._grouped_kernel_gradients(dz)
-        if any(rate > 1 for rate in self.rates):
-            # No dilated filter gradient on CPU: im2col.
+        if method == "im2col":
             patches, flat = self.patches()
             grads = tf.einsum("btk,bto->bko", patches, flat[..., start:stop])
             return tf.reshape(grads, [-1, *sizes])
+        if method == "slices":
+            batch = tf.shape(dz)[0]
+            flat = tf.reshape(dz, [batch, -1, sizes[-1]])
+            grads = [
+                tf.matmul(tf.reshape(x, [batch, -1, sizes[-2]]), flat, transpose_a=True)
+                for x in self.offsets()
+            ]
+            return tf.reshape(tf.stack(grads, axis=1), [-1, *sizes])
+        if method != "map_fn":
+            raise ValueError(f"unknown kernel method {method!r}")
 
         def one(example):
             x_i, dz_i = example
@@ -334,21 +440,70 @@ class ConvolutionOperands:
             parallel_iterations=16,
         )
 
+    def depthwise_methods(self) -> tuple:
+        """The `DEPTHWISE_METHODS` that can form this call's depthwise
+        kernel gradients here (``"folded"`` only without dilation), the one
+        the cost model takes first: ``"slices"`` on maps under 16 output
+        positions, where TensorFlow's depthwise filter gradient over
+        ``B * C`` channels is 100x slower (measured: 150-275 ms against
+        0.5-0.9 ms for 2x2 and 1x1 maps of 576-960 channels, batch 32),
+        ``"folded"`` on larger ones (2-3x faster there)."""
+        if any(rate > 1 for rate in self.rates):
+            return ("slices",)
+        if (self.positions or 0) < 16:
+            return ("slices", "folded")
+        return ("folded", "slices")
+
+    def depthwise_gradients(self, multiplier: int, method=None):
+        """A depthwise convolution's per-example kernel gradients, shaped
+        ``(B, kh, kw, in, multiplier)``, with `dz` the cotangent of its
+        ``in * multiplier`` outputs (channel ``c * multiplier + m``).
+
+        `method` (one of `depthwise_methods()`; `None`: the first):
+
+        * ``"folded"``: one depthwise filter gradient with the examples
+          folded into the channels (example ``b``'s channel ``c`` becomes
+          channel ``b * in + c``), as costly as the batch's own;
+        * ``"slices"``: for each kernel offset, the shifted input slice
+          times the cotangent, summed over positions.
+        """
+        method = method or self.depthwise_methods()[0]
+        batch = tf.shape(self.dz)[0]
+        height, width = self.dz.shape[1:3]
+        channels = self.x.shape[-1]
+        if method == "folded":
+
+            def folded(t):  # (B, H, W, C) -> (1, H, W, B * C)
+                t = tf.transpose(t, [1, 2, 0, 3])
+                return tf.reshape(t, [1, t.shape[0], t.shape[1], -1])
+
+            grads = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+                input=folded(self.x),
+                filter_sizes=tf.stack(
+                    [*self.kernel_size, batch * channels, multiplier]
+                ),
+                out_backprop=folded(self.dz),
+                strides=[1, *self.strides, 1],
+                padding=self.padding,
+                dilations=[1, *self.rates, 1],
+            )
+            grads = tf.reshape(grads, [*self.kernel_size, -1, channels, multiplier])
+            return tf.transpose(grads, [2, 0, 1, 3, 4])
+        if method != "slices":
+            raise ValueError(f"unknown depthwise method {method!r}")
+        dz = tf.reshape(self.dz, [batch, height, width, channels, multiplier])
+        grads = [tf.reduce_sum(x[..., None] * dz, axis=[1, 2]) for x in self.offsets()]
+        return tf.reshape(
+            tf.stack(grads, axis=1),
+            [-1, *self.kernel_size, channels, multiplier],
+        )
+
     def _grouped_kernel_gradients(self, dz):
         """`kernel_gradients` as one convolution with a group per example:
         the examples become the input's channels and their cotangents the
         filters. XLA compiles grouped convolutions (TensorFlow's CPU kernels
         do not), and runs this 4x faster than a loop over examples."""
-        x = self.x
-        if self.padding == "SAME":
-            pads = [[0, 0]]
-            for axis, k, s, r in zip(
-                (1, 2), self.kernel_size, self.strides, self.rates, strict=True
-            ):
-                size = x.shape[axis]
-                total = max((-(-size // s) - 1) * s + (k - 1) * r + 1 - size, 0)
-                pads.append([total // 2, total - total // 2])
-            x = tf.pad(x, [*pads, [0, 0]])
+        x = self.padded_input()
         batch, out_h, out_w = tf.shape(dz)[0], dz.shape[1], dz.shape[2]
         channels, filters = x.shape[-1], dz.shape[-1]
         inputs = tf.transpose(x, [3, 1, 2, 0])  # (in, H, W, examples)
@@ -360,6 +515,27 @@ class ConvolutionOperands:
         )[:, : self.kernel_size[0], : self.kernel_size[1]]
         out = tf.reshape(out, [channels, *self.kernel_size, batch, filters])
         return tf.transpose(out, [3, 1, 2, 0, 4])
+
+
+def _bias_shape(layer):
+    """The shape a bias of a `layer.rank`-D convolution broadcasts in."""
+    if layer.data_format == "channels_first":
+        return [1, -1] + [1] * layer.rank
+    return [1] * (layer.rank + 1) + [-1]
+
+
+def _nhwc_operands(layer, x, dz, padding) -> ConvolutionOperands:
+    """`ConvolutionOperands` of a convolution call's input and cotangent
+    (as `layer.data_format` lays them out; 1D as height 1)."""
+    if layer.data_format == "channels_first":
+        x = tf.experimental.numpy.moveaxis(x, 1, -1)
+        dz = tf.experimental.numpy.moveaxis(dz, 1, -1)
+    strides, rates = list(layer.strides), list(layer.dilation_rate)
+    kernel_size = list(layer.kernel_size)
+    if layer.rank == 1:  # as a 2D convolution of height 1
+        x, dz = x[:, None], dz[:, None]
+        strides, rates, kernel_size = [1, *strides], [1, *rates], [1, *kernel_size]
+    return ConvolutionOperands(x, dz, kernel_size, strides, rates, padding.upper())
 
 
 def convolution_operands(layer, call: LayerCall, examples) -> ConvolutionOperands:
@@ -384,22 +560,11 @@ def convolution_operands(layer, call: LayerCall, examples) -> ConvolutionOperand
             data_format=layer.data_format,
         )
         if layer.use_bias:
-            shape = [1, -1, 1] if channels_first else [1, 1, -1]
-            shape = shape[:2] + [1] * (layer.rank - 1) + shape[2:]
-            z = z + tf.reshape(_weight(layer, call, layer.bias), shape)
+            z = z + tf.reshape(_weight(layer, call, layer.bias), _bias_shape(layer))
         return z
 
     dz = preactivation_cotangent(layer, call, examples, pre_activation)
-    x = tf.cast(x[:examples], dz.dtype)
-    if channels_first:
-        x = tf.experimental.numpy.moveaxis(x, 1, -1)
-        dz = tf.experimental.numpy.moveaxis(dz, 1, -1)
-    strides, rates = list(layer.strides), list(layer.dilation_rate)
-    kernel_size = list(layer.kernel_size)
-    if layer.rank == 1:  # as a 2D convolution of height 1
-        x, dz = x[:, None], dz[:, None]
-        strides, rates, kernel_size = [1, *strides], [1, *rates], [1, *kernel_size]
-    return ConvolutionOperands(x, dz, kernel_size, strides, rates, padding.upper())
+    return _nhwc_operands(layer, tf.cast(x[:examples], dz.dtype), dz, padding)
 
 
 def convolution_rule(layer, call: LayerCall, examples: int) -> list:
@@ -418,6 +583,179 @@ def convolution_rule(layer, call: LayerCall, examples: int) -> list:
     grads = {id(layer.kernel): tf.reshape(kernel, [-1, *layer.kernel.shape])}
     if layer.use_bias:
         grads[id(layer.bias)] = tf.reduce_sum(operands.dz, axis=[1, 2])
+    return [grads[id(v)] for v in layer.trainable_variables]
+
+
+# -- depthwise and separable convolutions ----------------------------------------
+
+
+def _is_plain(layer, base) -> bool:
+    """Whether `layer` computes what `base` (a Keras depthwise or separable
+    convolution class) computes: its `call` is not overridden, no LoRA."""
+    return type(layer).call is base.call and not getattr(layer, "lora_enabled", False)
+
+
+def depthwise_is_plain(layer) -> bool:
+    """Whether `depthwise_rule` handles `layer`: a Keras DepthwiseConv1D or
+    DepthwiseConv2D whose spatial sizes are static (strides, ``"same"`` and
+    ``"valid"`` padding, dilation, any depth multiplier, either data
+    format)."""
+    for base in (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, base):
+            return _is_plain(layer, base)
+    return False
+
+
+def separable_is_plain(layer) -> bool:
+    """Whether `separable_rule` handles `layer` (as `depthwise_is_plain`,
+    for SeparableConv1D and SeparableConv2D)."""
+    for base in (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D):
+        if isinstance(layer, base):
+            return _is_plain(layer, base)
+    return False
+
+
+def _depthwise(layer, x, kernel):
+    return keras.ops.depthwise_conv(
+        x,
+        kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+
+
+def depthwise_operands(layer, call: LayerCall, examples) -> ConvolutionOperands:
+    """The `ConvolutionOperands` of a plain depthwise convolution call (its
+    input and the cotangent before the activation)."""
+    x = call.args[0]
+    kernel = _weight(layer, call, layer.kernel)
+
+    def pre_activation():
+        z = _depthwise(layer, tf.cast(x, kernel.dtype), kernel)
+        if layer.use_bias:
+            z = z + tf.reshape(_weight(layer, call, layer.bias), _bias_shape(layer))
+        return z
+
+    dz = preactivation_cotangent(layer, call, examples, pre_activation)
+    return _nhwc_operands(layer, tf.cast(x[:examples], dz.dtype), dz, layer.padding)
+
+
+def depthwise_rule(layer, call: LayerCall, examples: int) -> list:
+    """DepthwiseConv1D/2D: the kernel's per-example gradient is, for each
+    kernel offset and channel, the shifted input slice dotted with that
+    channel's cotangents over positions
+    (`ConvolutionOperands.depthwise_gradients`), ``(B, kh, kw, C, mult)``;
+    the bias's is the cotangent summed over positions. Other depthwise
+    layers (dynamic spatial sizes, overridden `call`) take the per-example
+    rule."""
+    if not depthwise_is_plain(layer):
+        return per_example_rule(layer, call, examples)
+    operands = depthwise_operands(layer, call, examples)
+    if not operands.has_static_geometry():
+        return per_example_rule(layer, call, examples)
+    grads = operands.depthwise_gradients(layer.depth_multiplier)
+    grads = {id(layer.kernel): tf.reshape(grads, [-1, *layer.kernel.shape])}
+    if layer.use_bias:
+        grads[id(layer.bias)] = tf.reduce_sum(operands.dz, axis=[1, 2])
+    return [grads[id(v)] for v in layer.trainable_variables]
+
+
+def depthwise_factors(layer, calls, examples) -> GhostFactors | None:
+    """A plain depthwise convolution's inputs and cotangents, per call: its
+    block is formed by `keras_fim.engine.gram.depthwise_block` (the method
+    of materialising chosen per shape). `None` for other depthwise
+    layers."""
+    if not depthwise_is_plain(layer):
+        return None
+    operands = [depthwise_operands(layer, c, examples) for c in calls]
+    if not all(o.has_static_geometry() for o in operands):
+        return None
+
+    def block(tensors, budget):
+        rows = [
+            dataclasses.replace(o, x=tensors[2 * i], dz=tensors[2 * i + 1])
+            for i, o in enumerate(operands)
+        ]
+        return depthwise_block(layer, rows, budget)
+
+    return GhostFactors([t for o in operands for t in (o.x, o.dz)], block)
+
+
+@dataclasses.dataclass
+class SeparableOperands:
+    """A separable convolution call, NHWC, as its two halves: the depthwise
+    one (`depthwise`: the input and the cotangent of the intermediate
+    ``in * multiplier`` channels) and the pointwise one, a Dense over
+    positions (`u`: the intermediate, ``(B, T, in * multiplier)``; `dz`:
+    the cotangent before the activation, ``(B, T, filters)``)."""
+
+    depthwise: ConvolutionOperands
+    u: tf.Tensor
+    dz: tf.Tensor
+
+
+def separable_operands(layer, call: LayerCall, examples) -> SeparableOperands | None:
+    """The `SeparableOperands` of a plain separable convolution call
+    (`None` where its spatial sizes are not static)."""
+    x = call.args[0]
+    depthwise = _weight(layer, call, layer.depthwise_kernel)
+    pointwise = _weight(layer, call, layer.pointwise_kernel)
+    u = _depthwise(layer, tf.cast(x, depthwise.dtype), depthwise)
+    channels_first = layer.data_format == "channels_first"
+    if channels_first:
+        u = tf.experimental.numpy.moveaxis(u, 1, -1)
+    pointwise = tf.reshape(pointwise, pointwise.shape[-2:])
+
+    def pre_activation():
+        z = tf.tensordot(u, pointwise, axes=1)
+        if layer.use_bias:
+            z = z + _weight(layer, call, layer.bias)
+        return tf.experimental.numpy.moveaxis(z, -1, 1) if channels_first else z
+
+    dz = preactivation_cotangent(layer, call, examples, pre_activation)
+    if channels_first:
+        dz = tf.experimental.numpy.moveaxis(dz, 1, -1)
+    du = tf.tensordot(dz, tf.cast(tf.transpose(pointwise), dz.dtype), axes=1)
+    x = tf.cast(x[:examples], dz.dtype)
+    if channels_first:  # _nhwc_operands moves the channels of both
+        du = tf.experimental.numpy.moveaxis(du, -1, 1)
+    operands = _nhwc_operands(layer, x, du, layer.padding)
+    if not operands.has_static_geometry():
+        return None
+    batch = tf.shape(dz)[0]
+    u = tf.cast(u[:examples], dz.dtype)
+    return SeparableOperands(
+        operands,
+        tf.reshape(u, [batch, -1, u.shape[-1]]),
+        tf.reshape(dz, [batch, -1, dz.shape[-1]]),
+    )
+
+
+def separable_rule(layer, call: LayerCall, examples: int) -> list:
+    """SeparableConv1D/2D: the depthwise kernel as `depthwise_rule` does it
+    (with the cotangent of the intermediate channels, the pointwise
+    kernel's transpose times the cotangent), the pointwise kernel as a Dense
+    over positions (``sum_t u_t^T dz_t``), the bias as the cotangent summed
+    over positions. Other separable layers take the per-example rule."""
+    operands = (
+        separable_operands(layer, call, examples) if separable_is_plain(layer) else None
+    )
+    if operands is None:
+        return per_example_rule(layer, call, examples)
+    depthwise = operands.depthwise.depthwise_gradients(layer.depth_multiplier)
+    grads = {
+        id(layer.depthwise_kernel): tf.reshape(
+            depthwise, [-1, *layer.depthwise_kernel.shape]
+        ),
+        id(layer.pointwise_kernel): tf.reshape(
+            tf.einsum("btu,btf->buf", operands.u, operands.dz),
+            [-1, *layer.pointwise_kernel.shape],
+        ),
+    }
+    if layer.use_bias:
+        grads[id(layer.bias)] = tf.reduce_sum(operands.dz, axis=1)
     return [grads[id(v)] for v in layer.trainable_variables]
 
 
@@ -485,6 +823,41 @@ def convolution_factors(layer, calls, examples) -> GhostFactors | None:
         return convolution_block(layer, rows, budget)
 
     return GhostFactors([t for o in operands for t in (o.x, o.dz)], block)
+
+
+def separable_factors(layer, calls, examples) -> GhostFactors | None:
+    """A plain separable convolution's two halves (`SeparableOperands`):
+    the depthwise kernel's per-example gradients, materialised (a few
+    values per channel), and the pointwise kernel as a Dense over
+    positions (`kernel_factors`: the ghost form or materialised, by cost).
+    `None` for other separable layers."""
+    if not separable_is_plain(layer):
+        return None
+    operands = [separable_operands(layer, c, examples) for c in calls]
+    if any(o is None for o in operands):
+        return None
+    pointwise = kernel_factors(
+        layer.name,
+        tf.concat([o.u for o in operands], axis=1),
+        tf.concat([o.dz for o in operands], axis=1),
+        layer.use_bias,
+    )
+    count = 2 * len(operands)
+
+    def block(tensors, budget):
+        depthwise = tf.add_n(
+            [
+                dataclasses.replace(
+                    o.depthwise, x=tensors[2 * i], dz=tensors[2 * i + 1]
+                ).depthwise_gradients(layer.depth_multiplier)
+                for i, o in enumerate(operands)
+            ]
+        )
+        part, plan = pointwise.block(tensors[count:], budget)
+        return part + gram_of(depthwise), plan
+
+    tensors = [t for o in operands for t in (o.depthwise.x, o.depthwise.dz)]
+    return GhostFactors([*tensors, *pointwise.tensors], block)
 
 
 def embedding_factors(layer, calls, examples) -> GhostFactors | None:
@@ -601,6 +974,8 @@ def builtin_registry() -> RuleRegistry:
     dense = LayerRule(dense_rule, dense_factors)
     convolution = LayerRule(convolution_rule, convolution_factors)
     transformed = LayerRule(convolution_rule)  # no factored form
+    depthwise = LayerRule(depthwise_rule, depthwise_factors)
+    separable = LayerRule(separable_rule, separable_factors)
     normalization = LayerRule(affine_normalization_rule)
     per_example = LayerRule(per_example_rule)
     # Layers that call their sublayers inside loops (the recorded tensors
@@ -617,10 +992,10 @@ def builtin_registry() -> RuleRegistry:
             keras.layers.EinsumDense: per_example,
             keras.layers.Embedding: LayerRule(per_example_rule, embedding_factors),
             keras.layers.Conv3D: transformed,
-            keras.layers.DepthwiseConv1D: transformed,
-            keras.layers.DepthwiseConv2D: transformed,
-            keras.layers.SeparableConv1D: transformed,
-            keras.layers.SeparableConv2D: transformed,
+            keras.layers.DepthwiseConv1D: depthwise,
+            keras.layers.DepthwiseConv2D: depthwise,
+            keras.layers.SeparableConv1D: separable,
+            keras.layers.SeparableConv2D: separable,
             keras.layers.Conv1DTranspose: transformed,
             keras.layers.Conv2DTranspose: transformed,
             keras.layers.Conv3DTranspose: transformed,
