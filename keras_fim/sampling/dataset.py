@@ -242,6 +242,21 @@ def count_examples(arrays) -> int:
     return count
 
 
+def make_examples(
+    mode: str,
+    data,
+    batched: bool | None,
+    preprocess: Callable | None = None,
+    examples_per_epoch: int | None = None,
+    buffer_size: int | None = None,
+):
+    """The examples of `data` in `mode` (``"in_memory"`` or ``"stream"``,
+    from `choose_mode`): an `InMemoryExamples` or a `StreamedExamples`."""
+    if mode == "in_memory":
+        return InMemoryExamples(materialize(data, batched), preprocess)
+    return StreamedExamples(data, batched, examples_per_epoch, preprocess, buffer_size)
+
+
 class InMemoryExamples:
     """Examples held in `tf.Variable`s, and the dataset of the planned batches.
 
