@@ -33,7 +33,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fim._keras_compat import dataset_op_names, variant_tensor
+from keras_fim._keras_compat import (
+    dataset_op_names,
+    op_determinism_enabled,
+    variant_tensor,
+)
 
 # What the dataset tells Keras its cardinality is: any number larger than the
 # steps of one epoch keeps Keras from learning a fixed epoch length.
@@ -520,6 +524,18 @@ class StreamedExamples:
         # before the next pass began): look at what is left.
         rest = self._elements.skip(position).take(need)
         return sum(1 for _ in rest) >= need
+
+    def check_read_ahead(self) -> None:
+        """`ValueError` unless tf.data reads ahead, which a finite stream
+        needs to learn where its pass ends (op determinism turns it off)."""
+        if not self.endless and op_determinism_enabled():
+            raise ValueError(
+                "A finite stream learns where its pass ends from tf.data's "
+                "read-ahead, which tf.config.experimental.enable_op_determinism() "
+                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
+                "planner then ends the passes) or mode='in_memory'. Received: "
+                "mode='stream', examples_per_epoch=None"
+            )
 
     def pass_length(self) -> int | None:
         """The finite pass's examples once the data has ended, else `None`."""

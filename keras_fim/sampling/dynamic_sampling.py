@@ -1,18 +1,13 @@
-"""`DynamicSampling`: the callback that runs dynamic sampling inside `fit`.
+"""`DynamicSampling`: the callback, the lifecycle of dynamic sampling in `fit`.
 
-It keeps only the lifecycle: the `driver.SamplingDriver` asks the schedule
-before every execution of the train function and plans, with the
-`planner.SamplingPlanner`, which rows of the pass the batches take; the
-callback reads the counters and the measurements from Keras, hands the
-plans to the pipeline (`dataset.InMemoryExamples`, or
-`dataset.StreamedExamples` for a stream), wraps the train step to scale the
-learning rate by `learning_rate.learning_rate_gain` and advance
-`model.sampling_state`, and writes TensorBoard through `summaries`. It ends
-every epoch at the end of a pass by raising `OutOfRangeError` before the
-next pass's first step (the signal Keras itself uses for a dataset that ran
-out, so no phantom step is run). It is Keras's progress bar too (a
-`ProgbarLogger`, which `fit` then does not add a second time), so the bar
-counts this epoch's steps.
+The `driver.SamplingDriver` decides (the schedule, the plans, the counters);
+the callback reads the counters and measurements from Keras, hands the plans
+to the pipeline (`dataset`), wraps the train step for the learning-rate gain
+(`learning_rate`) and `model.sampling_state`, writes TensorBoard through
+`summaries`, and draws the progress bar (it is a `ProgbarLogger`, which
+`fit` then does not add again). An epoch ends at the end of a pass on
+`OutOfRangeError`, raised before the next pass's first step (Keras's own
+signal for data that ran out: no phantom step is run).
 """
 
 from __future__ import annotations
@@ -25,19 +20,13 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim._keras_compat import (
-    op_determinism_enabled,
-    optimizer_learning_rate,
-    set_optimizer_learning_rate,
-    update_progress_bar,
-)
+from keras_fim._keras_compat import update_progress_bar
 from keras_fim.sampling.dataset import MODES, choose_mode, make_examples
 from keras_fim.sampling.driver import SamplingDriver, checked_schedule, largest_size
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
-    ScaledLearningRate,
-    innermost_optimizer,
     learning_rate_gain,
+    scaled_learning_rate,
 )
 from keras_fim.schedules import (
     Automatic,
@@ -256,14 +245,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 f"{self._needs_fisher()} needs the Fisher measurements: add a "
                 "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
             )
-        if self._data_ends_pass and op_determinism_enabled():
-            raise ValueError(
-                "A finite stream learns where its pass ends from tf.data's "
-                "read-ahead, which tf.config.experimental.enable_op_determinism() "
-                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
-                "planner then ends the passes) or mode='in_memory'. Received: "
-                f"mode={self.mode!r}, examples_per_epoch=None"
-            )
+        if self._data_ends_pass:
+            self._examples.check_read_ahead()
         if self.log_dir is not None:
             try:
                 self._writer = summaries.create_writer(self.log_dir)
@@ -404,23 +387,16 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
             gain = self._gain(batch)
-            optimizer = innermost_optimizer(self.model.optimizer)
-            base = optimizer_learning_rate(optimizer)
-            scaled = ScaledLearningRate(base, gain)
-            learning_rate = scaled(optimizer.iterations)
-            if self.learning_rate_scaling != "none":
-                set_optimizer_learning_rate(optimizer, scaled)
-            try:
+            install = self.learning_rate_scaling != "none"
+            with scaled_learning_rate(self.model.optimizer, gain, install) as rate:
                 logs = step(data)
-            finally:
-                set_optimizer_learning_rate(optimizer, base)
             state = self._state
             state.step.assign_add(1)
             state.position.assign_add(batch)
             state.examples_seen.assign_add(batch)
             if self._writer is not None:
                 summaries.write_sampling_step(
-                    self._writer, state.step, batch, learning_rate, gain
+                    self._writer, state.step, batch, rate, gain
                 )
             return logs
 
