@@ -422,6 +422,7 @@ class StreamedExamples:
         self._buffer_size = tf.data.AUTOTUNE if buffer_size is None else buffer_size
         self._started = False
         self._pulled = False
+        self._planned_sizes = [1]  # what `_sizes` holds
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
                 tf.ones([1], tf.int64), shape=[None], trainable=False
@@ -499,7 +500,10 @@ class StreamedExamples:
 
     def set_batches(self, batches) -> None:
         """Plans the next batches: ``(start, size)`` pairs (the sizes count)."""
-        self._sizes.assign(np.array([size for _, size in batches], np.int64))
+        sizes = [size for _, size in batches]
+        if sizes != self._planned_sizes:  # one write less per step otherwise
+            self._sizes.assign(np.array(sizes, np.int64))
+            self._planned_sizes = sizes
         self._slot.assign(0)
         self._pulled = True
 
