@@ -185,6 +185,12 @@ SAMPLING_BAD = [
     ("preprocess", 3),
     ("log_dir", 3),
     ("log_dir", ""),
+    ("mode", "streaming"),
+    ("mode", None),
+    ("examples_per_epoch", 0),
+    ("examples_per_epoch", 2.5),
+    ("buffer_size", 0),
+    ("buffer_size", True),
 ]
 
 

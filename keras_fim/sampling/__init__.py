@@ -30,11 +30,15 @@ The parts:
   (`StreamedExamples`), and the choice between them (`choose_mode`).
 * `planner`: which rows of which permutation the next batches take, and
   where a pass ends (`SamplingPlanner`; plain Python, no TensorFlow).
+* `driver`: when the schedule is asked, what it sees and what its answers
+  do to the pass and the counters (`SamplingDriver`; plain Python, driven
+  by hand in the tests).
 * `learning_rate`: the gain on the optimizer's rate
   (`learning_rate_gain`, a pure function).
-* `dynamic_sampling`: the callback, `DynamicSampling`, which drives them
-  from the schedule inside `fit`. Its TensorBoard tags are written by
-  `keras_fim.summaries`.
+* `dynamic_sampling`: the callback, `DynamicSampling`, which keeps the
+  lifecycle inside `fit`: it reads the state from Keras, feeds the
+  pipeline, wraps the step and draws the bar. Its TensorBoard tags are
+  written by `keras_fim.summaries`.
 """
 
 from keras_fim.sampling.dynamic_sampling import DynamicSampling

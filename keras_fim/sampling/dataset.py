@@ -33,7 +33,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_fim._keras_compat import dataset_op_names, variant_tensor
+from keras_fim._keras_compat import (
+    dataset_op_names,
+    op_determinism_enabled,
+    variant_tensor,
+)
 
 # What the dataset tells Keras its cardinality is: any number larger than the
 # steps of one epoch keeps Keras from learning a fixed epoch length.
@@ -242,6 +246,21 @@ def count_examples(arrays) -> int:
     return count
 
 
+def make_examples(
+    mode: str,
+    data,
+    batched: bool | None,
+    preprocess: Callable | None = None,
+    examples_per_epoch: int | None = None,
+    buffer_size: int | None = None,
+):
+    """The examples of `data` in `mode` (``"in_memory"`` or ``"stream"``,
+    from `choose_mode`): an `InMemoryExamples` or a `StreamedExamples`."""
+    if mode == "in_memory":
+        return InMemoryExamples(materialize(data, batched), preprocess)
+    return StreamedExamples(data, batched, examples_per_epoch, preprocess, buffer_size)
+
+
 class InMemoryExamples:
     """Examples held in `tf.Variable`s, and the dataset of the planned batches.
 
@@ -403,6 +422,7 @@ class StreamedExamples:
         self._buffer_size = tf.data.AUTOTUNE if buffer_size is None else buffer_size
         self._started = False
         self._pulled = False
+        self._planned_sizes = [1]  # what `_sizes` holds
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
                 tf.ones([1], tf.int64), shape=[None], trainable=False
@@ -480,7 +500,10 @@ class StreamedExamples:
 
     def set_batches(self, batches) -> None:
         """Plans the next batches: ``(start, size)`` pairs (the sizes count)."""
-        self._sizes.assign(np.array([size for _, size in batches], np.int64))
+        sizes = [size for _, size in batches]
+        if sizes != self._planned_sizes:  # one write less per step otherwise
+            self._sizes.assign(np.array(sizes, np.int64))
+            self._planned_sizes = sizes
         self._slot.assign(0)
         self._pulled = True
 
@@ -505,6 +528,18 @@ class StreamedExamples:
         # before the next pass began): look at what is left.
         rest = self._elements.skip(position).take(need)
         return sum(1 for _ in rest) >= need
+
+    def check_read_ahead(self) -> None:
+        """`ValueError` unless tf.data reads ahead, which a finite stream
+        needs to learn where its pass ends (op determinism turns it off)."""
+        if not self.endless and op_determinism_enabled():
+            raise ValueError(
+                "A finite stream learns where its pass ends from tf.data's "
+                "read-ahead, which tf.config.experimental.enable_op_determinism() "
+                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
+                "planner then ends the passes) or mode='in_memory'. Received: "
+                "mode='stream', examples_per_epoch=None"
+            )
 
     def pass_length(self) -> int | None:
         """The finite pass's examples once the data has ended, else `None`."""

@@ -1,23 +1,17 @@
-"""`DynamicSampling`: the callback that drives the sampling inside `fit`.
+"""`DynamicSampling`: the callback, the lifecycle of dynamic sampling in `fit`.
 
-It wires the parts of the package together: the schedule decides the size
-before every execution of the train function, the planner
-(`planner.SamplingPlanner`) which rows of the pass the batches take, the
-pipeline (`dataset.InMemoryExamples`, or `dataset.StreamedExamples` for a
-stream) makes them, and a step
-wrapper scales the learning rate by `learning_rate.learning_rate_gain` and
-advances `model.sampling_state`. The callback ends every epoch at the end of
-a pass by raising `OutOfRangeError` before the next pass's first step (the
-signal Keras itself uses for a dataset that ran out, so no phantom step is
-run); a finite stream ends its pass itself, as any dataset that runs out
-does in `fit`. It is Keras's progress bar too (a `ProgbarLogger`, which `fit`
-then does not add a second time), so the bar counts this epoch's steps.
+The `driver.SamplingDriver` decides (the schedule, the plans, the counters);
+the callback reads the counters and measurements from Keras, hands the plans
+to the pipeline (`dataset`), wraps the train step for the learning-rate gain
+(`learning_rate`) and `model.sampling_state`, writes TensorBoard through
+`summaries`, and draws the progress bar (it is a `ProgbarLogger`, which
+`fit` then does not add again). An epoch ends at the end of a pass on
+`OutOfRangeError`, raised before the next pass's first step (Keras's own
+signal for data that ran out: no phantom step is run).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import warnings
 from collections.abc import Callable
 
@@ -26,32 +20,18 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim._keras_compat import (
-    op_determinism_enabled,
-    optimizer_learning_rate,
-    set_optimizer_learning_rate,
-    update_progress_bar,
-)
-from keras_fim.sampling.dataset import (
-    MODES,
-    InMemoryExamples,
-    StreamedExamples,
-    choose_mode,
-    count_examples,
-    materialize,
-)
+from keras_fim._keras_compat import update_progress_bar
+from keras_fim.sampling.dataset import MODES, choose_mode, make_examples
+from keras_fim.sampling.driver import SamplingDriver, checked_schedule, largest_size
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
-    ScaledLearningRate,
-    innermost_optimizer,
     learning_rate_gain,
+    scaled_learning_rate,
 )
-from keras_fim.sampling.planner import ExecutionPlan, SamplingPlanner
 from keras_fim.schedules import (
     Automatic,
     BatchSizeSchedule,
     SamplingContext,
-    Staged,
     check_size,
 )
 from keras_fim.state import SamplingState, attach_state
@@ -65,24 +45,6 @@ from keras_fim.train_step import (
 from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
 _RAN_OUT_WARNING = "Your input ran out of data"
-
-
-def _largest_size(schedule) -> int:
-    """The largest size `schedule` (an integer, or a schedule) can return."""
-    if isinstance(schedule, (int, np.integer)):
-        return int(schedule)
-    known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
-    if isinstance(schedule, Staged | Automatic) or (
-        len(known) > 1 and getattr(schedule, "maximum", None) is not None
-    ):
-        return max(known)
-    raise ValueError(
-        "drop_remainder=True on a finite stream looks a whole batch ahead, "
-        "and the largest batch of this schedule is not known. Pass "
-        "`buffer_size` (at least the largest size times steps_per_execution) "
-        f"or a schedule with a maximum. Received: schedule={schedule!r}, "
-        "buffer_size=None"
-    )
 
 
 class DynamicSampling(keras.callbacks.ProgbarLogger):
@@ -189,7 +151,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def __init__(
         self,
-        data,
+        data: tf.data.Dataset | np.ndarray | tuple | list | dict,
         schedule: BatchSizeSchedule | Callable[[SamplingContext], int] | int,
         *,
         shuffle: bool = True,
@@ -235,34 +197,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         buffer_size = check_int("buffer_size", buffer_size, 1, allow_none=True)
 
         self.mode = choose_mode(data, mode, batched, examples_per_epoch)
-        if self.mode == "in_memory":
-            arrays = materialize(data, batched)
-            self.num_examples = count_examples(arrays)
-            self._examples = InMemoryExamples(arrays, preprocess)
-        else:
-            if drop_remainder and examples_per_epoch is None and buffer_size is None:
-                buffer_size = 2 * _largest_size(schedule)
-            self._examples = StreamedExamples(
-                data, batched, examples_per_epoch, preprocess, buffer_size
-            )
-            # `None`: a finite stream of unknown length.
-            self.num_examples = self._examples.num_examples
-        # A finite stream's pass ends where its data does: its length is
-        # learnt near the end (`_pass_length`).
+        # A finite stream's pass ends where its data does: the driver learns
+        # its length near the end.
         self._data_ends_pass = self.mode == "stream" and examples_per_epoch is None
-        self._pass_length = None if self._data_ends_pass else self.num_examples
-        if fixed_size:
-            size = check_size("schedule", schedule, self.num_examples)
-            schedule = Staged([size])
-        self.schedule = schedule
-        known = schedule.sizes() if isinstance(schedule, BatchSizeSchedule) else []
-        for i, size in enumerate(known):
-            check_size(f"schedule size {i}", size, self.num_examples)
-        if not allow_shrink and any(b < a for a, b in itertools.pairwise(known)):
-            raise ValueError(
-                f"`schedule` shrinks the batch ({known}) but allow_shrink=False. "
-                "Pass allow_shrink=True to allow it."
-            )
+        if self._data_ends_pass and drop_remainder and buffer_size is None:
+            buffer_size = 2 * largest_size(schedule)
+        self._examples = make_examples(
+            self.mode, data, batched, preprocess, examples_per_epoch, buffer_size
+        )
+        # `None`: a finite stream of unknown length.
+        self.num_examples = self._examples.num_examples
+        self.schedule = checked_schedule(schedule, self.num_examples, allow_shrink)
         self.reference_batch_size = (
             None
             if reference_batch_size is None
@@ -279,20 +224,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self.dataset = self._examples.dataset
         self._state: SamplingState | None = None
         self._writer = None
-        self._mirror: dict | None = None
-        self._plan: ExecutionPlan | None = None
-        self._ended_by_sampling = False
-
-    @property
-    def _planner(self) -> SamplingPlanner:
-        # Built from the attributes at every use: `seed`, `shuffle` and
-        # `drop_remainder` changed between fits take effect, as they always did.
-        return SamplingPlanner(
-            self._pass_length,
-            self.seed,
-            self.shuffle,
-            self.drop_remainder,
-        )
+        # One per fit, from the state as the first epoch begins.
+        self._driver: SamplingDriver | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -313,15 +246,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 f"{self._needs_fisher()} needs the Fisher measurements: add a "
                 "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
             )
-        self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        if self._data_ends_pass and op_determinism_enabled():
-            raise ValueError(
-                "A finite stream learns where its pass ends from tf.data's "
-                "read-ahead, which tf.config.experimental.enable_op_determinism() "
-                "turns off. Pass examples_per_epoch=<examples per epoch> (the "
-                "planner then ends the passes) or mode='in_memory'. Received: "
-                f"mode={self.mode!r}, examples_per_epoch=None"
-            )
+        if self._data_ends_pass:
+            self._examples.check_read_ahead()
         if self.log_dir is not None:
             try:
                 self._writer = summaries.create_writer(self.log_dir)
@@ -342,8 +268,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         # A FisherCallback in the same fit replaces it at every batch with
         # its own functions, which include this callback's step wrapper.
         model.train_function = compile_train_function(model)
-        # Read at the first epoch, after BackupAndRestore restored the state.
-        self._mirror = None
+        # Made at the first epoch, after BackupAndRestore restored the state.
+        self._driver = None
 
     def on_train_end(self, logs=None) -> None:
         super().on_train_end(logs)
@@ -357,106 +283,74 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._writer.close()
             self._writer = None
 
-    def on_epoch_begin(self, epoch, logs=None) -> None:
-        if self._mirror is None:
-            self._mirror = self._state.read()
-            if self._writer is not None:
-                # As FisherCallback does (the first caller per file wins):
-                # TensorBoard drops what an interrupted run wrote from here on.
-                summaries.start_session(self._writer, self._mirror["step"] + 1)
-        mirror = self._mirror
-        planner = self._planner
-        data_pass, position = planner.epoch_start(
-            mirror["data_pass"], mirror["position"]
+    def _new_driver(self) -> SamplingDriver:
+        counters = self._state.read()
+        if self._writer is not None:
+            # As FisherCallback does (the first caller per file wins):
+            # TensorBoard drops what an interrupted run wrote from here on.
+            summaries.start_session(self._writer, counters["step"] + 1)
+        return SamplingDriver(
+            self.schedule,
+            counters,
+            num_examples=self.num_examples,
+            epochs=int(self.params.get("epochs") or 1),
+            steps_per_execution=int(getattr(self.model, "steps_per_execution", 1) or 1),
+            seed=self.seed,
+            shuffle=self.shuffle,
+            drop_remainder=self.drop_remainder,
+            allow_shrink=self.allow_shrink,
+            reference_batch_size=self.reference_batch_size,
+            data_end=self._examples if self._data_ends_pass else None,
+            measurements=self._measurements,
+            log_signal=self._writer is not None,
+            write=self._state.write,
         )
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        if self._driver is None:
+            self._driver = self._new_driver()
+        driver = self._driver
+        start = driver.begin_epoch(epoch)
         if self.mode == "in_memory":
-            self._examples.set_order(planner.permutation(data_pass))
-        else:
-            if self._data_ends_pass:
-                self._pass_length = None
-            need = max(mirror["batch_size"], 1) if self.drop_remainder else 1
-            if not self._examples.begin_pass(position, mirror["examples_seen"], need):
-                # Resumed where a stream's pass had ended: the next one.
-                data_pass, position = data_pass + 1, 0
-                self._examples.begin_pass(0, mirror["examples_seen"], need)
-        if data_pass != mirror["data_pass"]:  # the last pass is done
-            mirror["data_pass"], mirror["position"] = data_pass, position
-            self._state.write({"data_pass": data_pass, "position": position})
-        self._epoch = epoch
-        self._epoch_steps = 0
-        self._ended_by_sampling = False
+            self._examples.set_order(driver.planner.permutation(start.data_pass))
+        elif not self._examples.begin_pass(
+            start.position, start.examples_seen, start.need
+        ):
+            # Resumed where a stream's pass had ended: the next one.
+            driver.skip_pass()
+            self._examples.begin_pass(0, start.examples_seen, start.need)
         self.batch_sizes_per_epoch.append([])
         # The progress bar's target, from the size the schedule asks for now
         # (updated if it changes during the epoch).
-        self.target = self._steps_left(self._peek_size(epoch))
+        self.target = driver.epoch_target()
         super().on_epoch_begin(epoch, logs)
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
-        mirror = self._mirror
-        self._learn_pass_length(1)
-        planner = self._planner
-        if planner.pass_done(mirror["position"]):
-            self._ended_by_sampling = True
+        decision, plan = self._driver.next_execution()
+        if decision is not None and decision.signal is not None:
+            summaries.write_sampling_decision(
+                self._writer, decision.log_step, decision.signal, decision.threshold
+            )
+        if decision is not None and decision.target is not None:
+            self.target = decision.target
+            if self.progbar is not None:
+                self.progbar.target = self.target
+        if plan is None:
             # Keras's own signal that the data ran out: the epoch ends here,
             # before this step's train function is called.
             raise tf.errors.OutOfRangeError(
                 None, None, "keras-fim: end of a pass over the data"
             )
-        size = self._decide(self._context())
-        if self.drop_remainder:
-            self._learn_pass_length(size * self._steps_per_execution)
-        planner = self._planner
-        plan = planner.plan(mirror["position"], size, self._steps_per_execution)
-        if not plan.batches:
-            mirror["position"] = plan.end
-            self._state.position.assign(plan.end)
-            self._ended_by_sampling = True
-            raise tf.errors.OutOfRangeError(None, None, "keras-fim: remainder dropped")
         self._examples.set_batches(plan.batches)
-        self._plan = plan
-
-    def _learn_pass_length(self, need: int) -> None:
-        """For a finite stream: the pass's length, once fewer than `need`
-        examples are left (waiting, if need be, for the prefetching side).
-        The end must be known before the train function is called."""
-        if self._data_ends_pass and self._pass_length is None:
-            position = self._mirror["position"]
-            left = self._examples.examples_left(position, need)
-            if left is not None:
-                self._pass_length = position + left
 
     def on_train_batch_end(self, batch, logs=None) -> None:
-        mirror = self._mirror
-        plan, self._plan = self._plan, None
-        if self._data_ends_pass and self._pass_length is None:
-            # If the data ended during the execution, its last batch was
-            # short, or it took fewer steps: what the data held was trained.
-            self._pass_length = self._examples.pass_length()
-            if self._pass_length is not None:
-                size = plan.batches[0][1]
-                plan = self._planner.plan(mirror["position"], size, len(plan.batches))
-        sizes = plan.sizes
-        trained = sum(sizes)
-        mirror["position"] += trained
-        mirror["examples_seen"] += trained
-        mirror["step"] += len(sizes)
-        self._epoch_steps += len(sizes)
-        self.batch_sizes_per_epoch[-1].extend(sizes)
-        if plan.end != mirror["position"]:
-            # The execution stopped at a remainder that will be dropped.
-            mirror["position"] = plan.end
-            self._state.position.assign(plan.end)
+        self.batch_sizes_per_epoch[-1].extend(self._driver.end_execution())
         # Keras numbers a short last execution as if it were full; the bar
         # counts the steps actually taken.
-        update_progress_bar(self, self._epoch_steps - 1, logs)
+        update_progress_bar(self, self._driver.epoch_steps - 1, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        if (
-            not self._data_ends_pass
-            and not self._ended_by_sampling
-            and self._mirror["position"] < self.num_examples
-            and not self.model.stop_training
-        ):
+        if self._driver.pass_unfinished() and not self.model.stop_training:
             raise RuntimeError(
                 "The DynamicSampling dataset ended before the pass over the "
                 "data did. Pass `sampling.dataset` to fit as it is (do not "
@@ -464,7 +358,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             )
         super().on_epoch_end(epoch, logs)
 
-    # -- deciding the size -------------------------------------------------
+    # -- what the schedule reads -------------------------------------------
 
     def _needs_fisher(self) -> str | None:
         if isinstance(self.schedule, Automatic):
@@ -484,93 +378,21 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             return self.schedule.signal != "condition_number"
         return getattr(self.schedule, "uses_measurements", True)
 
-    def _context(self) -> SamplingContext:
-        mirror = self._mirror
-        fisher = {}
+    def _measurements(self) -> dict:
+        """The latest Fisher measurements, for the schedule (device reads)."""
         fisher_state = getattr(self.model, "fisher_state", None)
-        measurements = 0
-        # A user function may read the measurements; the built-in schedules
-        # say whether they do.
-        wanted = getattr(self.schedule, "uses_measurements", True)
-        if fisher_state is not None and wanted:
-            measurements = int(fisher_state.measurements.numpy())
-            if measurements:
-                noise = float(fisher_state.noise_scale.numpy())
-                fisher = {
-                    "noise_scale": noise if math.isfinite(noise) else None,
-                    "condition_number": float(fisher_state.condition_ema.numpy()),
-                    "condition_mean": float(fisher_state.condition_mean.numpy()),
-                    "energy": float(fisher_state.energy_sum.numpy()),
-                }
-        return SamplingContext(
-            epoch=self._epoch,
-            epochs=int(self.params.get("epochs") or 1),
-            step=mirror["step"],
-            data_pass=mirror["data_pass"],
-            position=mirror["position"],
-            examples_seen=mirror["examples_seen"],
-            num_examples=self.num_examples,
-            batch_size=mirror["batch_size"] or None,
-            steps_since_change=mirror["step"] - mirror["last_change_step"],
-            measurements=measurements,
-            measurements_since_change=measurements - mirror["measurements_at_change"],
-            **fisher,
-        )
-
-    def _peek_size(self, epoch: int) -> int:
-        """The first size, for the first epoch's progress bar."""
-        self._epoch = epoch
-        return self._checked(self.schedule(self._context()), None)
-
-    def _checked(self, size, current: int | None) -> int:
-        size = check_size(
-            f"the size returned by schedule {self.schedule!r}", size, self.num_examples
-        )
-        if current is not None and size < current and not self.allow_shrink:
-            raise ValueError(
-                f"schedule {self.schedule!r} shrank the batch from {current} to "
-                f"{size} but allow_shrink=False. Pass allow_shrink=True to allow it."
-            )
-        return size
-
-    def _decide(self, context: SamplingContext) -> int:
-        mirror = self._mirror
-        current = mirror["batch_size"] or None
-        size = self._checked(self.schedule(context), current)
-        if isinstance(self.schedule, Automatic) and self._writer is not None:
-            signal = self.schedule.signal_value(context)
-            if signal is not None and context.measurements_since_change:
-                summaries.write_sampling_decision(
-                    self._writer, context.step + 1, signal, self.schedule.threshold
-                )
-        if size != current:
-            mirror["batch_size"] = size
-            mirror["last_change_step"] = context.step
-            mirror["measurements_at_change"] = context.measurements
-            if not mirror["reference_batch_size"]:
-                mirror["reference_batch_size"] = self.reference_batch_size or size
-            self._state.write(
-                {
-                    name: mirror[name]
-                    for name in (
-                        "batch_size",
-                        "last_change_step",
-                        "measurements_at_change",
-                        "reference_batch_size",
-                    )
-                }
-            )
-            left = self._steps_left(size)
-            if current is not None and left is not None:
-                self.target = self._epoch_steps + left
-                if self.progbar is not None:
-                    self.progbar.target = self.target
-        return size
-
-    def _steps_left(self, size: int) -> int | None:
-        # A finite stream's length, when known, is a hint for the bar only.
-        planner = SamplingPlanner(self.num_examples, drop_remainder=self.drop_remainder)
-        return planner.steps_left(self._mirror["position"], size)
+        if fisher_state is None:
+            return {}
+        measurements = int(fisher_state.measurements.numpy())
+        if not measurements:
+            return {"measurements": 0}
+        return {
+            "measurements": measurements,
+            "noise_scale": float(fisher_state.noise_scale.numpy()),
+            "condition_number": float(fisher_state.condition_ema.numpy()),
+            "condition_mean": float(fisher_state.condition_mean.numpy()),
+            "energy": float(fisher_state.energy_sum.numpy()),
+        }
 
     # -- the train step ----------------------------------------------------
 
@@ -579,23 +401,16 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
             gain = self._gain(batch)
-            optimizer = innermost_optimizer(self.model.optimizer)
-            base = optimizer_learning_rate(optimizer)
-            scaled = ScaledLearningRate(base, gain)
-            learning_rate = scaled(optimizer.iterations)
-            if self.learning_rate_scaling != "none":
-                set_optimizer_learning_rate(optimizer, scaled)
-            try:
+            install = self.learning_rate_scaling != "none"
+            with scaled_learning_rate(self.model.optimizer, gain, install) as rate:
                 logs = step(data)
-            finally:
-                set_optimizer_learning_rate(optimizer, base)
             state = self._state
             state.step.assign_add(1)
             state.position.assign_add(batch)
             state.examples_seen.assign_add(batch)
             if self._writer is not None:
                 summaries.write_sampling_step(
-                    self._writer, state.step, batch, learning_rate, gain
+                    self._writer, state.step, batch, rate, gain
                 )
             return logs
 

@@ -3,14 +3,21 @@
 `learning_rate_gain` is a pure function, evaluated inside the compiled train
 step on the size of the batch actually trained. `ScaledLearningRate`
 multiplies whatever rate the optimizer gives (a float, a schedule, one
-changed by other callbacks) by that gain; it is installed only while a step
-is being traced.
+changed by other callbacks) by that gain; `scaled_learning_rate` installs it
+only while a step is being traced.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 import tensorflow as tf
+
+from keras_fim._keras_compat import (
+    optimizer_learning_rate,
+    set_optimizer_learning_rate,
+)
 
 LEARNING_RATE_SCALINGS = ("none", "linear", "sqrt", "adascale")
 
@@ -112,3 +119,20 @@ def innermost_optimizer(optimizer):
     while hasattr(optimizer, "inner_optimizer"):
         optimizer = optimizer.inner_optimizer
     return optimizer
+
+
+@contextlib.contextmanager
+def scaled_learning_rate(optimizer, gain, install: bool = True):
+    """Inside, while a step is traced: the rate of `optimizer` times `gain`
+    (installed only if `install`), the optimizer's own rate again after.
+    Yields the rate applied at the optimizer's current iteration."""
+    optimizer = innermost_optimizer(optimizer)
+    base = optimizer_learning_rate(optimizer)
+    scaled = ScaledLearningRate(base, gain)
+    learning_rate = scaled(optimizer.iterations)
+    if install:
+        set_optimizer_learning_rate(optimizer, scaled)
+    try:
+        yield learning_rate
+    finally:
+        set_optimizer_learning_rate(optimizer, base)
