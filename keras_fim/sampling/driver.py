@@ -86,6 +86,17 @@ def largest_size(schedule) -> int:
     )
 
 
+def size_granularity(schedule) -> int:
+    """A number every size of `schedule` is a multiple of (1 when not known
+    in advance): a stream is cut into batches of whole groups of that many
+    examples, which is cheaper than one example at a time."""
+    if isinstance(schedule, (int, np.integer)):
+        return int(schedule)
+    if isinstance(schedule, Staged):
+        return math.gcd(*schedule.sizes())
+    return 1
+
+
 class PassEnd(Protocol):
     """The data that ends a pass (`dataset.StreamedExamples`, a finite
     stream), asked where."""

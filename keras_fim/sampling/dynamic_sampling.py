@@ -12,6 +12,7 @@ signal for data that ran out: no phantom step is run).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -22,7 +23,12 @@ import tensorflow as tf
 from keras_fim import summaries
 from keras_fim._keras_compat import update_progress_bar
 from keras_fim.sampling.dataset import MODES, choose_mode, make_examples
-from keras_fim.sampling.driver import SamplingDriver, checked_schedule, largest_size
+from keras_fim.sampling.driver import (
+    SamplingDriver,
+    checked_schedule,
+    largest_size,
+    size_granularity,
+)
 from keras_fim.sampling.learning_rate import (
     LEARNING_RATE_SCALINGS,
     learning_rate_gain,
@@ -202,8 +208,17 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._data_ends_pass = self.mode == "stream" and examples_per_epoch is None
         if self._data_ends_pass and drop_remainder and buffer_size is None:
             buffer_size = 2 * largest_size(schedule)
+        granularity = size_granularity(schedule)
+        if examples_per_epoch is not None:  # the passes of a stream line up too
+            granularity = math.gcd(granularity, examples_per_epoch)
         self._examples = make_examples(
-            self.mode, data, batched, preprocess, examples_per_epoch, buffer_size
+            self.mode,
+            data,
+            batched,
+            preprocess,
+            examples_per_epoch,
+            buffer_size,
+            granularity,
         )
         # `None`: a finite stream of unknown length.
         self.num_examples = self._examples.num_examples
