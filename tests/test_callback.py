@@ -713,7 +713,7 @@ def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = data(48)
     results = [keras_fim.measure(model, x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
-    (function,) = model._keras_fim_api_functions.values()
+    ((_, function),) = model._keras_fim_api_functions.values()
     assert function.experimental_get_tracing_count() == 1
     for _ in range(4):
         keras_fim.measure(model, x[:8], y[:8])
@@ -721,4 +721,29 @@ def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
     direct = tf.function(lambda a, b: keras_fim.measure(model, a, b))(x[8:16], y[8:16])
     np.testing.assert_allclose(
         results[1].eigenvalues.numpy(), direct.eigenvalues.numpy(), rtol=1e-12
+    )
+
+
+def test_measure_after_a_recompile_or_a_frozen_layer_is_traced_again():
+    """The function kept on the model for repeated `measure` calls is not
+    reused once what it read changed: the compiled loss (its weights) or the
+    trainable variables."""
+    model = compile_sgd(mlp())
+    x, y = data(16)
+    base = keras_fim.measure(model, x, y).eigenvalues.numpy()
+    model.compile(
+        optimizer="sgd", loss="sparse_categorical_crossentropy", loss_weights=0.5
+    )
+    scaled = keras_fim.measure(model, x, y).eigenvalues.numpy()
+    np.testing.assert_allclose(scaled, 0.25 * base, rtol=1e-9)
+    model.layers[1].trainable = False  # the hidden Dense (0 is the Input)
+    frozen = keras_fim.measure(model, x, y)
+    head = ref.flatten_gradients(
+        ref.loop_per_example_gradients(model, x, y)
+    )  # the trainable (last) layer's gradients only
+    np.testing.assert_allclose(
+        frozen.eigenvalues.numpy(),
+        0.25 * np.linalg.eigvalsh(head @ head.T)[::-1] / len(x),
+        rtol=1e-5,
+        atol=1e-9,
     )

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from keras_fim._keras_compat import set_instance_attribute
+from keras_fim._keras_compat import compile_loss, set_instance_attribute
 from keras_fim.engine.gram import per_variable_gradients, sum_blocks
 from keras_fim.engine.pipeline import local_grams, measure_pass
 from keras_fim.engine.record import PerExampleLoss, record_pass
@@ -352,7 +352,22 @@ def _run(model, name: str, body, options: tuple, x, y, sample_weight):
         functions = {}
         set_instance_attribute(model, _FUNCTIONS, functions)
     key = (name, *(tuple(o) if isinstance(o, list) else o for o in options))
-    function = functions.get(key)
-    if function is None:
-        function = functions[key] = tf.function(body, reduce_retracing=True)
-    return function(x, y, sample_weight)
+    # What the trace read from the model besides the options: a recompile
+    # (another loss or loss weights), a changed set of trainable variables
+    # or another dtype policy needs a new trace.
+    traced_with = (
+        compile_loss(model),
+        *model.trainable_variables,
+        keras.config.dtype_policy(),
+    )
+    cached = functions.get(key)
+    if cached is None or not _same_objects(cached[0], traced_with):
+        cached = functions[key] = (
+            traced_with,
+            tf.function(body, reduce_retracing=True),
+        )
+    return cached[1](x, y, sample_weight)
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(u is v for u, v in zip(a, b, strict=True))

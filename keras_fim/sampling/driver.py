@@ -37,18 +37,10 @@ from keras_fim.schedules import (
     Staged,
     check_size,
 )
+from keras_fim.state import SamplingState
 
 # The counters of `SamplingState`, in its order.
-COUNTERS = (
-    "step",
-    "data_pass",
-    "position",
-    "examples_seen",
-    "batch_size",
-    "last_change_step",
-    "measurements_at_change",
-    "reference_batch_size",
-)
+COUNTERS = SamplingState.NAMES
 
 
 def checked_schedule(schedule, num_examples: int | None, allow_shrink: bool):
