@@ -334,9 +334,10 @@ _FUNCTIONS = "_keras_fim_api_functions"
 
 
 def _run(model, name: str, body, options: tuple, x, y, sample_weight):
-    """`body(x, y, sample_weight)`. Called eagerly, through a `tf.function`
-    kept on the model per function and options: repeated calls (a Python
-    loop over batches) trace once per input signature, and the vectorised
+    """`body(x, y, sample_weight)`. Called eagerly, from the second call on
+    through a `tf.function` kept on the model per function and options:
+    repeated calls (a Python loop over batches) trace once per input
+    signature, and the vectorised
     rules run in a graph instead of building a function of their own at
     every call (which TensorFlow warns about after five). Inside a traced
     function, for a model not built yet (its first call creates its
@@ -351,21 +352,25 @@ def _run(model, name: str, body, options: tuple, x, y, sample_weight):
     if functions is None:
         functions = {}
         set_instance_attribute(model, _FUNCTIONS, functions)
-    key = (name, *(tuple(o) if isinstance(o, list) else o for o in options))
-    # What the trace read from the model besides the options: a recompile
-    # (another loss or loss weights), a changed set of trainable variables
-    # or another dtype policy needs a new trace.
-    traced_with = (
-        compile_loss(model),
-        *model.trainable_variables,
-        keras.config.dtype_policy(),
+    # What the trace read besides the options: another dtype policy (by
+    # name: Keras makes a new default policy object at every call), a
+    # recompile (another loss or loss weights) or another set of trainable
+    # variables needs a new trace.
+    key = (
+        name,
+        keras.config.dtype_policy().name,
+        *(tuple(o) if isinstance(o, list) else o for o in options),
     )
+    traced_with = (compile_loss(model), *model.trainable_variables)
     cached = functions.get(key)
     if cached is None or not _same_objects(cached[0], traced_with):
-        cached = functions[key] = (
-            traced_with,
-            tf.function(body, reduce_retracing=True),
-        )
+        # A first call runs eagerly (tracing costs more than one eager
+        # call); a second one with the same key is a loop: trace it once.
+        functions[key] = (traced_with, None)
+        return body(x, y, sample_weight)
+    if cached[1] is None:
+        function = tf.function(body, reduce_retracing=True)
+        cached = functions[key] = (traced_with, function)
     return cached[1](x, y, sample_weight)
 
 
