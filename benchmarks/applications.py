@@ -40,8 +40,8 @@ import keras
 import machine
 import numpy as np
 import tensorflow as tf
+from fit_functions import fit_functions
 
-import keras_fim
 from keras_fim.engine import (
     gram_from_gradients,
     grams_from_calls,
@@ -110,14 +110,7 @@ def functions(model, x, y, plans):
         grads = per_example_gradients(model, x, y)
         return spectrum_from_gram(gram_from_gradients(grads)).eigenvalues
 
-    model.make_train_function(force=True)
-    fit_plain = model.train_function
-    fisher = keras_fim.FisherCallback(every_n_steps=1)
-    fisher.set_model(model)
-    fisher.on_train_begin()
-    fisher.on_train_batch_begin(0)
-    fit_measured = model.train_function
-    fisher.on_train_end()
+    fit_plain, fit_measured = fit_functions(model)
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     return {
         "plain step": (plain, "cost"),

@@ -49,6 +49,7 @@ from keras_fim.engine import gram_from_gradients, per_example_gradients  # noqa:
 from keras_fim.measurements import spectrum_from_gram  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "peers"))
+from fit_functions import fit_functions  # noqa: E402
 from make_spec import build_model, make_batch, spec_arrays  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,16 +94,8 @@ def engines(model, x, y):
         grads = per_example_gradients(model, x, y)
         return spectrum_from_gram(gram_from_gradients(grads)).eigenvalues
 
-    # The functions `fit` runs: Keras's own, and FisherCallback's measuring
-    # one (built as at a measured batch of `fit`).
-    model.make_train_function(force=True)
-    fit_plain = model.train_function
-    fisher = keras_fim.FisherCallback(every_n_steps=1)
-    fisher.set_model(model)
-    fisher.on_train_begin()
-    fisher.on_train_batch_begin(0)
-    fit_measured = model.train_function
-    fisher.on_train_end()
+    # The functions `fit` runs: Keras's own, and FisherCallback's measuring one.
+    fit_plain, fit_measured = fit_functions(model)
     iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     return {
         "plain step": plain,

@@ -91,24 +91,14 @@ def loop_per_example_gradients(
     """
     if loss is None:
         loss = keras.losses.SparseCategoricalCrossentropy(reduction=None)
-    variables = model.trainable_variables
-    rows = []
-    for i in range(_batch_size(x)):
-        with tf.GradientTape() as tape:
-            y_pred = model(_slice(x, i), training=False)
-            value = example_loss(
-                loss, _slice(y, i), y_pred, sample_weight, i, loss_weights
-            )
-        grads = tape.gradient(value, variables)
-        rows.append(
-            [
-                np.zeros(v.shape, np.float64)
-                if g is None
-                else np.asarray(tf.convert_to_tensor(g), np.float64)
-                for v, g in zip(variables, grads, strict=True)
-            ]
-        )
-    return [np.stack([r[k] for r in rows]) for k in range(len(variables))]
+
+    def one_example(i):
+        y_pred = model(_slice(x, i), training=False)
+        return example_loss(loss, _slice(y, i), y_pred, sample_weight, i, loss_weights)
+
+    return loop_objective_gradients(
+        one_example, model.trainable_variables, _batch_size(x)
+    )
 
 
 def loop_objective_gradients(example_loss, variables, batch_size):
