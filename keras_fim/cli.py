@@ -232,6 +232,13 @@ def train(log_dir, **kwargs):
     help="Learning rates of the dynamic schedules ('' for all of --learning-rates).",
 )
 @click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Runs of each configuration, seeded --seed, --seed + 1, ...",
+)
+@click.option(
     "--log-dir",
     type=click.Path(file_okay=False),
     default="logs/study",
@@ -268,6 +275,7 @@ def study(
     learning_rates,
     schedules,
     schedule_learning_rates,
+    seeds,
     log_dir,
     early_fraction,
     report,
@@ -290,6 +298,7 @@ def study(
             learning_rates,
             [s.strip() for s in schedules.split(",") if s.strip()],
             schedule_learning_rates or None,
+            seeds,
             **fields,
         )
     except ValueError as error:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +62,26 @@ PRESETS = {
 }
 SMALLEST_DEPTH = {"resnet": 8, "densenet": 10}
 RESULT_FILE = "result.json"
+SEED_SUFFIX = "_seed"
+
+
+def split_run_name(name: str) -> tuple[str, int]:
+    """A run's name split into its configuration and seed (`RunConfig.name`'s
+    ``_seed<n>`` suffix; 0 without one).
+
+    Args:
+        name: String, a run's name (a folder name, or a path ending in one).
+
+    Returns:
+        ``(configuration, seed)``.
+
+    Example:
+
+    >>> split_run_name("bs16_lr0.1_seed3"), split_run_name("bs16_lr0.1")
+    (('bs16_lr0.1', 3), ('bs16_lr0.1', 0))
+    """
+    match = re.fullmatch(rf"(.*){SEED_SUFFIX}(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,15 +111,16 @@ class RunConfig:
             `zero_threshold`: eigenvalues at most this times the largest
             count as zero; `None` derives it from the precision the
             contributions carry. Defaults to `None`.
-        seed: seeds the weights, the data split and the data order.
+        seed: seeds the weights, the data split and the data order; a
+            seed other than 0 is part of the run's `name`.
         data_dir: where tensorflow-datasets keeps its data, or `None`.
 
     Example:
 
     >>> RunConfig(batch_size=64, learning_rate=0.1).name
     'bs64_lr0.1'
-    >>> RunConfig(schedule="staged", learning_rate=0.1).name
-    'staged_lr0.1'
+    >>> RunConfig(schedule="staged", learning_rate=0.1, seed=2).name
+    'staged_lr0.1_seed2'
     """
 
     model: str = "resnet"
@@ -149,9 +171,12 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """The run's folder name: its batch setting and learning rate."""
+        """The run's folder name: its batch setting and learning rate, then
+        ``_seed<n>`` unless the seed is 0 (so a study's folders from before
+        seeds were repeated keep their names and are resumed)."""
         size = f"bs{self.batch_size}" if self.schedule == "fixed" else self.schedule
-        return f"{size}_lr{self.learning_rate:g}"
+        name = f"{size}_lr{self.learning_rate:g}"
+        return f"{name}{SEED_SUFFIX}{self.seed}" if self.seed else name
 
     def hparams(self) -> dict:
         """The hyper-parameters recorded for TensorBoard's HParams dashboard."""
@@ -181,10 +206,11 @@ def grid(
     learning_rates: Iterable[float] = PAPER_LEARNING_RATES,
     schedules: Iterable[str] = ("staged",),
     schedule_learning_rates: Iterable[float] | None = (0.1,),
+    seeds: int = 1,
     **config: Any,
 ) -> list[RunConfig]:
-    """The study's configurations: batch sizes x learning rates, then each
-    dynamic schedule x its learning rates.
+    """The study's runs: batch sizes x learning rates, then each dynamic
+    schedule x its learning rates, each configuration with `seeds` seeds.
 
     Args:
         batch_sizes: Integers, the fixed batch sizes. Defaults to the
@@ -196,30 +222,36 @@ def grid(
         schedule_learning_rates: Floats or `None`, the rates the dynamic
             schedules run at; `None` for all of `learning_rates`. Defaults
             to `(0.1,)`, the paper's.
+        seeds: Integer >= 1, how many times each configuration runs: with
+            seeds ``seed``, ``seed + 1``, ... (``seed`` from `config`, 0 by
+            default), every configuration of one seed before the next seed's.
+            Defaults to `1`.
         **config: further `RunConfig` fields shared by all runs.
 
     Example:
 
     >>> [c.name for c in grid([16, 64], [0.1, 0.2], ["staged"], [0.1])]
     ['bs16_lr0.1', 'bs16_lr0.2', 'bs64_lr0.1', 'bs64_lr0.2', 'staged_lr0.1']
+    >>> [c.name for c in grid([16], [0.1], [], seeds=3)]
+    ['bs16_lr0.1', 'bs16_lr0.1_seed1', 'bs16_lr0.1_seed2']
     """
+    seeds = check_int("seeds", seeds, 1)
+    first_seed = config.pop("seed", 0)
     learning_rates = list(learning_rates)
     if schedule_learning_rates is None:
         schedule_learning_rates = learning_rates
-    configs = [
-        RunConfig(batch_size=b, learning_rate=lr, **config)
-        for b in batch_sizes
-        for lr in learning_rates
-    ]
+    fields = [dict(batch_size=b, learning_rate=lr) for b in batch_sizes for lr in learning_rates]
     for schedule in schedules:
         if schedule == "fixed":
             raise ValueError(
                 "`schedules` lists dynamic schedules only ('staged'). Received: 'fixed'"
             )
-        configs += [
-            RunConfig(schedule=schedule, learning_rate=lr, **config)
-            for lr in schedule_learning_rates
-        ]
+        fields += [dict(schedule=schedule, learning_rate=lr) for lr in schedule_learning_rates]
+    configs = [
+        RunConfig(**run, **config, seed=seed)
+        for seed in range(first_seed, first_seed + seeds)
+        for run in fields
+    ]
     names = [c.name for c in configs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
