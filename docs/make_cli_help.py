@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from keras_fim.cli import main
+from keras_fim_cli import main
 
 PAGE = Path(__file__).resolve().parent / "cli.md"
 BLOCK = re.compile(r"```text\n(Usage: keras-fim ((?:\w+ )?)\[OPTIONS\].*?)\n```", re.S)

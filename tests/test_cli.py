@@ -11,7 +11,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from keras_fim.cli import main
+from keras_fim_cli import main
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["study"], ["report"]])
@@ -63,7 +63,7 @@ def test_ctrl_c_keeps_finished_runs_and_the_rerun_completes(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "keras_fim.cli",
+        "keras_fim_cli",
         "study",
         "--log-dir",
         str(root),

@@ -92,7 +92,7 @@ def test_cli_help_in_the_docs_is_the_commands_own():
     """docs/cli.md quotes every command's --help; it must not go stale."""
     from click.testing import CliRunner
 
-    from keras_fim.cli import main
+    from keras_fim_cli import main
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     blocks = re.findall(
@@ -178,7 +178,7 @@ def test_public_docstrings_document_every_argument_with_its_type():
 def test_cli_option_tables_quote_the_commands_defaults():
     """Each `| --option | meaning | default |` row of docs/cli.md states the
     default that command's `--help` shows (nothing numeric where it has none)."""
-    from keras_fim.cli import main
+    from keras_fim_cli import main
 
     checked = 0
     for section in re.split(r"^## ", (DOCS / "cli.md").read_text("utf-8"), flags=re.M):

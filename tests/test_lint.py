@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PATHS = ["keras_fim", "tests", "benchmarks", "examples", "docs"]
+PATHS = ["keras_fim", "keras_fim_cli", "tests", "benchmarks", "examples", "docs"]
 
 
 @pytest.mark.parametrize(

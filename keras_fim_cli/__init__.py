@@ -3,22 +3,82 @@
 keras-fim study                      # the default study on the bundled digits
 keras-fim train --batch-size 64 --learning-rate 0.1 --log-dir logs/one
 keras-fim report logs/study          # HTML report of any folder of runs
+
+A package of its own, outside `keras_fim`: importing `keras_fim` starts
+TensorFlow (it must, so that `keras.saving.load_model` finds its classes),
+which takes seconds and prints start-up lines. Here the arguments are parsed
+first, and `keras_fim` is imported only inside the commands, by
+`_import_keras_fim`. The choices and defaults the options show are written
+out below; tests/test_cli.py checks they are `keras_fim.study`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
 import re
 import sys
+import tempfile
 
 import click
 
-from keras_fim import study as study_lib
-from keras_fim.datasets import NAMES as DATASETS
-from keras_fim.datasets import DatasetUnavailableError
+MODELS = ("resnet", "densenet")
+DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "mnist")
+SCHEDULES = ("fixed", "staged")
+LEARNING_RATE_DECAYS = ("step", "none")
+PRESETS = ("digits", "paper-cifar10", "paper-cifar100")
+BATCH_SIZES = "8,16,32,64,128,256"
+LEARNING_RATES = "0.025,0.05,0.1,0.2,0.4"
+#: `keras_fim.study.RunConfig`'s defaults.
+RUN_DEFAULTS = dict(
+    model="resnet",
+    dataset="digits",
+    schedule="fixed",
+    batch_size=32,
+    learning_rate=0.1,
+    learning_rate_decay="step",
+    weight_decay=1e-4,
+    epochs=12,
+    every_n_steps=4,
+    seed=0,
+)
 
-_DEFAULT = study_lib.RunConfig()
+
+def _import_keras_fim() -> None:
+    """Imports `keras_fim` (and so TensorFlow) with TensorFlow's start-up
+    lines kept off the terminal, unless the user set ``TF_CPP_MIN_LOG_LEVEL``.
+
+    Those lines (absl's notice, oneDNN, the CUDA probe and, without a GPU,
+    cuInit's error) are written to the process's stderr before TensorFlow
+    reads ``TF_CPP_MIN_LOG_LEVEL``, so the level alone does not hide them:
+    stderr is sent to a file while TensorFlow starts and finds its devices,
+    and shown only if that fails. The level is set to 2 for the rest of the
+    run (warnings and errors still show).
+    """
+    if "keras_fim" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        import keras_fim  # noqa: F401
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            import keras_fim  # noqa: F401
+
+            tf.config.list_physical_devices()  # the CUDA probe, now
+        except BaseException:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class _NumberList(click.ParamType):
@@ -50,8 +110,8 @@ def _run_options(function):
     options = [
         click.option(
             "--model",
-            type=click.Choice(study_lib.MODELS),
-            default=_DEFAULT.model,
+            type=click.Choice(MODELS),
+            default=RUN_DEFAULTS["model"],
             show_default=True,
             help="ResNet (depth 6n+2) or DenseNet-BC (depth 6n+4).",
         ),
@@ -66,7 +126,7 @@ def _run_options(function):
         click.option(
             "--dataset",
             type=click.Choice(DATASETS),
-            default=_DEFAULT.dataset,
+            default=RUN_DEFAULTS["dataset"],
             show_default=True,
             help="digits is bundled (offline); the others come from tensorflow-datasets.",
         ),
@@ -78,28 +138,28 @@ def _run_options(function):
         ),
         click.option(
             "--learning-rate-decay",
-            type=click.Choice(study_lib.LEARNING_RATE_DECAYS),
-            default=_DEFAULT.learning_rate_decay,
+            type=click.Choice(LEARNING_RATE_DECAYS),
+            default=RUN_DEFAULTS["learning_rate_decay"],
             show_default=True,
             help="step: x0.1 after 50% and 75% of the epochs.",
         ),
         click.option(
             "--weight-decay",
             type=click.FloatRange(min=0),
-            default=_DEFAULT.weight_decay,
+            default=RUN_DEFAULTS["weight_decay"],
             show_default=True,
             help="Added to the gradient (g + wd*theta), as the paper's SGD does.",
         ),
         click.option(
             "--epochs",
             type=click.IntRange(min=1),
-            default=_DEFAULT.epochs,
+            default=RUN_DEFAULTS["epochs"],
             show_default=True,
         ),
         click.option(
             "--every-n-steps",
             type=click.IntRange(min=1),
-            default=_DEFAULT.every_n_steps,
+            default=RUN_DEFAULTS["every_n_steps"],
             show_default=True,
             help="Measure the Fisher spectrum every n-th step.",
         ),
@@ -110,7 +170,7 @@ def _run_options(function):
             help="Eigenvalues at most this x the largest count as zero "
             "[default: from the precision: (4u)^2 trace(G)].",
         ),
-        click.option("--seed", type=int, default=_DEFAULT.seed, show_default=True),
+        click.option("--seed", type=int, default=RUN_DEFAULTS["seed"], show_default=True),
     ]
     for option in reversed(options):
         function = option(function)
@@ -118,7 +178,11 @@ def _run_options(function):
 
 
 def _run_fields(kwargs) -> dict:
-    fields = {f.name for f in dataclasses.fields(study_lib.RunConfig)}
+    import dataclasses
+
+    from keras_fim.study import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
     return {k: v for k, v in kwargs.items() if k in fields}
 
 
@@ -130,9 +194,11 @@ def _usage_error(error: ValueError) -> click.BadParameter:
     return click.BadParameter(str(error), param_hint=hint)
 
 
-def _config(**fields) -> study_lib.RunConfig:
+def _config(**fields):
+    from keras_fim.study import RunConfig
+
     try:
-        return study_lib.RunConfig(**fields)
+        return RunConfig(**fields)
     except ValueError as error:
         raise _usage_error(error) from error
 
@@ -150,21 +216,21 @@ def main():
 @_run_options
 @click.option(
     "--schedule",
-    type=click.Choice(study_lib.SCHEDULES),
-    default="fixed",
+    type=click.Choice(SCHEDULES),
+    default=RUN_DEFAULTS["schedule"],
     show_default=True,
     help="fixed: --batch-size throughout; staged: 16 -> 256.",
 )
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=_DEFAULT.batch_size,
+    default=RUN_DEFAULTS["batch_size"],
     show_default=True,
 )
 @click.option(
     "--learning-rate",
     type=click.FloatRange(min=0, min_open=True),
-    default=_DEFAULT.learning_rate,
+    default=RUN_DEFAULTS["learning_rate"],
     show_default=True,
 )
 @click.option(
@@ -176,6 +242,10 @@ def main():
 )
 def train(log_dir, **kwargs):
     """Train one configuration with FisherCallback and TensorBoard logging."""
+    _import_keras_fim()
+    from keras_fim import study as study_lib
+    from keras_fim.datasets import DatasetUnavailableError
+
     config = _config(**_run_fields(kwargs))
     try:
         result = study_lib.train(config, log_dir, verbose="auto")
@@ -193,7 +263,7 @@ def train(log_dir, **kwargs):
 @_run_options
 @click.option(
     "--preset",
-    type=click.Choice(list(study_lib.PRESETS)),
+    type=click.Choice(PRESETS),
     default="digits",
     show_default=True,
     help="digits: the small analogue, offline; paper-cifar10/100: the paper's runs "
@@ -207,14 +277,14 @@ def train(log_dir, **kwargs):
 @click.option(
     "--batch-sizes",
     type=_NumberList(int),
-    default=",".join(map(str, study_lib.PAPER_BATCH_SIZES)),
+    default=BATCH_SIZES,
     show_default=True,
     help="Fixed batch sizes of the grid.",
 )
 @click.option(
     "--learning-rates",
     type=_NumberList(float),
-    default=",".join(f"{rate:g}" for rate in study_lib.PAPER_LEARNING_RATES),
+    default=LEARNING_RATES,
     show_default=True,
     help="Learning rates of the grid.",
 )
@@ -287,6 +357,10 @@ def study(
     stopped. Ends with the ranking table and the report's path.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    _import_keras_fim()
+    from keras_fim import study as study_lib
+    from keras_fim.datasets import DatasetUnavailableError
 
     fields = _run_fields(kwargs)
     for name, value in study_lib.PRESETS[preset].items():
@@ -379,13 +453,16 @@ def study(
 )
 def report(log_dir, output, early_fraction, image_format):
     """Write an HTML report of every keras-fim run under LOG_DIR."""
+    _import_keras_fim()
     _report(log_dir, output, early_fraction, image_format, _console())
 
 
 def _print_plan(configs, console) -> None:
     from rich.table import Table
 
-    rows = study_lib.plan(configs)
+    from keras_fim.study import plan
+
+    rows = plan(configs)
     table = Table(title=f"{len(rows)} runs (nothing trained: --dry-run)")
     headings = {
         "run": "run",
@@ -470,7 +547,3 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
     for line in ranking.findings():
         console.print(line)
     console.print(f"Report: {path}")
-
-
-if __name__ == "__main__":
-    main()
