@@ -240,13 +240,19 @@ def grid(
     learning_rates = list(learning_rates)
     if schedule_learning_rates is None:
         schedule_learning_rates = learning_rates
-    fields = [dict(batch_size=b, learning_rate=lr) for b in batch_sizes for lr in learning_rates]
+    fields = [
+        dict(batch_size=b, learning_rate=lr)
+        for b in batch_sizes
+        for lr in learning_rates
+    ]
     for schedule in schedules:
         if schedule == "fixed":
             raise ValueError(
                 "`schedules` lists dynamic schedules only ('staged'). Received: 'fixed'"
             )
-        fields += [dict(schedule=schedule, learning_rate=lr) for lr in schedule_learning_rates]
+        fields += [
+            dict(schedule=schedule, learning_rate=lr) for lr in schedule_learning_rates
+        ]
     configs = [
         RunConfig(**run, **config, seed=seed)
         for seed in range(first_seed, first_seed + seeds)

@@ -56,8 +56,7 @@ def _import_keras_fim() -> None:
     run (warnings and errors still show).
     """
     if "keras_fim" in sys.modules or "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-        import keras_fim  # noqa: F401
-        return
+        return  # already started, or the user chose what TensorFlow shows
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.stderr.flush()
     saved = os.dup(2)
@@ -170,7 +169,9 @@ def _run_options(function):
             help="Eigenvalues at most this x the largest count as zero "
             "[default: from the precision: (4u)^2 trace(G)].",
         ),
-        click.option("--seed", type=int, default=RUN_DEFAULTS["seed"], show_default=True),
+        click.option(
+            "--seed", type=int, default=RUN_DEFAULTS["seed"], show_default=True
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -539,6 +540,8 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
             else f"{row['rank_deficient']:.0%}",
         )
     console.print(table)
+    if ranking.seed_spread:
+        _print_spread(ranking.spread, console)
     if not ranking.rows:
         console.print(
             "No run has a test error (study/test_error, or validation accuracy): "
@@ -547,3 +550,31 @@ def _report(log_dir, output, early_fraction, image_format, console) -> None:
     for line in ranking.findings():
         console.print(line)
     console.print(f"Report: {path}")
+
+
+def _print_spread(spread, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Spread over seeds: mean (min-max)")
+    for heading in (
+        "configuration",
+        "seeds",
+        "test error",
+        "final C_K_bar",
+        "final L_K",
+    ):
+        table.add_column(
+            heading, justify="left" if heading == "configuration" else "right"
+        )
+    for row in spread:
+        table.add_row(
+            row["configuration"],
+            ",".join(map(str, row["seeds"])),
+            f"{row['test_error_mean']:.2%} ({row['test_error_min']:.2%}-"
+            f"{row['test_error_max']:.2%})",
+            *(
+                f"{row[f'{q}_mean']:.4g} ({row[f'{q}_min']:.4g}-{row[f'{q}_max']:.4g})"
+                for q in ("final_C_K_bar", "final_L_K")
+            ),
+        )
+    console.print(table)

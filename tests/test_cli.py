@@ -1,6 +1,7 @@
 """The `keras-fim` command: help, argument errors, the report command, and a
 real `keras-fim study` interrupted with Ctrl-C and rerun."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -11,7 +12,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
+import keras_fim_cli
 from keras_fim_cli import main
+
+# What TensorFlow prints as it starts (absl, oneDNN, the CUDA probe, cuInit).
+STARTUP_LINES = ("absl", "oneDNN", "cuda", "cuInit", "cpu_feature_guard")
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["study"], ["report"]])
@@ -19,6 +24,71 @@ def test_cli_help(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage: " in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["study"]])
+def test_help_imports_neither_tensorflow_nor_keras_fim(command):
+    """`keras-fim --help` is parsed before anything heavy is imported:
+    `python -X importtime` lists every module the process imported."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "keras_fim_cli", *command, "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: keras-fim ")
+    imported = [
+        line.rsplit("|", 1)[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:")
+    ]
+    assert "click" in imported  # the listing is there
+    heavy = ("tensorflow", "keras", "keras_fim", "numpy", "rich")
+    assert not [m for m in imported if m.split(".")[0] in heavy]
+    assert [
+        line
+        for line in result.stderr.splitlines()
+        if not line.startswith("import time:")
+    ] == []
+
+
+def test_a_command_that_starts_tensorflow_prints_none_of_its_startup_lines():
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "keras_fim_cli", "study", "--dry-run"]
+    grid = ["--batch-sizes", "8", "--learning-rates", "0.1", "--schedules", ""]
+    result = subprocess.run(
+        [*command, *grid], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 runs (nothing trained: --dry-run)" in result.stdout
+    printed = result.stdout + result.stderr
+    assert not [word for word in STARTUP_LINES if word in printed], result.stderr
+
+
+def test_the_options_defaults_and_choices_are_the_librarys():
+    """The command writes them out so that --help needs no keras_fim."""
+    from keras_fim import datasets, study
+
+    default = study.RunConfig()
+    assert {
+        name: getattr(default, name) for name in keras_fim_cli.RUN_DEFAULTS
+    } == keras_fim_cli.RUN_DEFAULTS
+    assert keras_fim_cli.MODELS == study.MODELS
+    assert keras_fim_cli.SCHEDULES == study.SCHEDULES
+    assert keras_fim_cli.LEARNING_RATE_DECAYS == study.LEARNING_RATE_DECAYS
+    assert tuple(study.PRESETS) == keras_fim_cli.PRESETS
+    assert keras_fim_cli.DATASETS == datasets.NAMES
+    assert keras_fim_cli.BATCH_SIZES.split(",") == [
+        str(b) for b in study.PAPER_BATCH_SIZES
+    ]
+    assert [float(r) for r in keras_fim_cli.LEARNING_RATES.split(",")] == list(
+        study.PAPER_LEARNING_RATES
+    )
+    fields = {"depth", "data_dir", "zero_threshold"} | set(keras_fim_cli.RUN_DEFAULTS)
+    assert {f.name for f in dataclasses.fields(study.RunConfig)} == fields
 
 
 @pytest.mark.parametrize(
@@ -34,6 +104,8 @@ def test_cli_help(command):
         (["study", "--learning-rates", "0.1,-1"], "'--learning-rates'"),
         (["train", "--zero-threshold", "1"], "Invalid value for '--zero-threshold'"),
         (["train", "--depth", "9"], "Invalid value for --depth: `depth` must be 6n+2"),
+        (["study", "--seeds", "0"], "Invalid value for '--seeds'"),
+        (["study", "--seeds", "-2"], "Invalid value for '--seeds'"),
     ],
 )
 def test_cli_bad_arguments(arguments, message):

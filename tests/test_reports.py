@@ -235,13 +235,15 @@ def test_validation_accuracy_is_the_fallback_test_error(tmp_path):
 def brute_plane(rows, when):
     """Leave-one-out inverse-distance weighting of the 5 nearest other runs'
     final (log C, log L) points, queried at each run's `when` point: the
-    predicted errors, the Spearman rho and the best third recovered."""
+    predicted errors, the Spearman rho and the best third recovered. Runs of
+    the left-out run's configuration (when rows name one) are left out too."""
     final = np.log10([[r["final_C_K_bar"], r["final_L_K"]] for r in rows])
     query = np.log10([[r[f"{when}_C_K_bar"], r[f"{when}_L_K"]] for r in rows])
     errors = np.array([r["test_error"] for r in rows])
+    group = [r.get("configuration", r["run"]) for r in rows]
     predicted = []
     for i in range(len(rows)):
-        others = [j for j in range(len(rows)) if j != i]
+        others = [j for j in range(len(rows)) if group[j] != group[i]]
         distances = np.sqrt(((final[others] - query[i]) ** 2).sum(axis=1))
         nearest = np.argsort(distances)[:5]
         weights = 1 / distances[nearest]
@@ -307,6 +309,7 @@ def test_findings_say_what_the_data_shows():
     assert "does not significantly predict" in " ".join(ranking(scrambled).findings())
     two = " ".join(ranking(plane_rows(0, n=2)).findings())
     assert "undefined (2 run(s) with finite, positive C_K_bar and L_K" in two
+    assert "needs at least 3 configurations" in two
     assert "nan" not in two.lower().replace("finite", "")
 
 
@@ -341,3 +344,153 @@ def test_rank_deficient_share_counts_measurements_below_the_batch_size(tmp_path)
     assert row["rank_deficient"] == pytest.approx(0.5)
     path, _ = write_report(tmp_path, tmp_path / "out")
     assert "rank &lt; |B| %" in path.read_text()
+
+
+def seeded_rows(seed=0, n=9, seeds=2, jitter=0.2):
+    """`plane_rows` run with `seeds` seeds: each configuration's seeds sit
+    near each other in the plane and end near the same error."""
+    rng = np.random.default_rng(seed + 100)
+    rows = []
+    for s in range(seeds):
+        for row in plane_rows(seed, n=n):
+            moved = dict(row, configuration=row["run"], seed=s)
+            moved["run"] = row["run"] + (f"_seed{s}" if s else "")
+            for key in ("final_C_K_bar", "final_L_K", "early_C_K_bar", "early_L_K"):
+                moved[key] = row[key] * 10 ** rng.normal(0, jitter * 0.1)
+            moved["test_error"] = row["test_error"] + rng.normal(0, 0.01)
+            rows.append(moved)
+    return rows
+
+
+def test_a_seed_twin_is_left_out_with_its_run():
+    """Each run is predicted by the other configurations' runs only: its
+    own configuration's other seeds, its nearest neighbours, would give the
+    answer away."""
+    from keras_fim.reports.ranking import predict_in_the_plane
+
+    rows = seeded_rows(0)
+    for when in ("early", "final"):
+        prediction = predict_in_the_plane(rows, when)
+        rho, recovered, third = brute_plane(rows, when)
+        assert prediction.rho == pytest.approx(rho)
+        assert (prediction.best_recovered, prediction.best_count) == (recovered, third)
+        assert prediction.runs == 18
+    # Without the grouping the twin leaks: a closer, better-looking prediction.
+    ungrouped = [{k: v for k, v in r.items() if k != "configuration"} for r in rows]
+    leaked = predict_in_the_plane(ungrouped, "final")
+    assert leaked.rho == pytest.approx(brute_plane(ungrouped, "final")[0])
+    assert leaked.rho > predict_in_the_plane(rows, "final").rho
+    # Two configurations, however many seeds: nothing to leave one out from.
+    two = predict_in_the_plane(seeded_rows(0, n=2, seeds=3), "early")
+    assert math.isnan(two.rho)
+    assert two.reason.startswith("6 run(s) of 2 configuration(s)")
+
+
+def test_each_seed_is_predicted_as_a_study_of_its_own():
+    from keras_fim.reports.ranking import predict_per_seed
+
+    rows = seeded_rows(1, seeds=3)
+    by_seed = predict_per_seed(rows, "early")
+    assert list(by_seed) == [0, 1, 2]
+    for seed, prediction in by_seed.items():
+        own = [r for r in rows if r["seed"] == seed]
+        rho, recovered, third = brute_plane(own, "early")
+        assert prediction.rho == pytest.approx(rho)
+        assert (prediction.best_recovered, prediction.best_count) == (recovered, third)
+        assert prediction.runs == 9
+
+
+def test_spread_over_seeds_against_hand_computation():
+    from keras_fim.reports.seeds import seed_spread, spread_over_seeds
+
+    def row(configuration, seed, error, condition, energy):
+        return {
+            "configuration": configuration,
+            "seed": seed,
+            "test_error": error,
+            "final_C_K_bar": condition,
+            "final_L_K": energy,
+        }
+
+    rows = [
+        row("a", 0, 0.10, 10.0, 1.0),
+        row("a", 1, 0.20, 30.0, 3.0),
+        row("a", 2, 0.40, 20.0, math.nan),  # an L_K that was never measured
+        row("b", 1, 0.50, 5.0, 2.0),
+        row("b", 0, 0.50, 7.0, 4.0),
+        row("c", 0, 0.05, 1.0, 1.0),
+    ]
+    spread = spread_over_seeds(rows)
+    assert [e["configuration"] for e in spread] == ["c", "a", "b"]
+    c, a, b = spread
+    assert a["seeds"] == [0, 1, 2] and b["seeds"] == [0, 1] and c["runs"] == 1
+    # a: errors .1, .2, .4: mean 7/30, squared deviations sum 0.0466..., / 2.
+    assert a["test_error_mean"] == pytest.approx(0.7 / 3)
+    assert a["test_error_std"] == pytest.approx(math.sqrt(0.14 / 3 / 2))
+    assert (a["test_error_min"], a["test_error_max"]) == (0.10, 0.40)
+    assert a["final_C_K_bar_mean"] == pytest.approx(20.0)
+    assert a["final_C_K_bar_std"] == pytest.approx(10.0)
+    assert a["final_L_K_mean"] == pytest.approx(2.0)  # over the two finite ones
+    assert (a["final_L_K_min"], a["final_L_K_max"]) == (1.0, 3.0)
+    assert b["test_error_std"] == 0.0 and math.isnan(c["test_error_std"])
+    summary = seed_spread(spread)
+    assert summary.seeds == 3 and summary.repeated == 2
+    assert summary.mean_range == pytest.approx((0.30 + 0.0) / 2)
+    assert summary.largest_range == pytest.approx(0.30)
+    # pooled: (2 * var_a + 1 * var_b) / (2 + 1), var_a = 0.14 / 6, var_b = 0
+    assert summary.within_std == pytest.approx(math.sqrt(2 * 0.14 / 6 / 3))
+    means = [0.05, 0.7 / 3, 0.5]
+    mean = sum(means) / 3
+    assert summary.between_std == pytest.approx(
+        math.sqrt(sum((m - mean) ** 2 for m in means) / 2)
+    )
+    assert (summary.lowest_mean, summary.highest_mean) == pytest.approx((0.05, 0.5))
+    assert seed_spread(spread_over_seeds([r for r in rows if r["seed"] == 0])) is None
+
+
+def test_a_study_with_seeds_reports_the_spread(tmp_path):
+    """Runs named as `keras-fim study --seeds 2` names them: the ranking
+    groups them by configuration, the report and the findings show the
+    spread and each seed's prediction."""
+    errors = {
+        "bs16_lr0.1": (0.1, 0.2),
+        "bs64_lr0.1": (0.3, 0.3),
+        "bs256_lr0.1": (0.5, 0.4),
+        "staged_lr0.1": (0.2, 0.1),
+    }
+    for index, (name, by_seed) in enumerate(errors.items()):
+        for seed, error in enumerate(by_seed):
+            write_run(
+                tmp_path / "logs" / (name + (f"_seed{seed}" if seed else "")),
+                steps=[1, 2, 3],
+                condition=[5.0 + index, 4.0 + seed, 3.0 + index + seed],
+                energy=[0.1, 0.2, 0.3 * (index + 1)],
+                rates=[0.1] * 3,
+                test_error=error,
+                epoch_ends=[3],
+            )
+    ranking = rank_runs(find_runs(tmp_path / "logs"))
+    assert {(r["configuration"], r["seed"]) for r in ranking.rows} == {
+        (name, seed) for name in errors for seed in (0, 1)
+    }
+    assert [e["configuration"] for e in ranking.spread] == [
+        "bs16_lr0.1",
+        "staged_lr0.1",
+        "bs64_lr0.1",
+        "bs256_lr0.1",
+    ]
+    assert ranking.seed_spread.mean_range == pytest.approx(0.3 / 4)
+    assert sorted(ranking.plane_by_seed["early"]) == [0, 1]
+    assert ranking.plane_by_seed["final"][1].runs == 4
+    text = " ".join(ranking.findings())
+    assert "all seeds of its own left out" in text
+    assert (
+        "Seed by seed, the map of that seed's other runs, queried at its early" in text
+    )
+    assert "Between its 2 seeds, a configuration's test error moves by 7.50 " in text
+    path, _ = write_report(tmp_path / "logs", tmp_path / "out")
+    page = path.read_text()
+    assert 'id="spread"' in page and 'id="per-seed"' in page
+    assert "10.00–20.00" in page  # bs16's test error over its seeds, in %
+    single = rank_runs(find_runs(tmp_path / "logs" / "bs16_lr0.1"))
+    assert single.seed_spread is None and single.plane_by_seed == {}

@@ -128,6 +128,30 @@ def test_run_config_errors(field, value, match):
         study.RunConfig(**{field: value})
 
 
+def test_seeds_repeat_every_configuration_one_seed_after_the_other():
+    configs = study.grid([16, 64], [0.1], ["staged"], seeds=2, seed=3)
+    assert [(c.name, c.seed) for c in configs] == [
+        ("bs16_lr0.1_seed3", 3),
+        ("bs64_lr0.1_seed3", 3),
+        ("staged_lr0.1_seed3", 3),
+        ("bs16_lr0.1_seed4", 4),
+        ("bs64_lr0.1_seed4", 4),
+        ("staged_lr0.1_seed4", 4),
+    ]
+    # Seed 0 keeps the name a single-seed study gave it, so it is resumed.
+    assert [c.name for c in study.grid([16], [0.1], [], seeds=2)] == [
+        "bs16_lr0.1",
+        "bs16_lr0.1_seed1",
+    ]
+    for name, seed in (("bs16_lr0.1_seed12", 12), ("staged_lr0.2", 0)):
+        config = study.RunConfig(seed=seed)
+        assert study.split_run_name(name)[1] == seed
+        assert study.split_run_name(config.name) == ("bs32_lr0.1", seed)
+    for seeds in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"`seeds` must be an integer >= 1"):
+            study.grid([16], [0.1], [], seeds=seeds)
+
+
 def test_grid_errors():
     with pytest.raises(ValueError, match="repeats runs"):
         study.grid([16, 16], [0.1], [])

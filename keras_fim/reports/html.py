@@ -21,6 +21,7 @@ _TEMPLATE = """<!doctype html>
  table { border-collapse: collapse; font-size: 0.9em; }
  th, td { border-bottom: 1px solid #ccc; padding: 0.25em 0.7em; text-align: right; }
  th:nth-child(2), td:nth-child(2) { text-align: left; }
+ #spread th:first-child, #spread td:first-child { text-align: left; }
  img { max-width: 100%; }
  .note { color: #555; font-size: 0.9em; }
 </style></head><body>
@@ -47,6 +48,26 @@ truncated condition number; L<sub>K</sub>: the weighted cumulative energy
 below the zero threshold{% if zero_threshold %} ({{ zero_threshold }}){% endif %}
 (duplicated or dependent examples, or directions below the contributions' precision).</p>
 
+{% if ranking.seed_spread %}
+<h3>Spread over seeds</h3>
+<p class="note">Runs whose names differ only by <code>_seed&lt;n&gt;</code> are one
+configuration: its mean and its range (min–max) over its {{ ranking.seed_spread.seeds }}
+seeds, best mean test error first. A seed sets the weights' initialisation, the data's
+order and, for the digits, the train/test split.</p>
+<table id="spread"><tr><th>configuration</th><th>seeds</th>
+<th>test error %</th><th>min–max</th>
+<th>final C&#772;<sub>K</sub></th><th>min–max</th>
+<th>final L<sub>K</sub></th><th>min–max</th></tr>
+{% for row in ranking.spread %}<tr><td>{{ row.configuration }}</td><td>{{ row.seeds|join(", ") }}</td>
+<td>{{ "%.2f"|format(row.test_error_mean * 100) }}</td>
+<td>{{ "%.2f"|format(row.test_error_min * 100) }}–{{ "%.2f"|format(row.test_error_max * 100) }}</td>
+<td>{{ "%.4g"|format(row.final_C_K_bar_mean) }}</td>
+<td>{{ "%.4g"|format(row.final_C_K_bar_min) }}–{{ "%.4g"|format(row.final_C_K_bar_max) }}</td>
+<td>{{ "%.4g"|format(row.final_L_K_mean) }}</td>
+<td>{{ "%.4g"|format(row.final_L_K_min) }}–{{ "%.4g"|format(row.final_L_K_max) }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+
 <h3>Do early measurements predict the outcome?</h3>
 <p>Spearman's rank correlation with the final test error (p-value in brackets; positive:
 larger values, worse runs).</p>
@@ -55,13 +76,27 @@ larger values, worse runs).</p>
 <td>{{ "%.3f"|format(rho) }}</td><td>{{ "%.2g"|format(p) }}</td></tr>
 {% endfor %}</table>
 <ul id="findings">{% for line in ranking.findings() %}<li>{{ line }}</li>{% endfor %}</ul>
+{% if ranking.plane_by_seed %}
+<p>Seed by seed: each seed's runs as a study of their own, each run's test error predicted
+by the map of that seed's other runs (Spearman &rho; of predicted and actual errors, and
+the best third recovered).</p>
+<table id="per-seed"><tr><th>seed</th><th>runs</th>
+{% for when in ranking.plane_by_seed %}<th>{{ when }} point: ρ</th><th>p</th><th>best third</th>{% endfor %}</tr>
+{% for seed in ranking.plane_by_seed.early %}<tr><td>{{ seed }}</td>
+<td>{{ ranking.plane_by_seed.early[seed].runs }}</td>
+{% for when, by_seed in ranking.plane_by_seed.items() %}{% set plane = by_seed[seed] %}
+<td>{{ "%.2f"|format(plane.rho) }}</td><td>{{ "%.2g"|format(plane.p) }}</td>
+<td>{{ plane.best_recovered }} of {{ plane.best_count }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% endif %}
 <img src="{{ figures.early }}" alt="early measurements against test error">
 
 <h2>The map: final (C&#772;<sub>K</sub>, L<sub>K</sub>) and test error</h2>
-<p>Each point is a run; the colour is its test error; the filled contour interpolates
-the error from the 5 nearest runs on log axes.
-{% if ranking.plane.final and not ranking.plane.final.reason %}Left out one at a time, each
-run's final test error is predicted by this map of the others with Spearman &rho; =
+<p>Each point is a run (each seed of a configuration its own point); the colour is its
+test error; the filled contour interpolates the error from the 5 nearest runs on log axes.
+{% if ranking.plane.final and not ranking.plane.final.reason %}Left out one at a time (with
+the other seeds of its configuration), each run's final test error is predicted by this map
+of the others with Spearman &rho; =
 {{ "%.2f"|format(ranking.plane.final.rho) }} (p = {{ "%.2g"|format(ranking.plane.final.p) }}):
 {% if ranking.plane.final.rho > 0 and ranking.plane.final.p < 0.05 %}test error varies
 smoothly over the plane, so good configurations share a region{% else %}the map does not

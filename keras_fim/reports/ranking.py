@@ -11,6 +11,9 @@ early in training:
   axes, `nearest_runs_model`), queried at the run's early point (and, for
   comparison, at its final point); the rank correlation of predicted and
   actual errors and the share of the best third recovered say how well.
+  The runs of the predicted run's own configuration (its other seeds) are
+  left out with it, so that a seed twin does not give the answer away; and
+  with several seeds, each seed's runs are predicted from their own map too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import numpy as np
 
 from keras_fim import summaries
 from keras_fim.reports.records import RunRecord
+from keras_fim.reports.seeds import SeedSpread, seed_spread, spread_over_seeds
+from keras_fim.study import split_run_name
 
 MEASUREMENTS = {"C_K_bar": summaries.C_K_BAR, "L_K": summaries.L_K}
 NEIGHBOURS = 5
@@ -62,7 +67,7 @@ class PlanePrediction:
             actual test error) are also in the best third by prediction.
         best_count: Integer, the size of that best third.
         runs: Integer, the runs predicted (those with a finite, positive
-            point and at least two other runs).
+            point, when at least three configurations have one).
         reason: String or `None`: why the prediction is undefined.
     """
 
@@ -74,12 +79,15 @@ class PlanePrediction:
     reason: str | None = None
 
 
-def predict_in_the_plane(rows: list[dict], when: str) -> PlanePrediction:
+def predict_in_the_plane(rows: Sequence[dict], when: str) -> PlanePrediction:
     """Leave-one-out: each run's final test error predicted by the map of
-    the other runs' final points, at the run's `when` point.
+    the other configurations' runs' final points, at the run's `when` point.
 
     Args:
-        rows: `Ranking.rows` (``test_error``, ``early_*`` and ``final_*``).
+        rows: `Ranking.rows` (``test_error``, ``early_*`` and ``final_*``;
+            ``configuration``, where given, groups the seeds of one
+            configuration, which are left out together; without it every
+            run is a configuration of its own).
         when: String, ``"early"`` or ``"final"``: where each run is queried.
 
     Returns:
@@ -111,22 +119,28 @@ def predict_in_the_plane(rows: list[dict], when: str) -> PlanePrediction:
         for row in rows
         if point(row, "final") is not None and point(row, when) is not None
     ]
-    if len(usable) < 3:
+    groups = np.array([row.get("configuration", row["run"]) for row in usable])
+    if len(set(groups)) < 3:
+        configurations = (
+            f" of {len(set(groups))} configuration(s)"
+            if len(set(groups)) < len(usable)
+            else ""
+        )
         return PlanePrediction(
             math.nan,
             math.nan,
             0,
             0,
             len(usable),
-            f"{len(usable)} run(s) with finite, positive C_K_bar and L_K; "
-            "leave-one-out needs at least 3",
+            f"{len(usable)} run(s){configurations} with finite, positive C_K_bar "
+            "and L_K; leave-one-out needs at least 3 configurations",
         )
     finals = np.array([point(row, "final") for row in usable])
     queries = np.array([point(row, when) for row in usable])
     errors = np.array([row["test_error"] for row in usable])
     predicted = np.empty(len(usable))
     for i in range(len(usable)):
-        others = np.arange(len(usable)) != i
+        others = groups != groups[i]
         model = nearest_runs_model(finals[others], errors[others])
         predicted[i] = model.predict(queries[i : i + 1])[0]
     rho, p = _spearman(list(predicted), list(errors))
@@ -161,13 +175,25 @@ class Ranking:
             run's steps.
         plane: ``{"early": PlanePrediction, "final": PlanePrediction}``: how
             well each run's early (final) point predicts its test error from
-            the other runs' map (`predict_in_the_plane`).
+            the other configurations' map (`predict_in_the_plane`).
+        spread: each configuration's runs over their seeds
+            (`keras_fim.reports.seeds.spread_over_seeds`).
+        seed_spread: `keras_fim.reports.seeds.SeedSpread` (test error between
+            seeds and between configurations), or `None` with one seed.
+        plane_by_seed: ``{"early": {seed: PlanePrediction}, "final": ...}``,
+            `predict_in_the_plane` within each seed's runs; empty with one
+            seed.
     """
 
     rows: list[dict]
     correlations: dict[str, tuple[float, float]]
     early_fraction: float
     plane: dict[str, PlanePrediction] = dataclasses.field(default_factory=dict)
+    spread: list[dict] = dataclasses.field(default_factory=list)
+    seed_spread: SeedSpread | None = None
+    plane_by_seed: dict[str, dict[int, PlanePrediction]] = dataclasses.field(
+        default_factory=dict
+    )
 
     def findings(self) -> list[str]:
         """What the data shows about early identification, in sentences
@@ -184,6 +210,11 @@ class Ranking:
                     else f"{when} undefined ({_undefined(self.rows, when, name)})"
                 )
             lines.append(f"{name} alone against test error: {'; '.join(parts)}.")
+        others = (
+            "the other configurations' runs (all seeds of its own left out)"
+            if self.seed_spread
+            else "the other runs"
+        )
         for when in ("early", "final"):
             plane = self.plane.get(when)
             if plane is None:
@@ -191,7 +222,7 @@ class Ranking:
             where = f"its {when} point" + (f" ({early})" if when == "early" else "")
             if plane.reason:
                 lines.append(
-                    f"The map of the other runs, queried at {where}: undefined "
+                    f"The map of {others}, queried at {where}: undefined "
                     f"({plane.reason})."
                 )
                 continue
@@ -201,12 +232,49 @@ class Ranking:
                 else "does not significantly predict"
             )
             lines.append(
-                f"The map of the other runs, queried at {where}, {verdict} each "
+                f"The map of {others}, queried at {where}, {verdict} each "
                 f"run's final test error: {_spearman_text(plane.rho, plane.p)}, "
                 f"{plane.best_recovered} of the {plane.best_count} best-third "
                 f"runs recovered ({plane.runs} runs)."
             )
+        for when, by_seed in self.plane_by_seed.items():
+            where = f"its {when} point" + (f" ({early})" if when == "early" else "")
+            lines.append(
+                f"Seed by seed, the map of that seed's other runs, queried at "
+                f"{where}: {_per_seed_text(by_seed)}."
+            )
+        if self.seed_spread:
+            lines.append(_spread_text(self.seed_spread))
         return lines
+
+
+def _per_seed_text(by_seed: dict[int, PlanePrediction]) -> str:
+    parts = [
+        f"seed {seed} undefined ({plane.reason})"
+        if plane.reason
+        else f"seed {seed} rho = {plane.rho:.2f} (p = {plane.p:.2g}, "
+        f"{plane.best_recovered} of {plane.best_count} best-third runs)"
+        for seed, plane in by_seed.items()
+    ]
+    rhos = [plane.rho for plane in by_seed.values() if not plane.reason]
+    if len(rhos) > 1:
+        parts.append(f"rho from {min(rhos):.2f} to {max(rhos):.2f}")
+    return "; ".join(parts)
+
+
+def _spread_text(spread: SeedSpread) -> str:
+    def points(value):
+        return f"{value * 100:.2f}"
+
+    return (
+        f"Between its {spread.seeds} seeds, a configuration's test error moves by "
+        f"{points(spread.mean_range)} percentage points on average (at most "
+        f"{points(spread.largest_range)}; pooled standard deviation "
+        f"{points(spread.within_std)}, {spread.repeated} configurations); between "
+        f"configurations, the mean test errors range from {points(spread.lowest_mean)}% "
+        f"to {points(spread.highest_mean)}% (standard deviation "
+        f"{points(spread.between_std)})."
+    )
 
 
 def _spearman_text(rho: float, p: float) -> str:
@@ -254,7 +322,10 @@ def rank_runs(runs: Sequence[RunRecord], early_fraction: float = 0.1) -> Ranking
         for name, tag in MEASUREMENTS.items():
             row[f"early_{name}"] = run.value_at_fraction(tag, early_fraction)
             row[f"final_{name}"] = run.final(tag)
-        rows.append({**row, **run.hparams})
+        configuration, seed = split_run_name(run.name)
+        rows.append(
+            {**row, **run.hparams, "configuration": configuration, "seed": seed}
+        )
     rows.sort(key=lambda row: (row["test_error"], row["run"]))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
@@ -266,7 +337,31 @@ def rank_runs(runs: Sequence[RunRecord], early_fraction: float = 0.1) -> Ranking
                 [row["test_error"] for row in rows],
             )
     plane = {when: predict_in_the_plane(rows, when) for when in ("early", "final")}
-    return Ranking(rows, correlations, float(early_fraction), plane)
+    spread = spread_over_seeds(rows)
+    summary = seed_spread(spread)
+    by_seed = {}
+    if len({row["seed"] for row in rows}) > 1:
+        by_seed = {when: predict_per_seed(rows, when) for when in ("early", "final")}
+    return Ranking(
+        rows, correlations, float(early_fraction), plane, spread, summary, by_seed
+    )
+
+
+def predict_per_seed(rows: Sequence[dict], when: str) -> dict[int, PlanePrediction]:
+    """`predict_in_the_plane` within each seed's runs: each seed's runs are a
+    study of their own, and their map predicts each of them left out.
+
+    Args:
+        rows: `Ranking.rows` (with ``seed``).
+        when: String, ``"early"`` or ``"final"``: where each run is queried.
+
+    Returns:
+        ``{seed: PlanePrediction}``, seeds in increasing order.
+    """
+    return {
+        seed: predict_in_the_plane([row for row in rows if row["seed"] == seed], when)
+        for seed in sorted({row["seed"] for row in rows})
+    }
 
 
 def _spearman(a: list[float], b: list[float]) -> tuple[float, float]:
