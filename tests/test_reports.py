@@ -488,9 +488,49 @@ def test_a_study_with_seeds_reports_the_spread(tmp_path):
         "Seed by seed, the map of that seed's other runs, queried at its early" in text
     )
     assert "Between its 2 seeds, a configuration's test error moves by 7.50 " in text
+    # Seed 1 against seed 0: test errors .2 .3 .4 .1 against .1 .3 .5 .2.
+    (pair,) = ranking.seed_agreement["test error"]
+    assert pair[:2] == (0, 1)
+    assert pair[2] == pytest.approx(
+        _brute_spearman([0.1, 0.3, 0.5, 0.2], [0.2, 0.3, 0.4, 0.1])
+    )
+    assert (
+        "How one seed repeats another, over the configurations both ran: test" in text
+    )
     path, _ = write_report(tmp_path / "logs", tmp_path / "out")
     page = path.read_text()
     assert 'id="spread"' in page and 'id="per-seed"' in page
     assert "10.00–20.00" in page  # bs16's test error over its seeds, in %
     single = rank_runs(find_runs(tmp_path / "logs" / "bs16_lr0.1"))
     assert single.seed_spread is None and single.plane_by_seed == {}
+
+
+def test_agreement_between_seeds_is_each_pairs_spearman():
+    from keras_fim.reports.ranking import agreement_between_seeds
+
+    rng = np.random.default_rng(5)
+    rows = [
+        {
+            "configuration": f"c{c}",
+            "seed": seed,
+            "test_error": float(rng.uniform()),
+            "final_C_K_bar": float(10 + c + rng.normal(0, 0.5)),
+            "final_L_K": float(rng.uniform()),
+        }
+        for seed in (0, 1, 4)
+        for c in range(6)
+        if (seed, c) != (4, 5)  # seed 4 did not run c5
+    ]
+    agreement = agreement_between_seeds(rows)
+    assert list(agreement) == ["test error", "final C_K_bar", "final L_K"]
+    value = {(r["seed"], r["configuration"], k): r[k] for r in rows for k in r}
+    for label, key in (("test error", "test_error"), ("final L_K", "final_L_K")):
+        assert [(a, b) for a, b, *_ in agreement[label]] == [(0, 1), (0, 4), (1, 4)]
+        for a, b, rho, p in agreement[label]:
+            both = [f"c{c}" for c in range(5 if 4 in (a, b) else 6)]
+            assert rho == pytest.approx(
+                _brute_spearman(
+                    [value[a, c, key] for c in both], [value[b, c, key] for c in both]
+                )
+            )
+            assert 0 <= p <= 1

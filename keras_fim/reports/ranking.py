@@ -183,6 +183,8 @@ class Ranking:
         plane_by_seed: ``{"early": {seed: PlanePrediction}, "final": ...}``,
             `predict_in_the_plane` within each seed's runs; empty with one
             seed.
+        seed_agreement: how well one seed repeats another
+            (`agreement_between_seeds`); empty with one seed.
     """
 
     rows: list[dict]
@@ -192,6 +194,9 @@ class Ranking:
     spread: list[dict] = dataclasses.field(default_factory=list)
     seed_spread: SeedSpread | None = None
     plane_by_seed: dict[str, dict[int, PlanePrediction]] = dataclasses.field(
+        default_factory=dict
+    )
+    seed_agreement: dict[str, list[tuple[int, int, float, float]]] = dataclasses.field(
         default_factory=dict
     )
 
@@ -245,7 +250,33 @@ class Ranking:
             )
         if self.seed_spread:
             lines.append(_spread_text(self.seed_spread))
+        if self.seed_agreement:
+            lines.append(_agreement_text(self.seed_agreement))
         return lines
+
+
+def _agreement_text(agreement: dict[str, list[tuple]]) -> str:
+    parts = []
+    for quantity, pairs in agreement.items():
+        rhos = [rho for *_, rho, _p in pairs if math.isfinite(rho)]
+        if not rhos:
+            parts.append(
+                f"{quantity} undefined (fewer than 3 configurations with both seeds, "
+                "or values all equal)"
+            )
+        elif len(pairs) == 1:
+            ((a, b, rho, p),) = pairs
+            parts.append(f"{quantity} {_spearman_text(rho, p)} (seeds {a} and {b})")
+        else:
+            parts.append(
+                f"{quantity} Spearman rho from {min(rhos):.2f} to {max(rhos):.2f} "
+                f"({len(pairs)} pairs of seeds)"
+            )
+    return (
+        "How one seed repeats another, over the configurations both ran: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _per_seed_text(by_seed: dict[int, PlanePrediction]) -> str:
@@ -339,12 +370,60 @@ def rank_runs(runs: Sequence[RunRecord], early_fraction: float = 0.1) -> Ranking
     plane = {when: predict_in_the_plane(rows, when) for when in ("early", "final")}
     spread = spread_over_seeds(rows)
     summary = seed_spread(spread)
-    by_seed = {}
+    by_seed, agreement = {}, {}
     if len({row["seed"] for row in rows}) > 1:
         by_seed = {when: predict_per_seed(rows, when) for when in ("early", "final")}
+        agreement = agreement_between_seeds(rows)
     return Ranking(
-        rows, correlations, float(early_fraction), plane, spread, summary, by_seed
+        rows,
+        correlations,
+        float(early_fraction),
+        plane,
+        spread,
+        summary,
+        by_seed,
+        agreement,
     )
+
+
+def agreement_between_seeds(
+    rows: Sequence[dict],
+) -> dict[str, list[tuple[int, int, float, float]]]:
+    """How well one seed repeats another: for every two seeds, Spearman's
+    rank correlation over the configurations both ran of their test errors
+    (how reproducible the ranking the map should predict is) and of their
+    final C̄_K and L_K (how reproducible a configuration's place is).
+
+    Args:
+        rows: `Ranking.rows` (``configuration``, ``seed``, ``test_error``,
+            ``final_C_K_bar``, ``final_L_K``).
+
+    Returns:
+        ``{"test error": [(seed_a, seed_b, rho, p), ...], "final C_K_bar":
+        ..., "final L_K": ...}``, one tuple per pair of seeds (NaN where
+        fewer than three configurations have both values).
+    """
+    by_seed: dict[int, dict[str, dict]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], {})[row["configuration"]] = row
+    seeds = sorted(by_seed)
+    agreement = {}
+    for label, key in (
+        ("test error", "test_error"),
+        ("final C_K_bar", "final_C_K_bar"),
+        ("final L_K", "final_L_K"),
+    ):
+        pairs = []
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1 :]:
+                both = sorted(by_seed[a].keys() & by_seed[b].keys())
+                rho, p = _spearman(
+                    [by_seed[a][c][key] for c in both],
+                    [by_seed[b][c][key] for c in both],
+                )
+                pairs.append((a, b, rho, p))
+        agreement[label] = pairs
+    return agreement
 
 
 def predict_per_seed(rows: Sequence[dict], when: str) -> dict[int, PlanePrediction]:
