@@ -494,12 +494,15 @@ def test_a_study_with_seeds_reports_the_spread(tmp_path):
     assert pair[2] == pytest.approx(
         _brute_spearman([0.1, 0.3, 0.5, 0.2], [0.2, 0.3, 0.4, 0.1])
     )
+    assert "How seed 1 repeats seed 0, over the configurations both ran: test" in text
     assert (
-        "How one seed repeats another, over the configurations both ran: test" in text
+        "significantly predict in every seed" in text
+        or "predicts in every seed" in text
     )
     path, _ = write_report(tmp_path / "logs", tmp_path / "out")
     page = path.read_text()
     assert 'id="spread"' in page and 'id="per-seed"' in page
+    assert "counts the runs as independent" in page
     assert "10.00–20.00" in page  # bs16's test error over its seeds, in %
     single = rank_runs(find_runs(tmp_path / "logs" / "bs16_lr0.1"))
     assert single.seed_spread is None and single.plane_by_seed == {}
@@ -534,3 +537,32 @@ def test_agreement_between_seeds_is_each_pairs_spearman():
                 )
             )
             assert 0 <= p <= 1
+
+
+def test_with_seeds_the_map_predicts_only_if_it_does_in_every_seed():
+    """Pooled, seed twins count as independent runs and shrink the p-value;
+    the verdict is therefore taken seed by seed."""
+    from keras_fim.reports.ranking import (
+        Ranking,
+        predict_in_the_plane,
+        predict_per_seed,
+    )
+
+    def ranking(rows):
+        return Ranking(
+            rows,
+            {},
+            0.1,
+            {w: predict_in_the_plane(rows, w) for w in ("early", "final")},
+            plane_by_seed={w: predict_per_seed(rows, w) for w in ("early", "final")},
+        )
+
+    rows = seeded_rows(0, n=12, seeds=2)
+    assert ranking(rows).map_predicts("final")
+    # Seed 1's errors reversed: that seed's own map no longer predicts them.
+    seed1 = [r for r in rows if r["seed"] == 1]
+    for row, error in zip(seed1, [r["test_error"] for r in seed1][::-1], strict=True):
+        row["test_error"] = error
+    mixed = ranking(rows)
+    assert not mixed.plane_by_seed["final"][1].p < 0.05
+    assert not mixed.map_predicts("final")

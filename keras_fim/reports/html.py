@@ -97,11 +97,14 @@ test error; the filled contour interpolates the error from the 5 nearest runs on
 {% if ranking.plane.final and not ranking.plane.final.reason %}Left out one at a time (with
 the other seeds of its configuration), each run's final test error is predicted by this map
 of the others with Spearman &rho; =
-{{ "%.2f"|format(ranking.plane.final.rho) }} (p = {{ "%.2g"|format(ranking.plane.final.p) }}):
-{% if ranking.plane.final.rho > 0 and ranking.plane.final.p < 0.05 %}test error varies
-smoothly over the plane, so good configurations share a region{% else %}the map does not
-significantly predict test error, so these runs do not show a region of good
-configurations{% endif %}.{% endif %}</p>
+{{ "%.2f"|format(ranking.plane.final.rho) }} (p = {{ "%.2g"|format(ranking.plane.final.p) }}){% if ranking.plane_by_seed %}{% set seeds = ranking.plane_by_seed.final.values()|list %}
+(that p-value counts the runs as independent, which the seeds of one configuration are not;
+seed by seed, from {{ "%.2f"|format(seeds|map(attribute="rho")|min) }} to
+{{ "%.2f"|format(seeds|map(attribute="rho")|max) }}){% endif %}:
+{% if ranking.map_predicts("final") %}test error varies smoothly over the plane, so good
+configurations share a region{% else %}the map does not significantly predict test
+error{% if ranking.plane_by_seed %} in every seed{% endif %}, so these runs do not show a
+region of good configurations{% endif %}.{% endif %}</p>
 <img src="{{ figures.map }}" alt="characterisation map">
 
 <h2>Trajectories</h2>

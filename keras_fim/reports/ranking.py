@@ -200,6 +200,19 @@ class Ranking:
         default_factory=dict
     )
 
+    def map_predicts(self, when: str) -> bool:
+        """Whether the map of the other runs significantly predicts each
+        run's test error from its `when` point (``"early"`` or ``"final"``):
+        Spearman's rho > 0 with p < 0.05, in every seed's own runs when there
+        are several seeds (pooled, seed twins would count as independent
+        runs, and the p-value would be too small)."""
+        planes = (
+            list(self.plane_by_seed[when].values())
+            if self.plane_by_seed
+            else [self.plane[when]]
+        )
+        return all(not p.reason and p.rho > 0 and p.p < 0.05 for p in planes)
+
     def findings(self) -> list[str]:
         """What the data shows about early identification, in sentences
         (for the report and the command line)."""
@@ -233,14 +246,22 @@ class Ranking:
                 continue
             verdict = (
                 "predicts"
-                if plane.rho > 0 and plane.p < 0.05
+                if self.map_predicts(when)
                 else "does not significantly predict"
+            )
+            if self.plane_by_seed:
+                verdict += " in every seed"
+            caveat = (
+                "; its p-value counts the runs as independent, which the seeds of "
+                "one configuration are not: the verdict is seed by seed, below"
+                if self.plane_by_seed
+                else ""
             )
             lines.append(
                 f"The map of {others}, queried at {where}, {verdict} each "
                 f"run's final test error: {_spearman_text(plane.rho, plane.p)}, "
                 f"{plane.best_recovered} of the {plane.best_count} best-third "
-                f"runs recovered ({plane.runs} runs)."
+                f"runs recovered ({plane.runs} runs{caveat})."
             )
         for when, by_seed in self.plane_by_seed.items():
             where = f"its {when} point" + (f" ({early})" if when == "early" else "")
@@ -256,27 +277,27 @@ class Ranking:
 
 
 def _agreement_text(agreement: dict[str, list[tuple]]) -> str:
+    pairs = [(a, b) for a, b, *_ in next(iter(agreement.values()))]
     parts = []
-    for quantity, pairs in agreement.items():
-        rhos = [rho for *_, rho, _p in pairs if math.isfinite(rho)]
+    for quantity, values in agreement.items():
+        rhos = [rho for *_, rho, _p in values if math.isfinite(rho)]
         if not rhos:
             parts.append(
                 f"{quantity} undefined (fewer than 3 configurations with both seeds, "
                 "or values all equal)"
             )
-        elif len(pairs) == 1:
-            ((a, b, rho, p),) = pairs
-            parts.append(f"{quantity} {_spearman_text(rho, p)} (seeds {a} and {b})")
+        elif len(values) == 1:
+            parts.append(f"{quantity} {_spearman_text(*values[0][2:])}")
         else:
             parts.append(
-                f"{quantity} Spearman rho from {min(rhos):.2f} to {max(rhos):.2f} "
-                f"({len(pairs)} pairs of seeds)"
+                f"{quantity} Spearman rho from {min(rhos):.2f} to {max(rhos):.2f}"
             )
-    return (
-        "How one seed repeats another, over the configurations both ran: "
-        + "; ".join(parts)
-        + "."
+    who = (
+        f"How seed {pairs[0][1]} repeats seed {pairs[0][0]}"
+        if len(pairs) == 1
+        else f"How one seed repeats another ({len(pairs)} pairs of seeds)"
     )
+    return f"{who}, over the configurations both ran: {'; '.join(parts)}."
 
 
 def _per_seed_text(by_seed: dict[int, PlanePrediction]) -> str:
