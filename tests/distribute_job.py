@@ -395,6 +395,23 @@ def sampling(out: str) -> None:
                 "learning_rate": scalars["sampling/learning_rate"],
             }
 
+    # A last batch of one example: one replica's shard is empty (1 = 1 + 0).
+    x, y = _data(17)
+    x[:, 0] = np.arange(17) / 100
+    for mode in ("in_memory", "stream_unknown"):
+        model = _counting_mlp(strategies["mirrored"], 17)
+        sampling = keras_fim.DynamicSampling(
+            _sampling_data(mode, x, y),
+            8,
+            mode="in_memory" if mode == "in_memory" else "stream",
+        )
+        model.fit(sampling.dataset, epochs=2, callbacks=[sampling], verbose=0)
+        results[f"empty_shard_{mode}"] = {
+            "sizes": sampling.batch_sizes_per_epoch,
+            "counts": model.counts.numpy().tolist(),
+            "examples_seen": model.sampling_state.read()["examples_seen"],
+        }
+
     # Even global batches (8 = 4 + 4, 16 = 8 + 8) with a FisherCallback and
     # AdaScale: the measurements are the global batch's, as on one device.
     x, y = _data(48)

@@ -506,10 +506,12 @@ class StreamedExamples:
         )
         self._started = False
         self._pulled = False
-        self._planned_sizes = [1]  # what `_sizes` holds
+        # What `_sizes` holds: at first, the size of a read before the
+        # first epoch (`gated`).
+        self._planned_sizes = [FIRST_BATCH]
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
-                tf.ones([1], tf.int64), shape=[None], trainable=False
+                tf.constant([FIRST_BATCH], tf.int64), shape=[None], trainable=False
             )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -517,8 +519,12 @@ class StreamedExamples:
             self._made = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._open = tf.Variable(False, trainable=False)
             make = self._endless_dataset if self.endless else self._pass_dataset
-            first = elements.take(1).cache().repeat(FIRST_BATCH).batch(FIRST_BATCH)
-            dataset = gated(make(), first, self._open)
+            # Copies of the first example, for a read before the first epoch.
+            self._first = elements.take(1).cache().repeat(FIRST_BATCH)
+            if self.endless:
+                dataset = gated(make(), self._first.batch(FIRST_BATCH), self._open)
+            else:  # gated at its source, ahead of the prefetch (cheaper)
+                dataset = make()
         if preprocess is not None:
             dataset = dataset.map(preprocess)
         dataset = dataset.with_options(_options(autotune=True))
@@ -546,6 +552,7 @@ class StreamedExamples:
         def mark(i):
             made = self._made.read_value()
             value = tf.where(i > 0, -made - 1, self._start.read_value())
+            value = tf.where(self._open.read_value(), value, made)  # `gated`
             with tf.control_dependencies([self._made.assign(value)]):
                 return tf.identity(i)
 
@@ -556,7 +563,11 @@ class StreamedExamples:
         @tf.autograph.experimental.do_not_convert
         def from_start(_):
             start = self._start.read_value()
-            return self._elements.skip(start).batch(self._granularity).map(count)
+            return gated(
+                self._elements.skip(start).batch(self._granularity).map(count),
+                self._first.batch(self._granularity),
+                self._open,
+            )
 
         # A batch past the plan (a dropped remainder's, when an execution
         # asks for more) ends the iteration: it is never trained.

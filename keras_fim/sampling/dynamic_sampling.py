@@ -94,10 +94,16 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     ``b`` the gradient noise scale measured by a `FisherCallback`; AdaScale's
     gain, between 1 and ``B/B0``).
 
+    Under a `tf.distribute` strategy the size is that of the global batch
+    (split over the replicas by Keras), and the learning rate follows it;
+    as tf.distribute reads the input ahead of the step, the batches are
+    then planned ahead, so the schedule must not read the measurements
+    (`Automatic` raises `ValueError` when `fit` starts).
+
     Where the sampling stands lives in `model.sampling_state` (Keras
     variables), so `BackupAndRestore` resumes the same sequence of batch
-    sizes and learning rates after an interruption, and a later `fit`
-    continues it. With `log_dir`, every step's ``sampling/batch_size``,
+    sizes and learning rates after an interruption (a backup on a pass's
+    last step included), and a later `fit` continues it. With `log_dir`, every step's ``sampling/batch_size``,
     ``sampling/learning_rate`` and ``sampling/learning_rate_gain`` are
     written for TensorBoard under ``<log_dir>/train`` (the x-axis of
     `keras.callbacks.TensorBoard`'s batch charts), and for `Automatic` the
