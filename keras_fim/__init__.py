@@ -4,8 +4,13 @@ Measures, during `model.fit`, the spectrum of the approximate Fisher
 information matrix of sampled mini-batches and the running measurements of
 Liao, Drummond, Reid and Carneiro (TPAMI 2020), and logs them to TensorBoard; `DynamicSampling` grows the mini-batch inside
 one `fit`, by schedule or from those measurements.
+
+It needs Keras's TensorFlow backend: importing it on another raises
+`ImportError`, naming the backend.
 """
 
+# First, and on import: another Keras backend raises ImportError here.
+from keras_fim import _backend  # noqa: F401  isort: skip
 from keras_fim import schedules
 from keras_fim.callback import FisherCallback
 from keras_fim.engine import (

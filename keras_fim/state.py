@@ -177,8 +177,11 @@ class SamplingState(keras.layers.Layer):
     and the examples of it already trained), `examples_seen`, `batch_size`
     (the current size, 0 before the first step), `last_change_step`,
     `measurements_at_change` (Fisher measurements when the size last
-    changed) and `reference_batch_size` (the size the learning rate is
-    given for).
+    changed), `reference_batch_size` (the size the learning rate is
+    given for) and `open_epoch` (the Keras epoch whose steps are being
+    trained, plus one; 0 between epochs: a backup taken on a pass's last
+    step, before its epoch ended, says so, and the resumed epoch ends at
+    once rather than training the next pass).
 
     Args:
         name: String, the layer's name. Defaults to `"sampling_state"`.
@@ -193,6 +196,7 @@ class SamplingState(keras.layers.Layer):
         "last_change_step",
         "measurements_at_change",
         "reference_batch_size",
+        "open_epoch",
     )
 
     def __init__(self, name: str = "sampling_state", **kwargs):

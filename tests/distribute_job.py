@@ -4,6 +4,10 @@ python tests/distribute_job.py mirrored OUT.json
     Two logical CPU devices (configured before TensorFlow starts), one
     `MirroredStrategy` over them: every scenario runs under the strategy and
     on one device, and OUT.json gets what the test compares.
+python tests/distribute_job.py sampling OUT.json
+    `DynamicSampling` under a `MirroredStrategy` over two logical CPU
+    devices and on one device, in memory and streamed (without op
+    determinism, which a finite stream refuses).
 python tests/distribute_job.py worker OUT.json [LOG_DIR]
     One worker of a `MultiWorkerMirroredStrategy` (TF_CONFIG set by the
     test), or, without TF_CONFIG, the same runs on one device; the first
@@ -17,7 +21,7 @@ import sys
 SCENARIO_DATA = 48
 
 
-def _setup(devices: int):
+def _setup(devices: int, deterministic: bool = True):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -26,7 +30,8 @@ def _setup(devices: int):
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * devices
         )
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def _data(n, seed=0, shape=(6,)):
@@ -293,6 +298,162 @@ def mirrored(out: str) -> None:
         json.dump(results, f)
 
 
+def _sampling_data(mode, x, y):
+    """`(x, y)` as `DynamicSampling` gets it in `mode`: arrays, a stream
+    of known length (a map), or one of unknown length (a filter too)."""
+    import tensorflow as tf
+
+    if mode == "in_memory":
+        return (x, y)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).map(lambda a, b: (a * 1.0, b))
+    if mode == "stream_unknown":
+        data = data.filter(lambda a, b: True)
+    return data
+
+
+def _counting_mlp(strategy, n):
+    """`_mlp` counting the examples it trains on (their ids are
+    ``round(100 x[:, 0])``) in `model.counts`: each replica counts its
+    shard, the counts are summed over the replicas (an all-reduce) and
+    written once. (A Keras variable of `aggregation="sum"` incremented by
+    each replica counted 16,567 for 141 examples here.)"""
+    import keras
+    import tensorflow as tf
+
+    class Counting(keras.Model):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.counts = self.add_weight(
+                shape=(n,),
+                initializer="zeros",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="counts",
+            )
+
+        def train_step(self, data):
+            x, _ = data
+            ids = tf.cast(tf.round(x[:, 0] * 100), tf.int32)
+            ones = tf.ones_like(ids, tf.float32)
+            counts = tf.scatter_nd(ids[:, None], ones, [n])
+            replicas = tf.distribute.get_replica_context()
+            self.counts.assign_add(replicas.all_reduce("sum", counts))
+            return super().train_step(data)
+
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        outputs = keras.layers.Dense(3, activation="softmax")(inputs)
+        model = Counting(inputs, outputs)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy"
+        )
+    return model
+
+
+def sampling(out: str) -> None:
+    _setup(2, deterministic=False)
+    import tempfile
+
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_fim
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from reference import read_scalars
+
+    strategies = {
+        "mirrored": tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]),
+        "one": tf.distribute.get_strategy(),
+    }
+    results = {}
+    modes = ("in_memory", "stream_known", "stream_unknown")
+    # Uneven: 47 examples in 8s then 15s then one batch of all 47; the last
+    # batch of a pass 7 (4 + 3) or 2 (1 + 1) examples, and 47 = 24 + 23.
+    x, y = _data(47)
+    x[:, 0] = np.arange(47) / 100  # the ids the model counts
+    for mode in modes:
+        for where, strategy in strategies.items():
+            model = _counting_mlp(strategy, 47)
+            log_dir = tempfile.mkdtemp()
+            sampling = keras_fim.DynamicSampling(
+                _sampling_data(mode, x, y),
+                keras_fim.schedules.Staged([8, 15, 47]),
+                mode="in_memory" if mode == "in_memory" else "stream",
+                learning_rate_scaling="linear",
+                log_dir=log_dir,
+            )
+            model.fit(sampling.dataset, epochs=3, callbacks=[sampling], verbose=0)
+            scalars, _ = read_scalars(log_dir, prefix="sampling/")
+            results[f"uneven_{mode}_{where}"] = {
+                "sizes": sampling.batch_sizes_per_epoch,
+                "counts": model.counts.numpy().tolist(),
+                "state": model.sampling_state.read(),
+                "iterations": int(model.optimizer.iterations.numpy()),
+                "batch_size": scalars["sampling/batch_size"],
+                "learning_rate": scalars["sampling/learning_rate"],
+            }
+
+    # A last batch of one example: one replica's shard is empty (1 = 1 + 0).
+    x, y = _data(17)
+    x[:, 0] = np.arange(17) / 100
+    for mode in ("in_memory", "stream_unknown"):
+        model = _counting_mlp(strategies["mirrored"], 17)
+        sampling = keras_fim.DynamicSampling(
+            _sampling_data(mode, x, y),
+            8,
+            mode="in_memory" if mode == "in_memory" else "stream",
+        )
+        model.fit(sampling.dataset, epochs=2, callbacks=[sampling], verbose=0)
+        results[f"empty_shard_{mode}"] = {
+            "sizes": sampling.batch_sizes_per_epoch,
+            "counts": model.counts.numpy().tolist(),
+            "examples_seen": model.sampling_state.read()["examples_seen"],
+        }
+
+    # Even global batches (8 = 4 + 4, 16 = 8 + 8) with a FisherCallback and
+    # AdaScale: the measurements are the global batch's, as on one device.
+    x, y = _data(48)
+    for mode in ("in_memory", "stream_unknown"):
+        for where, strategy in strategies.items():
+            model = _mlp(strategy)
+            sampling = keras_fim.DynamicSampling(
+                _sampling_data(mode, x, y),
+                keras_fim.schedules.Staged([8, 16]),
+                mode="in_memory" if mode == "in_memory" else "stream",
+                learning_rate_scaling="adascale",
+            )
+            fisher = keras_fim.FisherCallback(every_n_steps=2)
+            history = model.fit(
+                sampling.dataset, epochs=2, callbacks=[sampling, fisher], verbose=0
+            )
+            results[f"fisher_{mode}_{where}"] = {
+                "fisher": _state(model),
+                "sampling": model.sampling_state.read(),
+                "sizes": sampling.batch_sizes_per_epoch,
+                "C_K_bar": history.history["C_K_bar"],
+                "weights": [w.tolist() for w in model.get_weights()],
+            }
+
+    # A schedule that reads the measurements cannot be planned ahead.
+    model = _mlp(strategies["mirrored"])
+    sampling = keras_fim.DynamicSampling(
+        (x, y), keras_fim.schedules.Automatic(8, 16, min_steps=2)
+    )
+    try:
+        model.fit(
+            sampling.dataset,
+            callbacks=[sampling, keras_fim.FisherCallback()],
+            verbose=0,
+        )
+    except ValueError as error:
+        results["automatic_error"] = str(error)
+
+    with open(out, "w") as f:
+        json.dump(results, f)
+
+
 def worker(out: str, log_dir: str | None = None) -> None:
     _setup(1)
     import keras
@@ -346,4 +507,6 @@ def worker(out: str, log_dir: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    {"mirrored": mirrored, "worker": worker}[sys.argv[1]](*sys.argv[2:])
+    {"mirrored": mirrored, "sampling": sampling, "worker": worker}[sys.argv[1]](
+        *sys.argv[2:]
+    )

@@ -11,9 +11,8 @@ inside epochs. At the end it writes OUT_DIR/result.npz. With KILL_AT_STEP the
 process kills itself (SIGKILL: nothing is flushed or saved on the way out)
 just before that 0-based step.
 
-(Every 7 steps never falls on the last step of a pass. A backup there
-records the epoch as unfinished although the pass is done, and the resumed
-run then trains one pass more than an uninterrupted one.)
+(Every 7 steps never falls on the last step of a pass; a backup there is
+tests/test_sampling_resume.py's.)
 """
 
 import os

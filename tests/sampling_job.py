@@ -1,14 +1,15 @@
 """A training job for the resume test: run as a separate process, killable.
 
-python tests/sampling_job.py OUT_DIR MODE [KILL_AT_STEP]
+python tests/sampling_job.py OUT_DIR MODE [KILL_AT_STEP|-] [SAVE_FREQ]
 
 Trains a small classifier on digits with `DynamicSampling` (automatic mode,
 AdaScale learning rate), a `FisherCallback` and `BackupAndRestore` in
-OUT_DIR/backup; at the end writes OUT_DIR/result.npz. MODE is `in_memory`
-(arrays; backups at epoch ends) or `stream` (a tf.data pipeline of unknown
-length with a map; backups every 7 steps, so a resumed run starts mid-pass).
-With KILL_AT_STEP the process kills itself (SIGKILL, no clean-up) before
-that 0-based step.
+OUT_DIR/backup; at the end writes OUT_DIR/result.npz (with the steps of
+every epoch). MODE is `in_memory` (arrays; backups at epoch ends) or
+`stream` (a tf.data pipeline of unknown length with a map; backups every 7
+steps, so a resumed run starts mid-pass). SAVE_FREQ, an integer, replaces
+the backup frequency (every SAVE_FREQ steps). With KILL_AT_STEP the process
+kills itself (SIGKILL, no clean-up) before that 0-based step.
 """
 
 import os
@@ -16,7 +17,9 @@ import signal
 import sys
 
 
-def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
+def main(
+    out_dir: str, mode: str, kill_at_step: int | None, save_freq: int | None
+) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -44,7 +47,7 @@ def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    data, save_freq = (x, y), "epoch"
+    data, default_save_freq = (x, y), "epoch"
     if mode == "stream":
         # Deterministic, so a resumed pass reads the same examples; the
         # filter hides the length, so the data ends each pass.
@@ -53,7 +56,7 @@ def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
             .map(lambda image, label: (image * 1.0, label))
             .filter(lambda image, label: True)
         )
-        save_freq = 7
+        default_save_freq = 7
     sampling = keras_fim.DynamicSampling(
         data,
         mode=mode,
@@ -73,7 +76,7 @@ def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
 
     callbacks = [
         keras.callbacks.BackupAndRestore(
-            os.path.join(out_dir, "backup"), save_freq=save_freq
+            os.path.join(out_dir, "backup"), save_freq=save_freq or default_save_freq
         ),
         sampling,
         keras_fim.FisherCallback(every_n_steps=4),
@@ -88,9 +91,17 @@ def main(out_dir: str, mode: str, kill_at_step: int | None) -> None:
         measurements=int(model.fisher_state.measurements),
         iterations=int(model.optimizer.iterations),
         first_step=first_step[0],
+        # This process's epochs (a resumed one's start at the restored epoch).
+        steps_per_epoch=[len(sizes) for sizes in sampling.batch_sizes_per_epoch],
         **{f"sampling_{k}": v for k, v in model.sampling_state.read().items()},
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    kill = sys.argv[3] if len(sys.argv) > 3 else "-"
+    main(
+        sys.argv[1],
+        sys.argv[2],
+        None if kill == "-" else int(kill),
+        int(sys.argv[4]) if len(sys.argv) > 4 else None,
+    )

@@ -84,18 +84,24 @@ def test_a_staged_schedule_over_two_epochs():
     assert driver.epoch_target() == 3  # 4 + 4 + 2
     first = driver.next_execution()
     assert first == Execution(Decision(4, log_step=1), ExecutionPlan(((0, 4),), 4))
-    # The first size is written, and is the reference size.
+    # The epoch is open; the first size is written, and is the reference size.
     assert driver.written == [
+        dict(open_epoch=1),
         dict(
             batch_size=4,
             last_change_step=0,
             measurements_at_change=0,
             reference_batch_size=4,
-        )
+        ),
     ]
     assert driver.end_execution() == [4]
     assert driver.counters == fresh(
-        step=1, position=4, examples_seen=4, batch_size=4, reference_batch_size=4
+        step=1,
+        position=4,
+        examples_seen=4,
+        batch_size=4,
+        reference_batch_size=4,
+        open_epoch=1,
     )
     rest, end = run_rest(driver)
     assert rest == [[4], [2]]
@@ -104,9 +110,11 @@ def test_a_staged_schedule_over_two_epochs():
     assert driver.epoch_steps == 3
 
     # The next epoch starts the next pass, written back.
+    driver.end_epoch()
+    assert driver.written[-1] == dict(open_epoch=0)
     del driver.written[:]
     assert driver.begin_epoch(1) == EpochStart(1, 0, 10, 1)
-    assert driver.written == [dict(data_pass=1, position=0)]
+    assert driver.written == [dict(open_epoch=2, data_pass=1, position=0)]
     assert driver.epoch_target() == 2  # 8 + 2
     sizes, end = run_epoch(driver, 1)
     assert sizes == [[8], [2]]
@@ -184,7 +192,7 @@ def test_a_shrinking_or_oversized_answer_raises():
         driver.begin_epoch(0)
         with pytest.raises(ValueError, match=match):
             driver.next_execution()
-        assert driver.written == []
+        assert driver.written == [dict(open_epoch=1)]
 
 
 # -- Automatic, from a given noise scale ----------------------------------------------
@@ -230,7 +238,12 @@ def test_automatic_grows_from_the_noise_scale_it_is_given():
     assert driver.counters["last_change_step"] == 6
     assert driver.counters["measurements_at_change"] == 3
     assert driver.counters["reference_batch_size"] == 8
-    assert [w["batch_size"] for w in driver.written] == [8, 16, 32, 64]
+    assert [w["batch_size"] for w in driver.written if "batch_size" in w] == [
+        8,
+        16,
+        32,
+        64,
+    ]
 
 
 def test_automatic_holds_while_the_noise_scale_is_undefined():
@@ -328,18 +341,90 @@ def test_unknown_pass_length_with_drop_remainder_asks_a_batch_ahead():
 
 def test_resumed_where_a_streams_pass_had_ended_moves_to_the_next():
     # A new process: the state says pass 3 at position 10, the data has
-    # not run yet (it cannot say where the pass ended).
+    # not run yet (it cannot say where the pass ended); the epoch that
+    # trained it had ended (no open epoch).
     counters = fresh(data_pass=3, position=10, examples_seen=40, batch_size=4)
     driver = driver_of(
         Staged([4]), counters, num_examples=None, data_end=Stream(10, ended=False)
     )
     start = driver.begin_epoch(7)
     assert start == EpochStart(3, 10, 40, 1)
-    assert driver.written == []
+    assert driver.written == [dict(open_epoch=8)]
     # The pipeline finds fewer than `need` examples after position 10.
-    driver.skip_pass()
-    assert driver.written == [dict(data_pass=4, position=0)]
+    assert driver.data_ended()
+    assert driver.written[-1] == dict(data_pass=4, position=0)
     assert (driver.counters["data_pass"], driver.counters["position"]) == (4, 0)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_resumed_epoch_whose_pass_was_done_ends_without_a_step(stream):
+    """A backup on a pass's last step, before its epoch ended (issue 14,
+    item 4): Keras restarts epoch 7, which trained pass 3 to its end. It
+    ends at once, in the same pass; epoch 8 starts pass 4."""
+    counters = fresh(
+        data_pass=3, position=10, examples_seen=40, batch_size=4, open_epoch=8
+    )
+    options = dict(num_examples=10)
+    if stream:
+        options = dict(num_examples=None, data_end=Stream(10, ended=False))
+    driver = driver_of(Staged([4]), counters, **options)
+    assert driver.begin_epoch(7) == EpochStart(3, 10, 40, 1)
+    if stream:
+        assert not driver.data_ended()  # this epoch ends; no next pass
+    assert driver.next_execution() == Execution(None, None)
+    assert not driver.pass_unfinished()
+    driver.end_epoch()
+    assert driver.written == [dict(open_epoch=8), dict(open_epoch=0)]
+    # Epoch 8 is not the one that trained pass 3: the next pass.
+    if stream:  # the data says where the pass ended: after position 10
+        assert driver.begin_epoch(8) == EpochStart(3, 10, 40, 1)
+        assert driver.data_ended()
+    else:
+        assert driver.begin_epoch(8) == EpochStart(4, 0, 40, 1)
+    assert (driver.counters["data_pass"], driver.counters["position"]) == (4, 0)
+
+
+def test_resumed_epoch_mid_pass_goes_on():
+    counters = fresh(data_pass=3, position=4, batch_size=4, open_epoch=8)
+    driver = driver_of(Staged([4]), counters, num_examples=10, shuffle=False)
+    assert driver.begin_epoch(7) == EpochStart(3, 4, 0, 1)
+    assert run_rest(driver)[0] == [[4], [2]]
+
+
+# -- planned ahead (under a tf.distribute strategy) -----------------------------------
+
+
+def test_planned_ahead_is_what_the_steps_then_decide_and_changes_nothing():
+    """Geometric every 12 examples grows the batch inside the pass: the
+    steps planned ahead are the steps then run, and planning them ahead
+    writes nothing and moves no counter."""
+    schedule = Geometric(2, every_examples=12, maximum=8)
+    driver = driver_of(schedule, num_examples=30, shuffle=False)
+    driver.begin_epoch(0)
+    before, written = dict(driver.counters), list(driver.written)
+    ahead = driver.planned_ahead(16)
+    assert (driver.counters, driver.written) == (before, written)
+    sizes, _ = run_rest(driver)
+    assert [size for _, size, _ in ahead] == [s for (s,) in sizes]
+    assert [size for _, _, size in ahead] == [2] * 6 + [4] * 3 + [8]
+    assert ahead[-1] == (24, 6, 8)  # the pass's remainder, 8 asked
+    # Two steps in, the rest of the pass, as planned from the start.
+    driver = driver_of(schedule, num_examples=30, shuffle=False)
+    driver.begin_epoch(0)
+    for _ in range(2):
+        driver.next_execution()
+        driver.end_execution()
+    assert driver.planned_ahead(3) == ahead[2:5]
+
+
+def test_planned_ahead_in_a_stream_of_unknown_length_goes_on():
+    """The data ends such a pass: planned ahead, it goes on, and the data
+    is not asked (it may not have been read yet)."""
+    stream = Stream(10, ended=False)
+    driver = driver_of(Staged([4]), num_examples=None, data_end=stream)
+    driver.begin_epoch(0)
+    assert driver.planned_ahead(4) == [(0, 4, 4), (4, 4, 4), (8, 4, 4), (12, 4, 4)]
+    assert stream.asked == []
 
 
 # -- the dataset ran out before the pass ---------------------------------------------

@@ -14,7 +14,9 @@ from keras_fim import summaries
 from keras_fim.sampling import LEARNING_RATE_SCALINGS, learning_rate_gain
 from keras_fim.sampling.dataset import (
     DECLARED_CARDINALITY,
+    FIRST_BATCH,
     InMemoryExamples,
+    StreamedExamples,
     materialize,
 )
 
@@ -88,6 +90,7 @@ def test_the_dataset_yields_the_planned_rows_of_the_order_then_ends():
     assert int(examples.dataset.cardinality()) == DECLARED_CARDINALITY
     examples.set_order(np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]))
     examples.set_batches([(1, 2), (3, 4)])
+    examples.open(True)  # as an epoch begins
     iterator = iter(examples.dataset)
     first, second = next(iterator), next(iterator)
     assert first[1].numpy().tolist() == [80, 70]
@@ -101,8 +104,35 @@ def test_preprocess_runs_on_every_planned_batch():
     x = {"a": np.arange(6, dtype=np.float32)}
     examples = InMemoryExamples(x, preprocess=lambda x: {"a": x["a"] * 2})
     examples.set_batches([(0, 3), (3, 3)])
+    examples.open(True)
     batches = [b["a"].numpy().tolist() for b in examples.dataset]
     assert batches == [[0.0, 2.0, 4.0], [6.0, 8.0, 10.0]]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_read_before_the_first_epoch_gets_copies_of_the_first_example(streamed):
+    """What Keras's symbolic build reads under a strategy, before any
+    callback runs: `FIRST_BATCH` copies of the first example (a size the
+    replicas split evenly), leaving the plan and the stream's counters."""
+    x, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10) * 10
+    if streamed:
+        examples = StreamedExamples(tf.data.Dataset.from_tensor_slices((x, y)), False)
+    else:
+        examples = InMemoryExamples((x, y))
+    # Two reads: list() would ask the declared length.
+    iterator = iter(examples.dataset)
+    closed = [next(iterator)]
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert closed[0][1].numpy().tolist() == [0] * FIRST_BATCH
+    assert closed[0][0].shape == (FIRST_BATCH, 2)
+    if streamed:  # the pass's count untouched (the slot is set per step)
+        assert int(examples._made.numpy()) == 0
+    else:  # the plan untouched
+        assert int(examples._slot.numpy()) == 0
+    examples.set_batches([(0, 4)])
+    examples.open(True)
+    assert next(iter(examples.dataset))[1].numpy().tolist() == [0, 10, 20, 30]
 
 
 def test_materialize_unbatches_a_batched_dataset_and_casts_arrays():

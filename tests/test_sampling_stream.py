@@ -2,6 +2,9 @@
 is rebatched into exactly the planned sizes, and an endless one needs an
 epoch length. The mode is chosen sensibly, and can be forced."""
 
+import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -228,3 +231,85 @@ def test_the_mode_is_chosen_and_checked():
         keras_fim.DynamicSampling(x, 2, mode="stream")
     with pytest.raises(ValueError, match="examples_per_epoch"):
         keras_fim.DynamicSampling(small, 2, examples_per_epoch=0)
+
+
+# -- edge cases: op determinism, empty data, a pass shorter than a batch -----------
+
+
+DETERMINISM = """
+import numpy as np, tensorflow as tf, keras, keras_fim
+tf.config.experimental.enable_op_determinism()
+data = tf.data.Dataset.from_tensor_slices(np.zeros((20, 2), "float32"))
+data = data.map(lambda x: (x, x[:1])).filter(lambda x, y: True)
+model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+model.compile("sgd", "mse")
+sampling = keras_fim.DynamicSampling(data, schedule=4, mode="stream")
+try:
+    model.fit(sampling.dataset, callbacks=[sampling], verbose=0)
+except ValueError as error:
+    print("ValueError:", error)
+endless = keras_fim.DynamicSampling(data.repeat(), schedule=4, examples_per_epoch=20)
+model.fit(endless.dataset, epochs=2, callbacks=[endless], verbose=0)
+print("endless:", endless.batch_sizes_per_epoch)
+"""
+
+
+def test_op_determinism_refuses_a_finite_stream_naming_the_ways_out():
+    """Determinism is global to a process: in one of its own. A finite
+    stream learns its end from tf.data's read-ahead, which op determinism
+    turns off; `examples_per_epoch` (the planner ends the passes) works."""
+    result = subprocess.run(
+        [sys.executable, "-c", DETERMINISM],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    error, endless = result.stdout.strip().splitlines()
+    assert error.startswith("ValueError:") and "enable_op_determinism" in error
+    assert "examples_per_epoch=" in error and "mode='in_memory'" in error
+    assert endless == "endless: [[4, 4, 4, 4, 4], [4, 4, 4, 4, 4]]"
+
+
+@pytest.mark.parametrize(
+    "data, mode",
+    [
+        ((np.zeros((0, 2)), np.zeros((0, 1))), "auto"),
+        (tf.data.Dataset.range(0), "auto"),
+        (tf.data.Dataset.range(0), "in_memory"),
+        (tf.data.Dataset.range(0), "stream"),
+    ],
+)
+def test_an_empty_dataset_is_refused_when_built(data, mode):
+    with pytest.raises(ValueError, match="at least one example"):
+        keras_fim.DynamicSampling(data, schedule=4, mode=mode)
+
+
+def test_an_empty_stream_of_unknown_length_stops_fit_at_its_first_epoch():
+    """Its emptiness shows only when the pass runs: `fit` stops there."""
+    empty = id_pipeline().filter(lambda x, y: False)
+    sampling = keras_fim.DynamicSampling(empty, schedule=4)
+    with pytest.raises(ValueError, match=r"held 0 examples: nothing to train"):
+        fit(recorder(), sampling, epochs=3)
+    assert sampling.batch_sizes_per_epoch == [[]]
+
+
+@pytest.mark.parametrize("known_length", [False, True])
+def test_drop_remainder_with_a_pass_shorter_than_one_batch(known_length):
+    """5 examples and a batch of 8: with a known length the schedule is
+    refused when built; a stream of unknown length trains nothing and
+    stops `fit` at the end of its first epoch, saying why."""
+    data = id_pipeline(5, known_length=known_length)
+    if known_length:
+        with pytest.raises(ValueError, match="at most the number of examples"):
+            keras_fim.DynamicSampling(data, schedule=8, drop_remainder=True)
+        return
+    sampling = keras_fim.DynamicSampling(data, schedule=8, drop_remainder=True)
+    model = recorder()
+    with pytest.raises(
+        ValueError, match=r"held 5 examples: fewer than the batch size \(8\)"
+    ):
+        fit(model, sampling, epochs=3)
+    assert model.seen == [] and sampling.batch_sizes_per_epoch == [[]]
+    assert model.sampling_state.read()["examples_seen"] == 0

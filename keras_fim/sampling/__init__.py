@@ -11,7 +11,9 @@ How it works, and why this way (see docs/sampling.md):
   handed to the pipeline through small variables; the pipeline has no
   prefetch, so the batch trained is always the batch decided (prefetch would
   make the size change a timing-dependent number of steps later, and a
-  resumed run could not repeat it).
+  resumed run could not repeat it). Under a `tf.distribute` strategy, whose
+  input Keras reads ahead of the step, the batches are planned ahead of it
+  instead (a schedule that reads no measurements answers the same then).
 * An epoch is one pass over the data. The callback ends it by raising
   `OutOfRangeError` before the first step of the next pass, the signal Keras
   itself uses for a dataset that ran out, so no phantom step is run. The

@@ -77,6 +77,35 @@ class DeclaredCardinality(tf.data.Dataset):
         return tf.constant(self._declared, tf.int64)
 
 
+# The batch a read before the first epoch gets: copies of the first example,
+# as many as any replica count up to 6, and 8, 10, 12, 15, 16, ... divides
+# (Keras averages the replicas' shards of it, which must be equal).
+FIRST_BATCH = 240
+
+
+def gated(dataset: tf.data.Dataset, first: tf.data.Dataset, is_open) -> tf.data.Dataset:
+    """`dataset` while the variable `is_open` is true when an iteration
+    starts, else `first` (`FIRST_BATCH` copies of the first example). Under
+    a `tf.distribute` strategy Keras's symbolic build reads a batch before
+    any callback runs; that read gets `first` and leaves the plan, the
+    stream's counters and its position alone."""
+
+    @tf.autograph.experimental.do_not_convert
+    def opened(_):
+        return is_open.read_value()
+
+    @tf.autograph.experimental.do_not_convert
+    def closed(_):
+        return tf.logical_not(is_open.read_value())
+
+    start = tf.data.Dataset.from_tensors(0)
+    return (
+        start.filter(opened)
+        .flat_map(lambda _: dataset)
+        .concatenate(start.filter(closed).flat_map(lambda _: first))
+    )
+
+
 def is_batched(dataset: tf.data.Dataset, batched: bool | None) -> bool:
     """`batched`, or, for `None`, a guess from the element spec: a `.batch()`
     without drop_remainder leaves the leading dimension unknown; any other
@@ -294,6 +323,7 @@ class InMemoryExamples:
                 tf.zeros([0], tf.int64), shape=[None], trainable=False
             )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._open = tf.Variable(False, trainable=False)
         self._preprocess = preprocess
         self.dataset = self._make_dataset()
 
@@ -301,12 +331,19 @@ class InMemoryExamples:
         """Sets the order of the examples (a pass's permutation)."""
         self._order.assign(order.astype(np.int64))
 
-    def set_batches(self, batches) -> None:
-        """Plans the next batches: ``(start, size)`` pairs, in the order."""
+    def set_batches(self, batches, restart: bool = True) -> None:
+        """Plans the next batches: ``(start, size)`` pairs, in the order;
+        without `restart`, `batches` extends the batches planned last (the
+        plan of a whole pass, read ahead under a strategy)."""
         self._starts.assign(np.array([start for start, _ in batches], np.int64))
         self._sizes.assign(np.array([size for _, size in batches], np.int64))
-        self._slot.assign(0)
+        if restart:
+            self._slot.assign(0)
         self._pulled = True
+
+    def open(self, is_open: bool) -> None:
+        """Opens the dataset (an epoch begins) or closes it (`gated`)."""
+        self._open.assign(is_open)
 
     def _make_dataset(self) -> tf.data.Dataset:
         # Plain tensor code: nothing for autograph to convert.
@@ -323,8 +360,16 @@ class InMemoryExamples:
                 lambda v: tf.gather(v, indices), self._examples
             )
 
-        dataset = (
-            tf.data.Dataset.range(DECLARED_CARDINALITY).take_while(planned).map(gather)
+        @tf.autograph.experimental.do_not_convert
+        def first(_):
+            return keras.tree.map_structure(
+                lambda v: tf.repeat(v[:1], FIRST_BATCH, axis=0), self._examples
+            )
+
+        dataset = gated(
+            tf.data.Dataset.range(DECLARED_CARDINALITY).take_while(planned).map(gather),
+            tf.data.Dataset.from_tensors(0).map(first),
+            self._open,
         )
         if self._preprocess is not None:
             dataset = dataset.map(self._preprocess)
@@ -450,23 +495,36 @@ class StreamedExamples:
             if self.endless
             else (cardinality if cardinality >= 0 else None)
         )
+        if self.num_examples == 0:
+            raise ValueError(
+                "`data` must hold at least one example; the dataset is empty "
+                "(cardinality 0)."
+            )
         # In groups of `granularity` examples.
         self._buffer_size = (
             tf.data.AUTOTUNE if buffer_size is None else -(-buffer_size // granularity)
         )
         self._started = False
         self._pulled = False
-        self._planned_sizes = [1]  # what `_sizes` holds
+        # What `_sizes` holds: at first, the size of a read before the
+        # first epoch (`gated`).
+        self._planned_sizes = [FIRST_BATCH]
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
-                tf.ones([1], tf.int64), shape=[None], trainable=False
+                tf.constant([FIRST_BATCH], tf.int64), shape=[None], trainable=False
             )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
             # Examples of the pass made so far; -(made + 1) once it ended.
             self._made = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._open = tf.Variable(False, trainable=False)
             make = self._endless_dataset if self.endless else self._pass_dataset
-            dataset = make()
+            # Copies of the first example, for a read before the first epoch.
+            self._first = elements.take(1).cache().repeat(FIRST_BATCH)
+            if self.endless:
+                dataset = gated(make(), self._first.batch(FIRST_BATCH), self._open)
+            else:  # gated at its source, ahead of the prefetch (cheaper)
+                dataset = make()
         if preprocess is not None:
             dataset = dataset.map(preprocess)
         dataset = dataset.with_options(_options(autotune=True))
@@ -494,6 +552,7 @@ class StreamedExamples:
         def mark(i):
             made = self._made.read_value()
             value = tf.where(i > 0, -made - 1, self._start.read_value())
+            value = tf.where(self._open.read_value(), value, made)  # `gated`
             with tf.control_dependencies([self._made.assign(value)]):
                 return tf.identity(i)
 
@@ -504,7 +563,11 @@ class StreamedExamples:
         @tf.autograph.experimental.do_not_convert
         def from_start(_):
             start = self._start.read_value()
-            return self._elements.skip(start).batch(self._granularity).map(count)
+            return gated(
+                self._elements.skip(start).batch(self._granularity).map(count),
+                self._first.batch(self._granularity),
+                self._open,
+            )
 
         # A batch past the plan (a dropped remainder's, when an execution
         # asks for more) ends the iteration: it is never trained.
@@ -540,14 +603,21 @@ class StreamedExamples:
             .map(next_batch)
         )
 
-    def set_batches(self, batches) -> None:
-        """Plans the next batches: ``(start, size)`` pairs (the sizes count)."""
+    def set_batches(self, batches, restart: bool = True) -> None:
+        """Plans the next batches: ``(start, size)`` pairs (the sizes count);
+        without `restart`, `batches` extends the batches planned last (the
+        plan of a whole pass, read ahead under a strategy)."""
         sizes = [size for _, size in batches]
         if sizes != self._planned_sizes:  # one write less per step otherwise
             self._sizes.assign(np.array(sizes, np.int64))
             self._planned_sizes = sizes
-        self._slot.assign(0)
+        if restart:
+            self._slot.assign(0)
         self._pulled = True
+
+    def open(self, is_open: bool) -> None:
+        """Opens the dataset (an epoch begins) or closes it (`gated`)."""
+        self._open.assign(is_open)
 
     def begin_pass(self, position: int, examples_seen: int, need: int) -> bool:
         """Gets ready for an epoch starting `position` examples into a pass,
@@ -593,9 +663,14 @@ class StreamedExamples:
         `need` are left, else `None`; waits for the prefetching side to
         make `position + need` examples or reach the end. Before the pass's
         first batch the pipeline has not started (tf.data starts it at the
-        first request): the pass is taken to hold a first batch."""
+        first request): the pass is taken to hold a first example, and when
+        more are needed (a whole batch, to drop it if short) they are
+        counted in an iteration of their own."""
         if not self._pulled:
-            return None
+            if need == 1:
+                return None
+            left = sum(1 for _ in self._elements.skip(position).take(need))
+            return left if left < need else None
         stalled_since, last = time.monotonic(), None
         while True:
             made = int(self._made.numpy())

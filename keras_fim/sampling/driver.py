@@ -22,6 +22,7 @@ needs to know, before the train function is called.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Callable
@@ -240,6 +241,7 @@ class SamplingDriver:
         self.epoch_steps = 0
         self.ended_by_sampling = False
         self._plan: ExecutionPlan | None = None
+        self.resumed = False  # this epoch trained steps before (resumed)
         self._write = write
 
     @property
@@ -258,27 +260,45 @@ class SamplingDriver:
 
     def begin_epoch(self, epoch: int) -> EpochStart:
         """Starts epoch `epoch`: where the pass stands, or the next pass
-        when the last one is over."""
+        when the last one is over.
+
+        An epoch that trained steps and did not end (`open_epoch`: resumed
+        from a backup taken inside it, which Keras restarts) whose pass is
+        over ends at once, with no step: its pass was trained, and the next
+        one is the next epoch's. (Moving on would train one pass more than
+        the uninterrupted run.)"""
         self.epoch, self.epoch_steps, self.ended_by_sampling = epoch, 0, False
         counters = self.counters
+        self.resumed = counters["open_epoch"] == epoch + 1
         if self._data_end is not None:
             # Where the last pass ended, if the data got there.
             self.pass_length = self._data_end.pass_length()
-        data_pass, position = self.planner.epoch_start(
-            counters["data_pass"], counters["position"]
-        )
+        data_pass, position = counters["data_pass"], counters["position"]
+        if not (self.resumed and self.planner.pass_done(position)):
+            data_pass, position = self.planner.epoch_start(data_pass, position)
         if self._data_end is not None:
             self.pass_length = None  # this pass's: learnt near its end
+        change = {"open_epoch": epoch + 1}
         if data_pass != counters["data_pass"]:  # the last pass is done
-            self._set(data_pass=data_pass, position=position)
+            change.update(data_pass=data_pass, position=position)
+        self._set(**change)
         need = max(counters["batch_size"], 1) if self.drop_remainder else 1
         return EpochStart(data_pass, position, counters["examples_seen"], need)
 
-    def skip_pass(self) -> None:
-        """Moves to the next pass: resumed where a finite stream's pass had
-        ended (the data holds fewer than `EpochStart.need` examples after
-        the position)."""
+    def end_epoch(self) -> None:
+        """Ends the epoch: between epochs, no epoch is open."""
+        self._set(open_epoch=0)
+
+    def data_ended(self) -> bool:
+        """The data holds fewer than `EpochStart.need` examples after the
+        position (a finite stream, resumed where its pass had ended):
+        `True` when the next pass starts, `False` when this epoch, the one
+        that trained the pass (see `begin_epoch`), ends at once."""
+        if self.resumed:
+            self.pass_length = self.counters["position"]
+            return False
         self._set(data_pass=self.counters["data_pass"] + 1, position=0)
+        return True
 
     def epoch_target(self) -> int | None:
         """The progress bar's steps for this epoch, from the size the
@@ -356,6 +376,26 @@ class SamplingDriver:
             return Execution(decision, None)
         self._plan = plan
         return Execution(decision, plan)
+
+    def planned_ahead(self, steps: int) -> list[tuple[int, int, int]]:
+        """The next `steps` steps as they will be decided, for a schedule
+        that reads no measurements (its answers then follow from the
+        counters alone): ``(start, size, decided)`` per step, ``decided``
+        being the schedule's size; fewer where the pass ends. A pass of
+        unknown length (a finite stream) is taken to go on: its data ends
+        it. Nothing of this driver changes."""
+        twin = copy.copy(self)
+        twin.counters = dict(self.counters)
+        twin._write = twin._data_end = twin._measurements = None
+        twin._log_signal = False
+        rows: list[tuple[int, int, int]] = []
+        while len(rows) < steps:
+            decision, plan = twin.next_execution()
+            if plan is None:
+                break
+            rows.extend((start, size, decision.size) for start, size in plan.batches)
+            twin.end_execution()
+        return rows[:steps]
 
     def decide(self, context: SamplingContext) -> Decision:
         """The schedule's size for `context`, checked; a change is recorded

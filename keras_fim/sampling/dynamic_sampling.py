@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim import summaries
-from keras_fim._keras_compat import update_progress_bar
+from keras_fim._keras_compat import is_default_strategy, update_progress_bar
 from keras_fim.sampling.dataset import MODES, choose_mode, make_examples
 from keras_fim.sampling.driver import (
     SamplingDriver,
@@ -51,6 +51,11 @@ from keras_fim.train_step import (
 from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
 _RAN_OUT_WARNING = "Your input ran out of data"
+
+# Under a strategy, the steps planned ahead of the one about to train: more
+# than tf.distribute's input reads ahead (its rebatching and per-device
+# buffers, about 3 batches).
+LOOK_AHEAD = 16
 
 
 class DynamicSampling(keras.callbacks.ProgbarLogger):
@@ -89,10 +94,16 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
     ``b`` the gradient noise scale measured by a `FisherCallback`; AdaScale's
     gain, between 1 and ``B/B0``).
 
+    Under a `tf.distribute` strategy the size is that of the global batch
+    (split over the replicas by Keras), and the learning rate follows it;
+    as tf.distribute reads the input ahead of the step, the batches are
+    then planned ahead, so the schedule must not read the measurements
+    (`Automatic` raises `ValueError` when `fit` starts).
+
     Where the sampling stands lives in `model.sampling_state` (Keras
     variables), so `BackupAndRestore` resumes the same sequence of batch
-    sizes and learning rates after an interruption, and a later `fit`
-    continues it. With `log_dir`, every step's ``sampling/batch_size``,
+    sizes and learning rates after an interruption (a backup on a pass's
+    last step included), and a later `fit` continues it. With `log_dir`, every step's ``sampling/batch_size``,
     ``sampling/learning_rate`` and ``sampling/learning_rate_gain`` are
     written for TensorBoard under ``<log_dir>/train`` (the x-axis of
     `keras.callbacks.TensorBoard`'s batch charts), and for `Automatic` the
@@ -241,6 +252,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._writer = None
         # One per fit, from the state as the first epoch begins.
         self._driver: SamplingDriver | None = None
+        # Under a strategy: the input is read ahead, the steps planned ahead.
+        self._read_ahead = False
+        self._rows: list[tuple[int, int, int]] = []
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -260,6 +274,22 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             raise ValueError(
                 f"{self._needs_fisher()} needs the Fisher measurements: add a "
                 "keras_fim.FisherCallback to the same fit (or use a FisherModel)."
+            )
+        # Under a strategy (even of one replica), tf.distribute reads the
+        # input ahead of the step (Keras gives it no option not to): the
+        # batches are planned ahead.
+        strategy = model.distribute_strategy
+        self._read_ahead = not is_default_strategy(strategy)
+        if self._read_ahead and getattr(self.schedule, "uses_measurements", True):
+            raise ValueError(
+                f"Under a tf.distribute strategy ({type(strategy).__name__}, "
+                f"{strategy.num_replicas_in_sync} replicas), "
+                "tf.distribute reads the input a few batches ahead of the "
+                "step, so DynamicSampling plans the sizes ahead and the "
+                "schedule cannot read the Fisher measurements. Use Staged, "
+                "Geometric, Linear or an integer, or a function with the "
+                "attribute `uses_measurements = False`. Received: "
+                f"schedule={self.schedule!r}"
             )
         if self._data_ends_pass:
             self._examples.check_read_ahead()
@@ -292,6 +322,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
 
     def _end_fit(self) -> None:
         self.model.train_function = None
+        self._examples.open(False)
         self._warnings.__exit__(None, None, None)
         if self._writer is not None:
             self._writer.flush()
@@ -326,13 +357,20 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._driver = self._new_driver()
         driver = self._driver
         start = driver.begin_epoch(epoch)
+        self._examples.open(True)
+        # Planned before a stream's `begin_pass`, which marks its pipeline
+        # as not yet read (the epoch's first decision does not wait for it).
+        self._plan_ahead(restart=True)
         if self.mode == "in_memory":
             self._examples.set_order(driver.planner.permutation(start.data_pass))
-        elif not self._examples.begin_pass(
-            start.position, start.examples_seen, start.need
+        elif (
+            not self._examples.begin_pass(
+                start.position, start.examples_seen, start.need
+            )
+            and driver.data_ended()
         ):
             # Resumed where a stream's pass had ended: the next one.
-            driver.skip_pass()
+            self._plan_ahead(restart=True)
             self._examples.begin_pass(0, start.examples_seen, start.need)
         self.batch_sizes_per_epoch.append([])
         # The progress bar's target, from the size the schedule asks for now
@@ -356,7 +394,11 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             raise tf.errors.OutOfRangeError(
                 None, None, "keras-fim: end of a pass over the data"
             )
-        self._examples.set_batches(plan.batches)
+        if self._read_ahead:
+            self._check_planned(decision.size, plan)
+            self._plan_ahead(restart=False)
+        else:
+            self._examples.set_batches(plan.batches)
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         self.batch_sizes_per_epoch[-1].extend(self._driver.end_execution())
@@ -371,7 +413,70 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
                 "data did. Pass `sampling.dataset` to fit as it is (do not "
                 "map, prefetch or repeat it) and do not set `steps_per_epoch`."
             )
+        driver = self._driver
+        if not (driver.epoch_steps or driver.resumed or self.model.stop_training):
+            # Only a stream can hold too few examples for a step (a known
+            # length is checked against the schedule when it is built): its
+            # length as the driver learnt it, or as the data ended.
+            length = driver.pass_length
+            if length is None:
+                length = self._examples.pass_length()
+            raise ValueError(
+                f"A pass over `data` (pass {driver.counters['data_pass']}) held "
+                f"{length} examples: "
+                + (
+                    f"fewer than the batch size ({driver.counters['batch_size']}), "
+                    "which drop_remainder=True drops, so nothing was trained."
+                    if length
+                    else "nothing to train. `data` must hold at least one example."
+                )
+                + f" Received: drop_remainder={self.drop_remainder}"
+            )
+        driver.end_epoch()
         super().on_epoch_end(epoch, logs)
+
+    # -- under a strategy: planned ahead ------------------------------------
+
+    def _plan_ahead(self, restart: bool) -> None:
+        """Under a strategy: plans the epoch's steps up to `LOOK_AHEAD` past
+        the one about to train, before tf.distribute reads them (`restart`:
+        from the epoch's first step)."""
+        if not self._read_ahead:
+            return
+        driver = self._driver
+        if restart:
+            self._rows = []
+        self._rows[driver.epoch_steps :] = driver.planned_ahead(LOOK_AHEAD)
+        # An epoch of no step reads nothing of the data.
+        self._examples.open(bool(self._rows))
+        if not self._rows:
+            return
+        # A stream is cut at the sizes decided (the data ends the last
+        # batch); a planned size never changes once the pipeline may be
+        # cutting it, as the pass's length, when learnt, would change it.
+        exact = self.mode == "in_memory"
+        self._examples.set_batches(
+            [
+                (start, size if exact else decided)
+                for start, size, decided in self._rows
+            ],
+            restart=restart,
+        )
+
+    def _check_planned(self, size: int, plan) -> None:
+        """`ValueError` unless the execution decided is the one planned
+        ahead: a schedule must answer the same for the same context."""
+        first = self._driver.epoch_steps
+        planned = [(start, s) for start, _, s in self._rows[first:]]
+        decided = [(start, size) for start, _ in plan.batches]
+        if decided != planned[: len(decided)]:
+            raise ValueError(
+                f"schedule {self.schedule!r} answered {size} at step "
+                f"{self._driver.counters['step'] + 1} but "
+                f"{planned[0][1] if planned else None} when the step was "
+                "planned ahead (under a tf.distribute strategy): it must give "
+                "the same size for the same context."
+            )
 
     # -- what the schedule reads -------------------------------------------
 
@@ -415,6 +520,10 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         def sampled_step(data):
             x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
             batch = tf.shape(keras.tree.flatten(x)[0], out_type=tf.int64)[0]
+            replica = tf.distribute.get_replica_context()
+            distributed = replica is not None and replica.num_replicas_in_sync > 1
+            if distributed:  # each replica has its shard: the global batch
+                batch = replica.all_reduce("sum", batch)
             gain = self._gain(batch)
             install = self.learning_rate_scaling != "none"
             with scaled_learning_rate(self.model.optimizer, gain, install) as rate:
@@ -424,9 +533,18 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             state.position.assign_add(batch)
             state.examples_seen.assign_add(batch)
             if self._writer is not None:
-                summaries.write_sampling_step(
-                    self._writer, state.step, batch, rate, gain
-                )
+
+                def write():
+                    summaries.write_sampling_step(
+                        self._writer, state.step, batch, rate, gain
+                    )
+                    return tf.constant(True)
+
+                if not distributed:
+                    write()
+                else:  # once, by the first replica
+                    first = tf.equal(replica.replica_id_in_sync_group, 0)
+                    tf.cond(first, write, lambda: tf.constant(False))
             return logs
 
         return sampled_step

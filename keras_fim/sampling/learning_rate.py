@@ -121,6 +121,10 @@ def innermost_optimizer(optimizer):
     return optimizer
 
 
+# Steps being traced inside `scaled_learning_rate`, per optimizer (by id).
+_INSTALLED: dict[int, int] = {}
+
+
 @contextlib.contextmanager
 def scaled_learning_rate(optimizer, gain, install: bool = True):
     """Inside, while a step is traced: the rate of `optimizer` times `gain`
@@ -128,11 +132,22 @@ def scaled_learning_rate(optimizer, gain, install: bool = True):
     Yields the rate applied at the optimizer's current iteration."""
     optimizer = innermost_optimizer(optimizer)
     base = optimizer_learning_rate(optimizer)
+    if isinstance(base, ScaledLearningRate):
+        # Under tf.distribute every replica's step is traced, in threads
+        # that take turns, on the same optimizer: another replica's rate
+        # is installed (the same gain, of the global batch).
+        base = base.base
     scaled = ScaledLearningRate(base, gain)
     learning_rate = scaled(optimizer.iterations)
+    key = id(optimizer)
+    _INSTALLED[key] = _INSTALLED.get(key, 0) + 1
     if install:
         set_optimizer_learning_rate(optimizer, scaled)
     try:
         yield learning_rate
     finally:
-        set_optimizer_learning_rate(optimizer, base)
+        # The base again once the last replica's step is traced.
+        _INSTALLED[key] -= 1
+        if not _INSTALLED[key]:
+            del _INSTALLED[key]
+            set_optimizer_learning_rate(optimizer, base)
