@@ -559,6 +559,47 @@ def test_calibration_takes_the_fastest_candidate_once_per_shape():
     assert_blocks_match(actual, reference_blocks(model, x, y))
 
 
+def test_calibration_times_a_large_batch_on_fewer_examples(monkeypatch):
+    """A batch over `CALIBRATION_BATCH_SIZE` is timed on that many examples
+    and each time scaled by its candidate's multiply-adds: equal times at
+    the small batch make the ghost form (quadratic in the batch) lose at
+    the large one; the block is still the reference's."""
+    from keras_fim.engine import gram
+
+    monkeypatch.setattr(gram, "CALIBRATION_BATCH_SIZE", 3)
+    keras.utils.set_random_seed(20)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((2, 2, 2)),
+                keras.layers.Conv2D(2, 3, padding="same", name="k"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+    )
+    x = np.random.default_rng(21).normal(size=(12, 2, 2, 2)).astype("float32")
+    y = labels(12)
+    sizes = []
+
+    def timer(plan, run):
+        sizes.append(run().shape[0])
+        return 1.0
+
+    gram.clear_calibrations()
+    with path_choice("calibrate", timer=timer):
+        actual, plans = engine_blocks(model, x, y)
+    assert set(sizes) == {3}
+    scaled = gram.calibrations()
+    times = next(t for key, (_, t) in scaled.items() if key[0][0] == "convolution")
+    # 12 examples, 4 positions, m = 18, n = 2: the ghost form's count grows
+    # by (12/3)^2, the materialised one's by 12 (4 + 12) / (3 (4 + 3)).
+    assert times["ghost"] == pytest.approx(16.0)
+    assert times["slices"] == pytest.approx(12 * 16 / (3 * 7))
+    assert plans["k"].method != "ghost" and plans["k"].chosen_by == "calibration"
+    assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
 def test_calibration_by_the_clock_inside_a_function_matches_loop():
     """Timed for real (whatever wins on this machine), from inside a
     `tf.function` being traced: the block is the reference's."""

@@ -120,6 +120,14 @@ CALIBRATION_REPEATS = 3
 """Timed runs per candidate when calibrating (after one warm-up); the
 fastest counts."""
 
+CALIBRATION_BATCH_SIZE = 32
+"""The most examples a candidate is timed on when calibrating. A plan for a
+larger batch (`PLANNING_BATCH_SIZE` in `fit`, whose graph leaves the batch
+size open) times its candidates on this many and scales each time by the
+candidate's own multiply-adds at the planned batch over those at this one:
+the methods' speeds per multiply-add are what timing measures, and timing
+256 examples cost the first `fit` 3-4 times as long (issue 15)."""
+
 HOPELESS = 16
 """A candidate path with this many times the multiply-adds of another is
 not a candidate (nor timed): the methods' speeds per multiply-add differ by
@@ -148,7 +156,9 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
       ``KERAS_FIM_PATH_CHOICE``): the first time a kernel of given shapes is
       planned, each candidate that fits the memory budget runs on random
       operands of those shapes (in a `tf.function`, once to warm up, then
-      `CALIBRATION_REPEATS` times) and the fastest is taken; the choice is
+      `CALIBRATION_REPEATS` times; at most `CALIBRATION_BATCH_SIZE`
+      examples, a larger batch's times scaled by each candidate's
+      multiply-adds) and the fastest is taken; the choice is
       cached for the process per (layer kind, geometry, operand shapes with
       the batch size, dtypes, candidates). The candidates include the naive
       path (the per-example rule's own method), so the chosen block is never
@@ -217,10 +227,13 @@ def _wall_clock(plan, run) -> float:
     return best
 
 
-def _calibrated(key, candidates, tensors, batch, timer):
-    """The fastest of `candidates` (``{method: (plan, build)}``) on random
-    operands shaped like `tensors` with `batch` examples, cached under
-    `key`; `None` where timing is not possible here."""
+def _calibrated(key, candidates, tensors, batch, timer, cost=None):
+    """The fastest of `candidates` (``{method: (plan, build)}``) for `batch`
+    examples, timed on random operands shaped like `tensors`, cached under
+    `key`; `None` where timing is not possible here. With `cost` (``cost(
+    method, batch)``: a candidate's multiply-adds), a batch over
+    `CALIBRATION_BATCH_SIZE` is timed at that size and each time scaled by
+    the candidate's multiply-adds at `batch` over those at the timed size."""
     if key is None or in_xla_context() or tf.distribute.has_strategy():
         return None
     if not all(t.shape[1:].is_fully_defined() for t in tensors):
@@ -232,12 +245,15 @@ def _calibrated(key, candidates, tensors, batch, timer):
         tuple(sorted((m, p.chunks) for m, (p, _) in candidates.items())),
     )
     if key not in _CALIBRATIONS:
+        timed = batch if cost is None else min(batch, CALIBRATION_BATCH_SIZE)
         seconds = {}
         with tf.init_scope():  # out of the graph being built: run eagerly
-            operands = [_synthetic(t, batch) for t in tensors]
+            operands = [_synthetic(t, timed) for t in tensors]
             for method, (plan, build) in candidates.items():
                 run = tf.function(lambda build=build: build(operands), autograph=False)
                 seconds[method] = (timer or _wall_clock)(plan, run)
+                if timed != batch:
+                    seconds[method] *= cost(method, batch) / cost(method, timed)
         _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
     return _CALIBRATIONS[key][0]
 
@@ -271,13 +287,19 @@ def _kernel_block(
     timed). Returns ``(block, plan)``.
     """
     candidates = {}
-    materialise_cost = batch * (positions or 1) * m * n + batch * batch * m * n
+
+    def cost(method, examples):
+        if method == "ghost":
+            return examples * examples * positions * positions * (m + n)
+        return examples * (positions or 1) * m * n + examples * examples * m * n
+
+    materialise_cost = cost("materialise", batch)
     ghost_cost = None
     if ghost is not None and positions is not None:
         ghost_bytes = max(
             2 * batch * batch * positions * positions * _GRAM_ITEMSIZE, patch_bytes
         )
-        ghost_cost = batch * batch * positions * positions * (m + n)
+        ghost_cost = cost("ghost", batch)
         if ghost_bytes <= budget:
             plan = Plan(name, "ghost", ghost_cost, ghost_bytes, method="ghost")
             candidates["ghost"] = (plan, ghost)
@@ -313,18 +335,21 @@ def _kernel_block(
     materialised = [m for m in candidates if m != "ghost"]
     cheap_ghost = "ghost" in candidates and ghost_cost <= materialise_cost
     default = "ghost" if cheap_ghost or not materialised else materialised[0]
-    return choose_path(candidates, tensors, batch, key, default, fitting)
+    return choose_path(candidates, tensors, batch, key, default, fitting, cost)
 
 
-def choose_path(candidates, tensors, batch, key, default, forceable=None):
+def choose_path(candidates, tensors, batch, key, default, forceable=None, cost=None):
     """Forms a unit's block by the candidate `path_choice` picks.
 
     `candidates` maps method names to ``(plan, build)``, ``build(tensors)``
-    forming the block from `tensors` (or from random ones shaped like them,
-    with `batch` examples, when calibrating); `default` is the cost model's
+    forming the block from `tensors` (or from random ones shaped like them
+    when calibrating, for `batch` examples); `default` is the cost model's
     pick; `forceable` (default: `candidates`) what a forced choice may
     take. `key` describes the computation beyond the shapes of `tensors`
-    (`None`: never timed). Returns ``(block, plan)``.
+    (`None`: never timed). `cost`: ``cost(method, batch)``, a candidate's
+    multiply-adds, which lets calibration time a large batch on
+    `CALIBRATION_BATCH_SIZE` examples (`None`: timed on `batch`). Returns
+    ``(block, plan)``.
     """
     forceable = candidates if forceable is None else forceable
     materialised = [m for m in forceable if m != "ghost"]
@@ -337,7 +362,7 @@ def choose_path(candidates, tensors, batch, key, default, forceable=None):
     elif len(candidates) == 1:
         chosen, by = next(iter(candidates)), ""
     elif choice == "calibrate":
-        chosen = _calibrated(key, candidates, tensors, batch, timer)
+        chosen = _calibrated(key, candidates, tensors, batch, timer, cost)
         by = "calibration"
     if chosen is None:
         chosen, by = default, "cost"
@@ -439,7 +464,10 @@ def depthwise_block(layer, operands, budget):
     batch = _static_batch(None, d)
     size = math.prod(kernel)
     positions = sum(o.positions or 0 for o in operands)
-    cost = batch * positions * size + batch * batch * size
+
+    def cost(method, examples):
+        return examples * positions * size + examples * examples * size
+
     peak = batch * size * (d.dtype.size + _GRAM_ITEMSIZE)
 
     def build(method):
@@ -457,7 +485,7 @@ def depthwise_block(layer, operands, budget):
     methods = [o.depthwise_methods() for o in operands]
     common = [m for m in methods[0] if all(m in other for other in methods)]
     candidates = {
-        m: (Plan(layer.name, "materialise", cost, peak, method=m), build(m))
+        m: (Plan(layer.name, "materialise", cost(m, batch), peak, method=m), build(m))
         for m in common
     }
     key = (
@@ -468,7 +496,7 @@ def depthwise_block(layer, operands, budget):
             for o in operands
         ),
     )
-    block, plan = choose_path(candidates, tensors, batch, key, common[0])
+    block, plan = choose_path(candidates, tensors, batch, key, common[0], cost=cost)
     if layer.use_bias:
         block += _bias_block([tf.reduce_sum(o.dz, axis=[1, 2]) for o in operands])
     return block, plan
