@@ -164,6 +164,18 @@ def test_a_dataset_subclass_with_its_own_cardinality():
     assert compat.variant_tensor(tf.data.Dataset.range(3)) is not None
 
 
+def test_an_iterator_restarts_on_its_resource():
+    iterator = iter(tf.data.Dataset.range(5).prefetch(2))
+
+    @tf.function
+    def pull():  # a function that captured the iterator reads the restart
+        return iterator.get_next()
+
+    assert [int(pull()), int(pull())] == [0, 1]
+    compat.restart_iterator(iterator)
+    assert [int(pull()) for _ in range(5)] == [0, 1, 2, 3, 4]
+
+
 def test_op_determinism_is_readable():
     assert compat.op_determinism_enabled() in (True, False)
 

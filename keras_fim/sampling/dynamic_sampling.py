@@ -329,11 +329,13 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         if self.mode == "in_memory":
             self._examples.set_order(driver.planner.permutation(start.data_pass))
         elif not self._examples.begin_pass(
-            start.position, start.examples_seen, start.need
+            start.data_pass, start.position, start.examples_seen, start.need
         ):
             # Resumed where a stream's pass had ended: the next one.
             driver.skip_pass()
-            self._examples.begin_pass(0, start.examples_seen, start.need)
+            self._examples.begin_pass(
+                start.data_pass + 1, 0, start.examples_seen, start.need
+            )
         self.batch_sizes_per_epoch.append([])
         # The progress bar's target, from the size the schedule asks for now
         # (updated if it changes during the epoch).
