@@ -436,6 +436,7 @@ class StreamedExamples:
         # (`None`: not started).
         self._first_pass = 0
         self._data_pass: int | None = None
+        self._made_seen = (0, 0)  # the last reading of `_made`
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
                 tf.ones([1], tf.int64), shape=[None], trainable=False
@@ -516,14 +517,12 @@ class StreamedExamples:
         granularity = self._granularity
 
         @tf.autograph.experimental.do_not_convert
-        def planned(_):
-            return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
-
-        @tf.autograph.experimental.do_not_convert
         def cut(_):
             slot = self._slot.assign_add(1) - 1
+            planned = slot < tf.shape(self._sizes, out_type=tf.int64)[0]
             wanted = self._pass.read_value()
-            groups = (self._sizes[slot] + granularity - 1) // granularity
+            size = self._sizes[tf.minimum(slot, tf.size(self._sizes, tf.int64) - 1)]
+            groups = tf.where(planned, (size + granularity - 1) // granularity, 0)
 
             def more(taken, ended, pulls, parts):
                 return tf.logical_and(taken < groups, tf.logical_not(ended))
@@ -573,7 +572,6 @@ class StreamedExamples:
 
         return (
             tf.data.Dataset.range(DECLARED_CARDINALITY)
-            .take_while(planned)
             .map(cut)
             .take_while(has_examples)
             .map(examples)
@@ -616,6 +614,7 @@ class StreamedExamples:
             self._lengths.assign(tf.zeros([0], tf.int64))
             restart_iterator(self._iterator)
             self._first_pass = data_pass
+            self._made_seen = (0, position)
         self._data_pass = data_pass
         # Until its first batch, the rest of the last pass (a dropped
         # remainder, the end marker) may fill the prefetch buffer: the
@@ -640,6 +639,12 @@ class StreamedExamples:
                 "mode='stream', examples_per_epoch=None"
             )
 
+    def _progress(self) -> tuple[int, int]:
+        """The prefetching side's ``(passes ended, examples made of the
+        next)``, read now (and kept: it only grows until a restart)."""
+        self._made_seen = tuple(int(v) for v in self._made.numpy())
+        return self._made_seen
+
     def _length(self, ended: int) -> int | None:
         """The length of the pass read now, if the first `ended` passes of
         the iterator have ended."""
@@ -648,7 +653,7 @@ class StreamedExamples:
 
     def pass_length(self) -> int | None:
         """The finite pass's examples once the data has ended, else `None`."""
-        return self._length(int(self._made[0]))
+        return self._length(self._progress()[0])
 
     def examples_left(self, position: int, need: int) -> int | None:
         """The examples of the finite pass after `position` when fewer than
@@ -659,8 +664,10 @@ class StreamedExamples:
         if not self._pulled:
             return None
         stalled_since, last = time.monotonic(), None
+        # The last reading first (one device read less per step when it
+        # already answers), then fresh ones.
+        ended, made = self._made_seen
         while True:
-            ended, made = (int(v) for v in self._made.numpy())
             length = self._length(ended)
             if length is not None:
                 left = length - position
@@ -678,3 +685,4 @@ class StreamedExamples:
                     "least the largest batch times steps_per_execution)."
                 )
             time.sleep(1e-4)
+            ended, made = self._progress()
