@@ -477,7 +477,11 @@ class FisherCallback(keras.callbacks.Callback):
         A new input signature is traced by the functions themselves."""
         self._noise_passes = self._runs_noise_passes()
         key = self._function_key()
-        if self._cache is not None and key is not None and same_key(self._cache[0], key):
+        if (
+            self._cache is not None
+            and key is not None
+            and same_key(self._cache[0], key)
+        ):
             return self._cache[1]
         self._measured_step = MeasuredStep(
             self.model,
@@ -507,7 +511,8 @@ class FisherCallback(keras.callbacks.Callback):
         if base is None:
             return None
         layers = self.measured_layers
-        return base + (
+        return (
+            *base,
             tuple(sorted((k, v) for k, v in self._options().items())),
             None if layers is None else tuple(layers),
             self.per_example_loss,

@@ -12,7 +12,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from fim_helpers import assert_same_weights
 from fim_reference import read_scalars
 

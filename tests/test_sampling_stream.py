@@ -136,9 +136,7 @@ def test_the_next_pass_is_read_ahead_while_this_one_trains():
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.fit(
-            sampling.dataset, epochs=2, callbacks=[sampling, Ahead()], verbose=0
-        )
+        model.fit(sampling.dataset, epochs=2, callbacks=[sampling, Ahead()], verbose=0)
     assert ahead[0] > 0
     ids = per_epoch(model.seen, sampling.batch_sizes_per_epoch)
     assert ids == [list(range(N))] * 2

@@ -5,8 +5,9 @@ two modes.
   and the pipeline yields, at each step, the rows of the pass's permutation
   that the callback planned for that step.
 * Streamed (`StreamedExamples`): the user's pipeline runs afresh every pass
-  and its examples are prefetched off the training step's critical path;
-  only the rebatching (stacking the examples already made) is synchronous.
+  and its examples are prefetched off the training step's critical path, by
+  one iterator that runs on from pass to pass; only the rebatching
+  (stacking the examples already made) is synchronous.
   It cuts the stream into batches of the sizes the callback planned for the
   step, read from small variables when the batch is asked for.
 
@@ -534,7 +535,10 @@ class StreamedExamples:
                 keep = tf.logical_and(index == wanted, tf.logical_not(is_end))
                 leaves = tf.nest.flatten(group)
                 rows = tf.where(keep, tf.shape(leaves[0])[0], 0)
-                parts = [p.write(pulls, leaf[:rows]) for p, leaf in zip(parts, leaves)]
+                parts = [
+                    p.write(pulls, leaf[:rows])
+                    for p, leaf in zip(parts, leaves, strict=True)
+                ]
                 ended = tf.logical_and(index == wanted, is_end)
                 return taken + tf.cast(keep, tf.int64), ended, pulls + 1, parts
 
@@ -549,7 +553,7 @@ class StreamedExamples:
                 for s in specs
             ]
             ended = self._ended.read_value() >= wanted
-            taken, ended, pulls, parts = tf.while_loop(
+            taken, ended, _, parts = tf.while_loop(
                 more, pull, (tf.constant(0, tf.int64), ended, 0, parts)
             )
             with tf.control_dependencies(

@@ -306,7 +306,11 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         model = self.model
         steps = int(getattr(model, "steps_per_execution", 1) or 1)
         key = train_function_key(model, steps)
-        if self._cache is not None and key is not None and same_key(self._cache[0], key):
+        if (
+            self._cache is not None
+            and key is not None
+            and same_key(self._cache[0], key)
+        ):
             return self._cache[1]
         function = compile_train_function(model)
         # The writer is kept with it: the function writes through its
