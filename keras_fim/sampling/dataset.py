@@ -611,12 +611,14 @@ class StreamedExamples:
             # The pass after the last: the iterator has it (prefetched).
             self._pass.assign(data_pass - self._first_pass)
         else:
+            # First: the old iterator's prefetching (which writes `_made`)
+            # stops with it. The new one starts at its first request.
+            restart_iterator(self._iterator)
             self._start.assign(position)
             self._pass.assign(0)
             self._ended.assign(-1)
             self._made.assign([0, position])
             self._lengths.assign(tf.zeros([0], tf.int64))
-            restart_iterator(self._iterator)
             self._first_pass = data_pass
             self._made_seen = (0, position)
         self._data_pass = data_pass
