@@ -168,6 +168,27 @@ def test_a_stream_starts_afresh_where_the_state_stands():
     assert model.sampling_state.read()["data_pass"] == 1
 
 
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_a_fixed_size_cuts_one_group_per_batch(drop_remainder):
+    """A fixed size: every batch is one prefetched group; the rest of a
+    pass (a dropped remainder, its end) is dropped before the next pass,
+    and an execution planned short ends there."""
+    model = recorder(steps_per_execution=3)
+    sampling = keras_fim.DynamicSampling(
+        id_pipeline(),
+        12,
+        drop_remainder=drop_remainder,
+        mode="stream",
+        buffer_size=48,  # an execution ahead, with drop_remainder
+    )
+    fit(model, sampling, epochs=3)
+    kept = 96 if drop_remainder else N
+    sizes = [12] * 8 + ([] if drop_remainder else [7])
+    assert sampling.batch_sizes_per_epoch == [sizes] * 3
+    assert [len(b) for b in model.seen] == sizes * 3
+    assert per_epoch(model.seen, [sizes] * 3) == [list(range(kept))] * 3
+
+
 def flip_counts(mode, epochs=3):
     """Examples flipped per epoch by a random augmentation map."""
     data = tf.data.Dataset.from_tensor_slices(np.ones((256, 2), np.float32))

@@ -256,13 +256,20 @@ def make_examples(
     examples_per_epoch: int | None = None,
     buffer_size: int | None = None,
     granularity: int = 1,
+    single_group: bool = False,
 ):
     """The examples of `data` in `mode` (``"in_memory"`` or ``"stream"``,
     from `choose_mode`): an `InMemoryExamples` or a `StreamedExamples`."""
     if mode == "in_memory":
         return InMemoryExamples(materialize(data, batched), preprocess)
     return StreamedExamples(
-        data, batched, examples_per_epoch, preprocess, buffer_size, granularity
+        data,
+        batched,
+        examples_per_epoch,
+        preprocess,
+        buffer_size,
+        granularity,
+        single_group,
     )
 
 
@@ -403,6 +410,8 @@ class StreamedExamples:
             (but a pass's last batch): the examples are grouped that many at
             a time, and a batch is cut from whole groups, with no per-example
             work. Defaults to `1`.
+        single_group: Boolean, whether every planned size is `granularity`
+            (a fixed size): a batch is then one group. Defaults to `False`.
     """
 
     def __init__(
@@ -413,9 +422,11 @@ class StreamedExamples:
         preprocess: Callable | None = None,
         buffer_size: int | None = None,
         granularity: int = 1,
+        single_group: bool = False,
     ):
         elements = data.unbatch() if is_batched(data, batched) else data
         self._granularity = granularity
+        self._single_group = single_group
         self._elements = elements
         self._group_spec = elements.batch(granularity).element_spec
         self.endless = examples_per_epoch is not None
@@ -511,36 +522,51 @@ class StreamedExamples:
         return tf.data.Dataset.from_tensors(0).flat_map(from_start)
 
     def _batches(self) -> tf.data.Dataset:
-        """The planned batches, each cut from the iterator's groups when it
-        is asked for; a batch past the plan, or past the end of the pass,
-        ends the iteration (it is never trained)."""
+        """The planned batches, each cut from the iterator's groups of the
+        pass read now when it is asked for; a batch past the plan, or past
+        the end of the pass, ends the iteration (it is never trained)."""
         specs = tf.nest.flatten(self._group_spec)
         granularity = self._granularity
 
-        @tf.autograph.experimental.do_not_convert
-        def cut(_):
-            slot = self._slot.assign_add(1) - 1
-            planned = slot < tf.shape(self._sizes, out_type=tf.int64)[0]
-            wanted = self._pass.read_value()
-            size = self._sizes[tf.minimum(slot, tf.size(self._sizes, tf.int64) - 1)]
-            groups = tf.where(planned, (size + granularity - 1) // granularity, 0)
+        def empty():
+            return tf.nest.flatten(_no_examples(self._group_spec))
 
+        def pull():
+            """The next group, or the pass's end (a group of none); and
+            whether it is short: the pass's last, which its end follows."""
+            _, is_end, group = self._iterator.get_next()
+            leaves = tf.nest.flatten(group)
+            short = tf.logical_and(
+                tf.logical_not(is_end), tf.shape(leaves[0])[0] < granularity
+            )
+            return is_end, short, leaves
+
+        def end_after(short, is_end):
+            # The end after a short group is read with it, so that the
+            # pass's length is known when the batch is trained.
+            return tf.cond(short, lambda: pull()[0], lambda: is_end)
+
+        def one_group(groups):
+            # A fixed size: one pull, without the loop (whose function
+            # costs ~20 ms to set up at every epoch's iterator, ~0.1 ms a
+            # batch more).
+            def taken():
+                is_end, short, leaves = pull()
+                return tf.logical_not(is_end), end_after(short, is_end), leaves
+
+            return tf.cond(groups > 0, taken, lambda: (False, False, empty()))
+
+        def some_groups(groups):
             def more(taken, ended, pulls, parts):
                 return tf.logical_and(taken < groups, tf.logical_not(ended))
 
-            def pull(taken, ended, pulls, parts):
-                index, is_end, group = self._iterator.get_next()
-                # The rest of an earlier pass (a dropped remainder, its end
-                # marker) is read and dropped.
-                keep = tf.logical_and(index == wanted, tf.logical_not(is_end))
-                leaves = tf.nest.flatten(group)
-                rows = tf.where(keep, tf.shape(leaves[0])[0], 0)
+            def next_group(taken, ended, pulls, parts):
+                is_end, short, leaves = pull()
                 parts = [
-                    p.write(pulls, leaf[:rows])
-                    for p, leaf in zip(parts, leaves, strict=True)
+                    p.write(pulls, leaf) for p, leaf in zip(parts, leaves, strict=True)
                 ]
-                ended = tf.logical_and(index == wanted, is_end)
-                return taken + tf.cast(keep, tf.int64), ended, pulls + 1, parts
+                ended = end_after(short, is_end)
+                return taken + tf.cast(~is_end, tf.int64), ended, pulls + 1, parts
 
             parts = [
                 tf.TensorArray(
@@ -552,19 +578,30 @@ class StreamedExamples:
                 )
                 for s in specs
             ]
-            ended = self._ended.read_value() >= wanted
             taken, ended, _, parts = tf.while_loop(
-                more, pull, (tf.constant(0, tf.int64), ended, 0, parts)
+                more, next_group, (tf.constant(0, tf.int64), False, 0, parts)
             )
+            leaves = tf.cond(taken > 0, lambda: [p.concat() for p in parts], empty)
+            return taken > 0, ended, leaves
+
+        @tf.autograph.experimental.do_not_convert
+        def cut(_):
+            slot = self._slot.assign_add(1) - 1
+            planned = slot < tf.shape(self._sizes, out_type=tf.int64)[0]
+            wanted = self._pass.read_value()
+            size = self._sizes[tf.minimum(slot, tf.size(self._sizes, tf.int64) - 1)]
+            groups = tf.where(
+                tf.logical_and(planned, self._ended.read_value() < wanted),
+                (size + granularity - 1) // granularity,
+                0,
+            )
+            cut_groups = one_group if self._single_group else some_groups
+            some, ended, leaves = cut_groups(groups)
             with tf.control_dependencies(
                 [self._ended.assign(tf.where(ended, wanted, self._ended))]
             ):
-                batch = tf.cond(
-                    taken > 0,
-                    lambda: [p.concat() for p in parts],
-                    lambda: tf.nest.flatten(_no_examples(self._group_spec)),
-                )
-            return taken > 0, tf.nest.pack_sequence_as(self._group_spec, batch)
+                leaves = [tf.identity(leaf) for leaf in leaves]
+            return some, tf.nest.pack_sequence_as(self._group_spec, leaves)
 
         @tf.autograph.experimental.do_not_convert
         def has_examples(some, _):
@@ -608,7 +645,14 @@ class StreamedExamples:
             self._data_pass + 1,
             0,
         ):
-            # The pass after the last: the iterator has it (prefetched).
+            # The pass after the last: the iterator has it (prefetched),
+            # after what is left of the last one (a dropped remainder, its
+            # end), which is read and dropped here.
+            last = self._data_pass - self._first_pass
+            while int(self._ended.numpy()) < last:
+                index, is_end, _ = self._iterator.get_next()
+                if is_end:
+                    self._ended.assign(index)
             self._pass.assign(data_pass - self._first_pass)
         else:
             # First: the old iterator's prefetching (which writes `_made`)
@@ -621,11 +665,8 @@ class StreamedExamples:
             self._lengths.assign(tf.zeros([0], tf.int64))
             self._first_pass = data_pass
             self._made_seen = (0, position)
+            self._pulled = False
         self._data_pass = data_pass
-        # Until its first batch, the rest of the last pass (a dropped
-        # remainder, the end marker) may fill the prefetch buffer: the
-        # pass is taken to hold a first batch, as a fresh one is.
-        self._pulled = False
         if position == 0:
             return True
         # Resumed mid-pass (or where a pass ended but the state was saved
@@ -664,9 +705,9 @@ class StreamedExamples:
     def examples_left(self, position: int, need: int) -> int | None:
         """The examples of the finite pass after `position` when fewer than
         `need` are left, else `None`; waits for the prefetching side to
-        make `position + need` examples or reach the end. Before the pass's
-        first batch it is taken to hold one (a restarted iterator has not
-        started: tf.data starts it at the first request)."""
+        make `position + need` examples or reach the end. Before a restarted
+        iterator's first batch the pass is taken to hold one (the iterator
+        has not started: tf.data starts it at the first request)."""
         if not self._pulled:
             return None
         stalled_since, last = time.monotonic(), None

@@ -27,6 +27,7 @@ from keras_fim.sampling.driver import (
     SamplingDriver,
     checked_schedule,
     largest_size,
+    single_size,
     size_granularity,
 )
 from keras_fim.sampling.learning_rate import (
@@ -213,6 +214,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         granularity = size_granularity(schedule)
         if examples_per_epoch is not None:  # the passes of a stream line up too
             granularity = math.gcd(granularity, examples_per_epoch)
+        # A fixed size in whole groups: every batch of a stream is one group.
+        single_group = granularity == single_size(schedule)
         self._examples = make_examples(
             self.mode,
             data,
@@ -221,6 +224,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             examples_per_epoch,
             buffer_size,
             granularity,
+            single_group,
         )
         # `None`: a finite stream of unknown length.
         self.num_examples = self._examples.num_examples
