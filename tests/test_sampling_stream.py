@@ -282,6 +282,20 @@ def test_an_endless_stream_runs_in_epochs_that_continue_it():
     assert [i for b in model.seen for i in b] == list(range(40))
 
 
+def test_an_endless_stream_at_a_fixed_size():
+    ids = tf.data.Dataset.range(10**12).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda i: (tf.stack([tf.cast(i, tf.float32), 0.0]), tf.zeros([1]))
+        )
+    )
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(ids.repeat(), 5, examples_per_epoch=10)
+    fit(model, sampling, epochs=2)
+    fit(model, sampling, epochs=1)
+    assert sampling.batch_sizes_per_epoch == [[5, 5]] * 3
+    assert [i for b in model.seen for i in b] == list(range(30))
+
+
 def test_drop_remainder_on_a_stream_needs_a_known_largest_batch():
     with pytest.raises(ValueError, match=r"largest batch.*buffer_size"):
         keras_fim.DynamicSampling(
