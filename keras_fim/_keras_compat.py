@@ -41,7 +41,12 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
-from tensorflow.python.ops import control_flow_util, gen_summary_ops, summary_ops_v2
+from tensorflow.python.ops import (
+    control_flow_util,
+    gen_dataset_ops,
+    gen_summary_ops,
+    summary_ops_v2,
+)
 
 __all__ = [
     "Functional",
@@ -230,6 +235,17 @@ def dataset_op_names(dataset) -> set[str]:
     for function in graph.library.function:
         names.update(node.op for node in function.node_def)
     return names
+
+
+def restart_iterator(iterator) -> None:
+    """Starts `iterator` (from `iter(dataset)`) again at the beginning of its
+    dataset, on the same iterator resource: a `DynamicSampling` stream reads
+    one iterator from a dataset function that captured it, and starts it
+    afresh when a `fit` resumes elsewhere than where it stands (tf.data's
+    reinitializable iterator, which TF2 keeps only as this op)."""
+    gen_dataset_ops.make_iterator(
+        iterator._dataset._variant_tensor, iterator._iterator_resource
+    )
 
 
 def op_determinism_enabled() -> bool:

@@ -10,7 +10,6 @@ import tensorflow as tf
 
 from keras_fim import summaries
 from keras_fim._keras_compat import (
-    compile_loss,
     is_default_strategy,
     is_keras_loss_computation,
     is_keras_train_step,
@@ -24,7 +23,8 @@ from keras_fim.train_step import (
     compile_train_function,
     end_fit,
     noise_scale_readers,
-    wrappers_cache_key,
+    same_key,
+    train_function_key,
 )
 from keras_fim.validation import (
     check_bool,
@@ -477,7 +477,11 @@ class FisherCallback(keras.callbacks.Callback):
         A new input signature is traced by the functions themselves."""
         self._noise_passes = self._runs_noise_passes()
         key = self._function_key()
-        if self._cache is not None and key is not None and _same(self._cache[0], key):
+        if (
+            self._cache is not None
+            and key is not None
+            and same_key(self._cache[0], key)
+        ):
             return self._cache[1]
         self._measured_step = MeasuredStep(
             self.model,
@@ -499,25 +503,16 @@ class FisherCallback(keras.callbacks.Callback):
         return functions
 
     def _function_key(self) -> tuple | None:
-        """Everything the train functions are traced with (the model and its
-        compilation, the options, this fit's loss, writer and the other
-        keras-fim callbacks' step wrappers); `None` when they cannot be
-        reused (a wrapper that gave no cache key)."""
-        model = self.model
-        wrappers = wrappers_cache_key(model)
-        if wrappers is None:
+        """Everything the train functions are traced with (Keras's
+        `train_function_key`, the options, this fit's loss, writer and
+        state); `None` when they cannot be reused (a wrapper that gave no
+        cache key)."""
+        base = train_function_key(self.model, self._steps_per_execution)
+        if base is None:
             return None
         layers = self.measured_layers
         return (
-            model,
-            type(model),
-            model.__dict__.get("train_step"),
-            model.optimizer,
-            compile_loss(model),
-            model.jit_compile,
-            model.run_eagerly,
-            self._steps_per_execution,
-            model.distribute_strategy,
+            *base,
             tuple(sorted((k, v) for k, v in self._options().items())),
             None if layers is None else tuple(layers),
             self.per_example_loss,
@@ -525,7 +520,6 @@ class FisherCallback(keras.callbacks.Callback):
             self._writer,
             self._state,
             self._noise_passes,
-            wrappers,
         )
 
     def _runs_noise_passes(self) -> bool:
@@ -574,17 +568,6 @@ class FisherCallback(keras.callbacks.Callback):
                 stacklevel=3,
             )
             self._warned = True
-
-
-def _same(a, b) -> bool:
-    """Whether two cache keys are equal: plain values by value, tuples item
-    by item, anything else (models, optimizers, writers, functions) by
-    identity."""
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, (str, int, float, bool, type(None))):
-        return type(a) is type(b) and a == b
-    return a is b
 
 
 def _own_objective(model) -> bool:

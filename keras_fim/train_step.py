@@ -18,7 +18,11 @@ from collections.abc import Callable
 
 import keras
 
-from keras_fim._keras_compat import set_instance_attribute, unset_instance_attribute
+from keras_fim._keras_compat import (
+    compile_loss,
+    set_instance_attribute,
+    unset_instance_attribute,
+)
 
 StepFunction = Callable[[object], dict]
 StepWrapper = Callable[[StepFunction], StepFunction]
@@ -57,6 +61,42 @@ def wrappers_cache_key(model: keras.Model) -> tuple | None:
     if any(cache_key is None for _, (_, cache_key) in entries):
         return None
     return tuple((key, cache_key) for key, (_, cache_key) in entries)
+
+
+def train_function_key(model: keras.Model, steps_per_execution: int) -> tuple | None:
+    """Everything Keras's train function of `model` is traced with (the
+    model, its step, compilation and optimizer, the strategy and every
+    registered wrapper's cache key), for a callback that keeps its train
+    functions for its next `fit` while this stays the same (`same_key`);
+    `None` when a wrapper gave no cache key."""
+    wrappers = wrappers_cache_key(model)
+    if wrappers is None:
+        return None
+    return (
+        model,
+        type(model),
+        model.__dict__.get("train_step"),
+        model.optimizer,
+        compile_loss(model),
+        model.jit_compile,
+        model.run_eagerly,
+        steps_per_execution,
+        model.distribute_strategy,
+        wrappers,
+    )
+
+
+def same_key(a, b) -> bool:
+    """Whether two cache keys are equal: plain values by value, tuples item
+    by item, anything else (models, optimizers, writers, functions) by
+    identity."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(
+            same_key(x, y) for x, y in zip(a, b, strict=True)
+        )
+    if isinstance(a, (str, int, float, bool, type(None))):
+        return type(a) is type(b) and a == b
+    return a is b
 
 
 def read_noise_scale(model: keras.Model, key: str) -> None:

@@ -3,6 +3,7 @@
 one fails here, by name."""
 
 import os
+import time
 
 import keras
 import numpy as np
@@ -162,6 +163,32 @@ def test_a_dataset_subclass_with_its_own_cardinality():
     assert int(dataset.cardinality()) == 10**6
     assert list(dataset.as_numpy_iterator()) == [0, 1, 2]
     assert compat.variant_tensor(tf.data.Dataset.range(3)) is not None
+
+
+def test_an_iterator_restarts_on_its_resource():
+    made = tf.Variable(0, dtype=tf.int64)
+
+    @tf.autograph.experimental.do_not_convert
+    def counted(i):
+        with tf.control_dependencies([made.assign_add(1)]):
+            return tf.identity(i)
+
+    iterator = iter(tf.data.Dataset.range(10**9).map(counted).prefetch(10**6))
+
+    @tf.function
+    def pull():  # a function that captured the iterator reads the restart
+        return iterator.get_next()
+
+    assert [int(pull()), int(pull())] == [0, 1]
+    time.sleep(0.1)
+    assert int(made.numpy()) > 2  # prefetching
+    compat.restart_iterator(iterator)
+    # The old iterator's prefetching has stopped; the new one starts at
+    # its first request.
+    stopped = int(made.numpy())
+    time.sleep(0.2)
+    assert int(made.numpy()) == stopped
+    assert [int(pull()) for _ in range(3)] == [0, 1, 2]
 
 
 def test_op_determinism_is_readable():

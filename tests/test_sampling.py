@@ -12,6 +12,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from fim_helpers import assert_same_weights
+from fim_reference import read_scalars
 
 import keras_fim
 from keras_fim.schedules import Geometric, Linear, SamplingContext, Staged
@@ -584,6 +586,94 @@ def test_several_fits_continue_the_passes():
     assert second["examples_seen"] == 4 * N
     # The schedule saw the continued pass counter, from the first step on.
     assert contexts[0][1] == 2 and contexts[-1][1] == 3
+
+
+# -- 5b. the train function kept across fits (issue 15 item 2) --------------------
+
+
+@pytest.fixture
+def step_traces(monkeypatch):
+    """The `DynamicSampling` of every trace of its step, once per trace (the
+    gain runs in Python only while the step is traced)."""
+    traces = []
+    original = keras_fim.DynamicSampling._gain
+
+    def counted(self, batch):
+        traces.append(self)
+        return original(self, batch)
+
+    monkeypatch.setattr(keras_fim.DynamicSampling, "_gain", counted)
+    return traces
+
+
+def traced_model():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def growing(context):
+    return 8 if context.step < 20 else 16
+
+
+@pytest.mark.parametrize("log_dir", [False, True])
+def test_later_fits_reuse_the_traced_train_function(tmp_path, step_traces, log_dir):
+    x, y = id_data()
+    reused_model, fresh_model = traced_model(), traced_model()
+    fresh_model.set_weights(reused_model.get_weights())
+    options = dict(seed=1, learning_rate_scaling="sqrt")
+    log = str(tmp_path) if log_dir else None
+    reused = keras_fim.DynamicSampling((x, y), growing, log_dir=log, **options)
+    traces = []
+    for _ in range(3):
+        reused_model.fit(reused.dataset, epochs=1, callbacks=[reused], verbose=0)
+        traces.append(sum(s is reused for s in step_traces))
+        fresh = keras_fim.DynamicSampling((x, y), growing, **options)
+        fresh_model.fit(fresh.dataset, epochs=1, callbacks=[fresh], verbose=0)
+    assert traces[0] >= 1 and traces == [traces[0]] * 3
+    assert len({id(s) for s in step_traces}) == 4  # a new callback traces its own
+    # The sizes grew from 8 to 16 in the second fit; the rate followed.
+    assert 16 in reused.batch_sizes_per_epoch[1]
+    assert_same_weights(reused_model, fresh_model)
+    if log_dir:
+        # One event file per fit, each point written once.
+        scalars, _ = read_scalars(str(tmp_path), prefix="sampling/")
+        steps = int(reused_model.sampling_state.step)
+        assert [s for s, _ in scalars["sampling/batch_size"]] == list(
+            range(1, steps + 1)
+        )
+
+
+def test_a_changed_option_or_a_recompile_traces_again(step_traces):
+    x, y = id_data()
+    model = traced_model()
+    sampling = keras_fim.DynamicSampling((x, y), 16, seed=1)
+
+    def fit():
+        model.fit(sampling.dataset, epochs=1, callbacks=[sampling], verbose=0)
+        return len(step_traces)
+
+    first = fit()
+    assert fit() == first
+    sampling.learning_rate_scaling = "linear"  # read while tracing
+    second = fit()
+    assert second > first and fit() == second
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    assert fit() > second
+
+
+def test_with_a_fisher_callback_later_fits_trace_nothing(step_traces):
+    x, y = id_data()
+    model = traced_model()
+    sampling = keras_fim.DynamicSampling((x, y), 16, seed=1)
+    fisher = keras_fim.FisherCallback(every_n_steps=2)
+    traces = []
+    for _ in range(3):
+        model.fit(sampling.dataset, epochs=1, callbacks=[fisher, sampling], verbose=0)
+        traces.append(len(step_traces))
+    # The FisherCallback's functions hold this step, and are reused too.
+    assert traces[0] >= 2 and traces == [traces[0]] * 3
 
 
 # -- 6. validation errors ----------------------------------------------------------

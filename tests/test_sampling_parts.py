@@ -126,8 +126,9 @@ def test_a_read_before_the_first_epoch_gets_copies_of_the_first_example(streamed
         next(iterator)
     assert closed[0][1].numpy().tolist() == [0] * FIRST_BATCH
     assert closed[0][0].shape == (FIRST_BATCH, 2)
-    if streamed:  # the pass's count untouched (the slot is set per step)
-        assert int(examples._made.numpy()) == 0
+    if streamed:  # the iterator and the cut untouched
+        assert examples._made.numpy().tolist() == [0, 0]
+        assert int(examples._slot.numpy()) == 0
     else:  # the plan untouched
         assert int(examples._slot.numpy()) == 0
     examples.set_batches([(0, 4)])

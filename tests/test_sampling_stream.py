@@ -113,6 +113,85 @@ def test_every_example_exactly_once_per_epoch_while_the_batch_grows(
     assert state["examples_seen"] == sum(map(sum, sizes))
 
 
+def test_the_next_pass_is_read_ahead_while_this_one_trains():
+    """The iterator runs on into the next pass: its examples are made
+    before the epoch ends (a fresh iterator per epoch would start them only
+    when the next epoch asks for its first batch)."""
+    made = []
+
+    @tf.autograph.experimental.do_not_convert
+    def counted(x, y):
+        tf.py_function(lambda: made.append(1), [], [])
+        return x, y
+
+    ahead = []
+
+    class Ahead(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            deadline = time.monotonic() + 10
+            while len(made) <= N * (epoch + 1) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ahead.append(len(made) - N * (epoch + 1))
+
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(
+        id_pipeline().map(counted), 8, mode="stream", buffer_size=32
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(sampling.dataset, epochs=2, callbacks=[sampling, Ahead()], verbose=0)
+    assert ahead[0] > 0
+    ids = per_epoch(model.seen, sampling.batch_sizes_per_epoch)
+    assert ids == [list(range(N))] * 2
+
+
+def test_a_stream_starts_afresh_where_the_state_stands():
+    """A fit stopped mid-pass continues at its position in the next fit; a
+    state set back (as BackupAndRestore does) is read from there."""
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(id_pipeline(), 8, mode="stream")
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                self.model.stop_training = True
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(sampling.dataset, epochs=3, callbacks=[sampling, Stop()], verbose=0)
+    assert model.sampling_state.read()["position"] == 24
+    fit(model, sampling, epochs=2)  # the rest of pass 0, then pass 1
+    ids = [i for batch in model.seen for i in batch]
+    assert ids == list(range(N)) * 2
+    after_pass_0 = dict(model.sampling_state.read(), data_pass=0, position=N)
+    model.sampling_state.write(after_pass_0)
+    model.seen.clear()
+    fit(model, sampling, epochs=1)  # pass 1 again
+    assert [i for batch in model.seen for i in batch] == list(range(N))
+    assert model.sampling_state.read()["data_pass"] == 1
+
+
+@pytest.mark.parametrize("drop_remainder", [False, True])
+def test_a_fixed_size_cuts_one_group_per_batch(drop_remainder):
+    """A fixed size: every batch is one prefetched group; the rest of a
+    pass (a dropped remainder, its end) is dropped before the next pass,
+    and an execution planned short ends there."""
+    model = recorder(steps_per_execution=3)
+    sampling = keras_fim.DynamicSampling(
+        id_pipeline(),
+        12,
+        drop_remainder=drop_remainder,
+        mode="stream",
+        buffer_size=48,  # an execution ahead, with drop_remainder
+    )
+    fit(model, sampling, epochs=3)
+    kept = 96 if drop_remainder else N
+    sizes = [12] * 8 + ([] if drop_remainder else [7])
+    assert sampling.batch_sizes_per_epoch == [sizes] * 3
+    assert [len(b) for b in model.seen] == sizes * 3
+    assert per_epoch(model.seen, [sizes] * 3) == [list(range(kept))] * 3
+
+
 def flip_counts(mode, epochs=3):
     """Examples flipped per epoch by a random augmentation map."""
     data = tf.data.Dataset.from_tensor_slices(np.ones((256, 2), np.float32))
@@ -204,6 +283,20 @@ def test_an_endless_stream_runs_in_epochs_that_continue_it():
     assert [i for b in model.seen for i in b] == list(range(30))
     fit(model, sampling, epochs=1)  # a later fit continues the stream too
     assert [i for b in model.seen for i in b] == list(range(40))
+
+
+def test_an_endless_stream_at_a_fixed_size():
+    ids = tf.data.Dataset.range(10**12).map(
+        tf.autograph.experimental.do_not_convert(
+            lambda i: (tf.stack([tf.cast(i, tf.float32), 0.0]), tf.zeros([1]))
+        )
+    )
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(ids.repeat(), 5, examples_per_epoch=10)
+    fit(model, sampling, epochs=2)
+    fit(model, sampling, epochs=1)
+    assert sampling.batch_sizes_per_epoch == [[5, 5]] * 3
+    assert [i for b in model.seen for i in b] == list(range(30))
 
 
 def test_drop_remainder_on_a_stream_needs_a_known_largest_batch():

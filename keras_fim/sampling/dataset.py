@@ -5,8 +5,9 @@ two modes.
   and the pipeline yields, at each step, the rows of the pass's permutation
   that the callback planned for that step.
 * Streamed (`StreamedExamples`): the user's pipeline runs afresh every pass
-  and its examples are prefetched off the training step's critical path;
-  only the rebatching (stacking the examples already made) is synchronous.
+  and its examples are prefetched off the training step's critical path, by
+  one iterator that runs on from pass to pass; only the rebatching
+  (stacking the examples already made) is synchronous.
   It cuts the stream into batches of the sizes the callback planned for the
   step, read from small variables when the batch is asked for.
 
@@ -36,6 +37,7 @@ import tensorflow as tf
 from keras_fim._keras_compat import (
     dataset_op_names,
     op_determinism_enabled,
+    restart_iterator,
     variant_tensor,
 )
 
@@ -283,13 +285,20 @@ def make_examples(
     examples_per_epoch: int | None = None,
     buffer_size: int | None = None,
     granularity: int = 1,
+    single_group: bool = False,
 ):
     """The examples of `data` in `mode` (``"in_memory"`` or ``"stream"``,
     from `choose_mode`): an `InMemoryExamples` or a `StreamedExamples`."""
     if mode == "in_memory":
         return InMemoryExamples(materialize(data, batched), preprocess)
     return StreamedExamples(
-        data, batched, examples_per_epoch, preprocess, buffer_size, granularity
+        data,
+        batched,
+        examples_per_epoch,
+        preprocess,
+        buffer_size,
+        granularity,
+        single_group,
     )
 
 
@@ -391,51 +400,16 @@ def _options(autotune: bool) -> tf.data.Options:
     return options
 
 
-def _rebatched(groups, sizes, slot, granularity) -> tf.data.Dataset:
-    """`groups` (batches of `granularity` examples, the last of a pass
-    possibly fewer) in batches of ``sizes[slot]`` examples, `slot` advancing
-    by one per batch. Every size is a multiple of `granularity` but a pass's
-    last, which takes what is left. The size is read as the batch's first
-    group is pulled, so the variables set before a batch is asked for decide
-    its size. Cutting whole groups is what makes this as fast as
-    `Dataset.batch`: one example at a time, `group_by_window` took 4x its
-    time per batch (docs/sampling.md)."""
+def _single(structure):
+    """A map function's arguments as the element they came from."""
+    return structure[0] if len(structure) == 1 else structure
 
-    @tf.autograph.experimental.do_not_convert
-    def size_of(*_):
-        last = tf.shape(sizes, out_type=tf.int64)[0] - 1
-        return sizes[tf.minimum(slot.read_value(), last)]
 
-    @tf.autograph.experimental.do_not_convert
-    def groups_in(size):
-        return (size + granularity - 1) // granularity
-
-    @tf.autograph.experimental.do_not_convert
-    def counted(*group):
-        first = tf.nest.flatten(group)[0]
-        return (tf.shape(first, out_type=tf.int64)[0], group)
-
-    @tf.autograph.experimental.do_not_convert
-    def batch(size, window):
-        # A pass's last group may be short: padded, then cut off.
-        return window.padded_batch(groups_in(size))
-
-    @tf.autograph.experimental.do_not_convert
-    def advance(counts, group):
-        total = tf.reduce_sum(counts)
-
-        def merged(t):
-            shape = tf.concat([[-1], tf.shape(t)[2:]], 0)
-            return tf.reshape(t, shape)[:total]
-
-        with tf.control_dependencies([slot.assign_add(1)]):
-            batch = tf.nest.map_structure(merged, group)
-        return batch[0] if len(batch) == 1 else batch
-
-    return (
-        groups.map(counted)
-        .group_by_window(size_of, batch, window_size_func=groups_in)
-        .map(advance)
+def _no_examples(spec):
+    """A group of no examples with `spec`'s structure (unknown sizes 0)."""
+    return tf.nest.map_structure(
+        lambda s: tf.zeros([0] + [d or 0 for d in s.shape.as_list()[1:]], s.dtype),
+        spec,
     )
 
 
@@ -443,19 +417,26 @@ class StreamedExamples:
     """The user's pipeline, run afresh every pass and cut into the planned
     batches.
 
-    The examples of `dataset` (unbatched first if `batched`) are prefetched
-    (all the pipeline's work: reads, maps, augmentation), then cut into
-    batches of the sizes set with `set_batches`; only that cutting runs when
-    a batch is asked for.
+    The examples of `dataset` (unbatched first if `batched`) are grouped
+    `granularity` at a time and prefetched (all the pipeline's work: reads,
+    maps, augmentation), by one iterator that runs on from pass to pass: the
+    next pass is started and prefetched while this one is trained, as plain
+    `fit` on ``ds.batch(B).prefetch(AUTOTUNE)`` does. Every group is tagged
+    with its pass. When Keras asks for a batch, `dataset` reads the planned
+    size (set with `set_batches`) and takes that many examples' groups from
+    the iterator; only that cutting runs on the training step's path.
 
-    A finite dataset: every iteration of `dataset` (Keras makes one per
-    epoch) is one pass, which starts `begin_pass`'s position in (skipping
-    the examples before it). Where it ends is known before a batch is asked
-    for: the prefetching side counts the examples it has made and marks the
-    end of the data, and `examples_left` waits for as many as a decision
-    needs. (Letting the data run out inside the train function would not
-    do: TensorFlow runs the step's updates that do not depend on the data,
-    `optimizer.iterations` among them, before the end surfaces.)
+    A finite dataset: every pass is a fresh iteration of `dataset`, followed
+    by a marker of its end. Where a pass ends is known before a batch is
+    asked for: the prefetching side counts the examples it has made and
+    records each pass's length as its data ends, and `examples_left` waits
+    for as many as a decision needs. (Letting the data run out inside the
+    train function would not do: TensorFlow runs the step's updates that do
+    not depend on the data, `optimizer.iterations` among them, before the
+    end surfaces.) The iterator continues from epoch to epoch (and `fit` to
+    `fit`) while each epoch starts the pass after the last one's; any other
+    start (a resumed run, a fit that stopped mid-pass) starts it afresh at
+    `begin_pass`'s position (skipping the examples before it).
 
     With `examples_per_epoch`, the data is repeated (every repetition a
     fresh iteration) into one stream, read by one iterator for the life of
@@ -472,7 +453,10 @@ class StreamedExamples:
             lets tf.data tune it. Defaults to `None`.
         granularity: Integer >= 1 that every planned size is a multiple of
             (but a pass's last batch): the examples are grouped that many at
-            a time before they are cut into batches. Defaults to `1`.
+            a time, and a batch is cut from whole groups, with no per-example
+            work. Defaults to `1`.
+        single_group: Boolean, whether every planned size is `granularity`
+            (a fixed size): a batch is then one group. Defaults to `False`.
     """
 
     def __init__(
@@ -483,10 +467,13 @@ class StreamedExamples:
         preprocess: Callable | None = None,
         buffer_size: int | None = None,
         granularity: int = 1,
+        single_group: bool = False,
     ):
         elements = data.unbatch() if is_batched(data, batched) else data
         self._granularity = granularity
+        self._single_group = single_group
         self._elements = elements
+        self._group_spec = elements.batch(granularity).element_spec
         self.endless = examples_per_epoch is not None
         cardinality = int(elements.cardinality())
         # Examples in a pass when known in advance.
@@ -506,101 +493,183 @@ class StreamedExamples:
         )
         self._started = False
         self._pulled = False
-        # What `_sizes` holds: at first, the size of a read before the
-        # first epoch (`gated`).
-        self._planned_sizes = [FIRST_BATCH]
+        self._planned_sizes = [1]  # what `_sizes` holds
+        # The data pass the iterator's pass 0 is, and the pass read now
+        # (`None`: not started).
+        self._first_pass = 0
+        self._data_pass: int | None = None
+        self._made_seen = (0, 0)  # the last reading of `_made`
         with tf.init_scope(), tf.device("/cpu:0"):
             self._sizes = tf.Variable(
-                tf.constant([FIRST_BATCH], tf.int64), shape=[None], trainable=False
+                tf.ones([1], tf.int64), shape=[None], trainable=False
             )
             self._slot = tf.Variable(0, dtype=tf.int64, trainable=False)
             self._start = tf.Variable(0, dtype=tf.int64, trainable=False)
-            # Examples of the pass made so far; -(made + 1) once it ended.
-            self._made = tf.Variable(0, dtype=tf.int64, trainable=False)
+            # The iterator's pass to read, counted from its start, and the
+            # last one whose end marker was read.
+            self._pass = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self._ended = tf.Variable(-1, dtype=tf.int64, trainable=False)
+            # The prefetching side: [passes ended, examples made of the
+            # next], and the length of every pass ended.
+            self._made = tf.Variable(tf.zeros([2], tf.int64), trainable=False)
+            self._lengths = tf.Variable(
+                tf.zeros([0], tf.int64), shape=[None], trainable=False
+            )
             self._open = tf.Variable(False, trainable=False)
-            make = self._endless_dataset if self.endless else self._pass_dataset
-            # Copies of the first example, for a read before the first epoch.
-            self._first = elements.take(1).cache().repeat(FIRST_BATCH)
-            if self.endless:
-                dataset = gated(make(), self._first.batch(FIRST_BATCH), self._open)
-            else:  # gated at its source, ahead of the prefetch (cheaper)
-                dataset = make()
+            make = self._endless_groups if self.endless else self._pass_groups
+            groups = make().prefetch(self._buffer_size)
+            self._iterator = iter(groups.with_options(_options(autotune=True)))
+            # Gated around the cut, not at the source: a read before the
+            # first epoch leaves the iterator, its pass and the plan alone.
+            first = elements.take(1).cache().repeat(FIRST_BATCH)
+            dataset = gated(self._batches(), first.batch(FIRST_BATCH), self._open)
         if preprocess is not None:
             dataset = dataset.map(preprocess)
-        dataset = dataset.with_options(_options(autotune=True))
+        dataset = dataset.with_options(_options(autotune=False))
         self.dataset = DeclaredCardinality(dataset, DECLARED_CARDINALITY)
 
-    def _batches(self, groups: tf.data.Dataset) -> tf.data.Dataset:
-        return _rebatched(
-            groups.prefetch(self._buffer_size),
-            self._sizes,
-            self._slot,
-            self._granularity,
-        )
-
-    def _pass_dataset(self) -> tf.data.Dataset:
-        @tf.autograph.experimental.do_not_convert
-        def count(*group):
-            made = tf.shape(tf.nest.flatten(group)[0], out_type=tf.int64)[0]
-            with tf.control_dependencies([self._made.assign_add(made)]):
-                group = tf.nest.map_structure(tf.identity, group)
-            return group[0] if len(group) == 1 else group
-
-        # range(2): 0 opens the pass; 1 is pulled only when the pass's
-        # examples have run out, and marks the end.
-        @tf.autograph.experimental.do_not_convert
-        def mark(i):
-            made = self._made.read_value()
-            value = tf.where(i > 0, -made - 1, self._start.read_value())
-            value = tf.where(self._open.read_value(), value, made)  # `gated`
-            with tf.control_dependencies([self._made.assign(value)]):
-                return tf.identity(i)
+    def _pass_groups(self) -> tf.data.Dataset:
+        """The groups of pass after pass, each tagged ``(pass, is_end)``,
+        each pass's end marked by a group of no examples."""
 
         @tf.autograph.experimental.do_not_convert
-        def opening(i):
-            return i == 0
+        def one_pass(index):
+            @tf.autograph.experimental.do_not_convert
+            def counted(*group):
+                made = tf.shape(tf.nest.flatten(group)[0], out_type=tf.int64)[0]
+                with tf.control_dependencies(
+                    [self._made.assign_add(tf.stack([tf.constant(0, tf.int64), made]))]
+                ):
+                    group = tf.nest.map_structure(tf.identity, _single(group))
+                return index, False, group
+
+            @tf.autograph.experimental.do_not_convert
+            def end(_):
+                made = self._made.read_value()[1]
+                with tf.control_dependencies(
+                    [self._lengths.assign(tf.concat([self._lengths, [made]], 0))]
+                ):
+                    ended = self._made.assign(tf.stack([index + 1, 0]))
+                with tf.control_dependencies([ended]):
+                    return index, True, _no_examples(self._group_spec)
+
+            # The first pass of the iterator starts where `begin_pass` said.
+            start = tf.where(index == 0, self._start.read_value(), 0)
+            groups = self._elements.skip(start).batch(self._granularity).map(counted)
+            return groups.concatenate(tf.data.Dataset.from_tensors(index).map(end))
+
+        return tf.data.Dataset.range(DECLARED_CARDINALITY).flat_map(one_pass)
+
+    def _endless_groups(self) -> tf.data.Dataset:
+        """The repeated stream's groups, all tagged ``(0, False)``."""
+
+        @tf.autograph.experimental.do_not_convert
+        def tagged(*group):
+            return tf.constant(0, tf.int64), False, _single(group)
 
         @tf.autograph.experimental.do_not_convert
         def from_start(_):
             start = self._start.read_value()
-            return gated(
-                self._elements.skip(start).batch(self._granularity).map(count),
-                self._first.batch(self._granularity),
-                self._open,
+            examples = self._elements.repeat().skip(start)
+            return examples.batch(self._granularity).map(tagged)
+
+        return tf.data.Dataset.from_tensors(0).flat_map(from_start)
+
+    def _batches(self) -> tf.data.Dataset:
+        """The planned batches, each cut from the iterator's groups of the
+        pass read now when it is asked for; a batch past the plan, or past
+        the end of the pass, ends the iteration (it is never trained)."""
+        specs = tf.nest.flatten(self._group_spec)
+        granularity = self._granularity
+
+        def empty():
+            return tf.nest.flatten(_no_examples(self._group_spec))
+
+        def pull():
+            """The next group, or the pass's end (a group of none); and
+            whether it is short: the pass's last, which its end follows."""
+            _, is_end, group = self._iterator.get_next()
+            leaves = tf.nest.flatten(group)
+            short = tf.logical_and(
+                tf.logical_not(is_end), tf.shape(leaves[0])[0] < granularity
             )
+            return is_end, short, leaves
 
-        # A batch past the plan (a dropped remainder's, when an execution
-        # asks for more) ends the iteration: it is never trained.
+        def end_after(short, is_end):
+            # The end after a short group is read with it, so that the
+            # pass's length is known when the batch is trained.
+            return tf.cond(short, lambda: pull()[0], lambda: is_end)
+
+        def one_group(groups):
+            # A fixed size: one pull, without the loop (whose function
+            # costs ~20 ms to set up at every epoch's iterator, ~0.1 ms a
+            # batch more).
+            def taken():
+                is_end, short, leaves = pull()
+                return tf.logical_not(is_end), end_after(short, is_end), leaves
+
+            return tf.cond(groups > 0, taken, lambda: (False, False, empty()))
+
+        def some_groups(groups):
+            def more(taken, ended, pulls, parts):
+                return tf.logical_and(taken < groups, tf.logical_not(ended))
+
+            def next_group(taken, ended, pulls, parts):
+                is_end, short, leaves = pull()
+                parts = [
+                    p.write(pulls, leaf) for p, leaf in zip(parts, leaves, strict=True)
+                ]
+                ended = end_after(short, is_end)
+                return taken + tf.cast(~is_end, tf.int64), ended, pulls + 1, parts
+
+            parts = [
+                tf.TensorArray(
+                    s.dtype,
+                    size=0,
+                    dynamic_size=True,
+                    infer_shape=False,
+                    element_shape=s.shape,
+                )
+                for s in specs
+            ]
+            taken, ended, _, parts = tf.while_loop(
+                more, next_group, (tf.constant(0, tf.int64), False, 0, parts)
+            )
+            leaves = tf.cond(taken > 0, lambda: [p.concat() for p in parts], empty)
+            return taken > 0, ended, leaves
+
         @tf.autograph.experimental.do_not_convert
-        def planned(*_):
-            return self._slot <= tf.shape(self._sizes, out_type=tf.int64)[0]
-
-        examples = tf.data.Dataset.range(2).map(mark).filter(opening)
-        return self._batches(examples.flat_map(from_start)).take_while(planned)
-
-    def _endless_dataset(self) -> tf.data.Dataset:
-        # One iterator over the repeated stream, kept across Keras's
-        # iterators (one per epoch): each epoch continues the stream.
-        @tf.autograph.experimental.do_not_convert
-        def from_start(_):
-            start = self._start.read_value()
-            return self._elements.repeat().skip(start).batch(self._granularity)
-
-        stream = self._batches(tf.data.Dataset.from_tensors(0).flat_map(from_start))
-        self._iterator = iter(stream.with_options(_options(autotune=True)))
-
-        @tf.autograph.experimental.do_not_convert
-        def planned(_):
-            return self._slot < tf.shape(self._sizes, out_type=tf.int64)[0]
+        def cut(_):
+            slot = self._slot.assign_add(1) - 1
+            planned = slot < tf.shape(self._sizes, out_type=tf.int64)[0]
+            wanted = self._pass.read_value()
+            size = self._sizes[tf.minimum(slot, tf.size(self._sizes, tf.int64) - 1)]
+            groups = tf.where(
+                tf.logical_and(planned, self._ended.read_value() < wanted),
+                (size + granularity - 1) // granularity,
+                0,
+            )
+            cut_groups = one_group if self._single_group else some_groups
+            some, ended, leaves = cut_groups(groups)
+            with tf.control_dependencies(
+                [self._ended.assign(tf.where(ended, wanted, self._ended))]
+            ):
+                leaves = [tf.identity(leaf) for leaf in leaves]
+            return some, tf.nest.pack_sequence_as(self._group_spec, leaves)
 
         @tf.autograph.experimental.do_not_convert
-        def next_batch(_):
-            return self._iterator.get_next()
+        def has_examples(some, _):
+            return some
+
+        @tf.autograph.experimental.do_not_convert
+        def examples(_, batch):
+            return batch
 
         return (
             tf.data.Dataset.range(DECLARED_CARDINALITY)
-            .take_while(planned)
-            .map(next_batch)
+            .map(cut)
+            .take_while(has_examples)
+            .map(examples)
         )
 
     def set_batches(self, batches, restart: bool = True) -> None:
@@ -619,11 +688,13 @@ class StreamedExamples:
         """Opens the dataset (an epoch begins) or closes it (`gated`)."""
         self._open.assign(is_open)
 
-    def begin_pass(self, position: int, examples_seen: int, need: int) -> bool:
-        """Gets ready for an epoch starting `position` examples into a pass,
-        `examples_seen` into the stream; `False` when, resuming, that pass
-        turns out to be over (a finite one with fewer than `need` examples
-        left after `position`)."""
+    def begin_pass(
+        self, data_pass: int, position: int, examples_seen: int, need: int
+    ) -> bool:
+        """Gets ready for an epoch starting `position` examples into pass
+        `data_pass`, `examples_seen` into the stream; `False` when, resuming,
+        that pass turns out to be over (a finite one with fewer than `need`
+        examples left after `position`)."""
         if self.endless:
             if not self._started:
                 # A resumed (or later) run: the stream continues where the
@@ -631,9 +702,32 @@ class StreamedExamples:
                 self._start.assign(examples_seen)
                 self._started = True
             return True
-        self._start.assign(position)
-        self._made.assign(position)
-        self._pulled = False
+        if self._data_pass is not None and (data_pass, position) == (
+            self._data_pass + 1,
+            0,
+        ):
+            # The pass after the last: the iterator has it (prefetched),
+            # after what is left of the last one (a dropped remainder, its
+            # end), which is read and dropped here.
+            last = self._data_pass - self._first_pass
+            while int(self._ended.numpy()) < last:
+                index, is_end, _ = self._iterator.get_next()
+                if is_end:
+                    self._ended.assign(index)
+            self._pass.assign(data_pass - self._first_pass)
+        else:
+            # First: the old iterator's prefetching (which writes `_made`)
+            # stops with it. The new one starts at its first request.
+            restart_iterator(self._iterator)
+            self._start.assign(position)
+            self._pass.assign(0)
+            self._ended.assign(-1)
+            self._made.assign([0, position])
+            self._lengths.assign(tf.zeros([0], tf.int64))
+            self._first_pass = data_pass
+            self._made_seen = (0, position)
+            self._pulled = False
+        self._data_pass = data_pass
         if position == 0:
             return True
         # Resumed mid-pass (or where a pass ended but the state was saved
@@ -653,29 +747,43 @@ class StreamedExamples:
                 "mode='stream', examples_per_epoch=None"
             )
 
+    def _progress(self) -> tuple[int, int]:
+        """The prefetching side's ``(passes ended, examples made of the
+        next)``, read now (and kept: it only grows until a restart)."""
+        self._made_seen = tuple(int(v) for v in self._made.numpy())
+        return self._made_seen
+
+    def _length(self, ended: int) -> int | None:
+        """The length of the pass read now, if the first `ended` passes of
+        the iterator have ended."""
+        index = 0 if self._data_pass is None else self._data_pass - self._first_pass
+        return int(self._lengths[index]) if ended > index else None
+
     def pass_length(self) -> int | None:
         """The finite pass's examples once the data has ended, else `None`."""
-        made = int(self._made.numpy())
-        return -made - 1 if made < 0 else None
+        return self._length(self._progress()[0])
 
     def examples_left(self, position: int, need: int) -> int | None:
         """The examples of the finite pass after `position` when fewer than
         `need` are left, else `None`; waits for the prefetching side to
-        make `position + need` examples or reach the end. Before the pass's
-        first batch the pipeline has not started (tf.data starts it at the
-        first request): the pass is taken to hold a first example, and when
-        more are needed (a whole batch, to drop it if short) they are
-        counted in an iteration of their own."""
+        make `position + need` examples or reach the end. Before a restarted
+        iterator's first batch (tf.data starts it at the first request) the
+        pass is taken to hold a first example, and when more are needed (a
+        whole batch, to drop it if short) they are counted in an iteration
+        of their own."""
         if not self._pulled:
             if need == 1:
                 return None
             left = sum(1 for _ in self._elements.skip(position).take(need))
             return left if left < need else None
         stalled_since, last = time.monotonic(), None
+        # The last reading first (one device read less per step when it
+        # already answers), then fresh ones.
+        ended, made = self._made_seen
         while True:
-            made = int(self._made.numpy())
-            if made < 0:
-                left = -made - 1 - position
+            length = self._length(ended)
+            if length is not None:
+                left = length - position
                 return left if left < need else None
             if made >= position + need:
                 return None
@@ -690,3 +798,4 @@ class StreamedExamples:
                     "least the largest batch times steps_per_execution)."
                 )
             time.sleep(1e-4)
+            ended, made = self._progress()

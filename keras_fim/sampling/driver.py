@@ -90,6 +90,16 @@ def size_granularity(schedule) -> int:
     return 1
 
 
+def single_size(schedule) -> int | None:
+    """The one size `schedule` returns when it is fixed (an integer, a
+    `Staged` of one size), else `None`."""
+    if isinstance(schedule, (int, np.integer)):
+        return int(schedule)
+    if isinstance(schedule, Staged) and len(set(schedule.sizes())) == 1:
+        return schedule.sizes()[0]
+    return None
+
+
 class PassEnd(Protocol):
     """The data that ends a pass (`dataset.StreamedExamples`, a finite
     stream), asked where."""

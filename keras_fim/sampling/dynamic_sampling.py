@@ -27,6 +27,7 @@ from keras_fim.sampling.driver import (
     SamplingDriver,
     checked_schedule,
     largest_size,
+    single_size,
     size_granularity,
 )
 from keras_fim.sampling.learning_rate import (
@@ -47,6 +48,8 @@ from keras_fim.train_step import (
     compile_train_function,
     end_fit,
     read_noise_scale,
+    same_key,
+    train_function_key,
 )
 from keras_fim.validation import check_bool, check_choice, check_int, check_log_dir
 
@@ -222,6 +225,8 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         granularity = size_granularity(schedule)
         if examples_per_epoch is not None:  # the passes of a stream line up too
             granularity = math.gcd(granularity, examples_per_epoch)
+        # A fixed size in whole groups: every batch of a stream is one group.
+        single_group = granularity == single_size(schedule)
         self._examples = make_examples(
             self.mode,
             data,
@@ -230,6 +235,7 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             examples_per_epoch,
             buffer_size,
             granularity,
+            single_group,
         )
         # `None`: a finite stream of unknown length.
         self.num_examples = self._examples.num_examples
@@ -255,6 +261,9 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         # Under a strategy: the input is read ahead, the steps planned ahead.
         self._read_ahead = False
         self._rows: list[tuple[int, int, int]] = []
+        # (key, train function, writer) of the last fit, reused by the next
+        # while the key stays the same (`_train_function`).
+        self._cache: tuple | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -307,18 +316,41 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
         self._warnings.__enter__()
         warnings.filterwarnings("ignore", message=_RAN_OUT_WARNING)
         begin_fit(model, "dynamic_sampling", self._end_fit)
-        add_step_wrapper(model, "dynamic_sampling", self._wrap_step)
+        # Everything `_wrap_step` reads while it is traced: a train function
+        # traced with it (this callback's, a FisherCallback's) is reused by
+        # a later fit only while this stays the same.
+        step_key = (self, self.learning_rate_scaling, self._writer, self._state)
+        add_step_wrapper(model, "dynamic_sampling", self._wrap_step, step_key)
         if self._reads_noise_scale():
             read_noise_scale(model, "dynamic_sampling")
         # A FisherCallback in the same fit replaces it at every batch with
         # its own functions, which include this callback's step wrapper.
-        model.train_function = compile_train_function(model)
+        model.train_function = self._train_function()
         # Made at the first epoch, after BackupAndRestore restored the state.
         self._driver = None
 
     def on_train_end(self, logs=None) -> None:
         super().on_train_end(logs)
         end_fit(self.model, "dynamic_sampling")
+
+    def _train_function(self):
+        """Keras's train function with this callback's step: the last fit's
+        when nothing it was traced with has changed (as `FisherCallback`
+        reuses its own), else a new one."""
+        model = self.model
+        steps = int(getattr(model, "steps_per_execution", 1) or 1)
+        key = train_function_key(model, steps)
+        if (
+            self._cache is not None
+            and key is not None
+            and same_key(self._cache[0], key)
+        ):
+            return self._cache[1]
+        function = compile_train_function(model)
+        # The writer is kept with it: the function writes through its
+        # resource, which `summaries.create_writer` then reopens.
+        self._cache = None if key is None else (key, function, self._writer)
+        return function
 
     def _end_fit(self) -> None:
         self.model.train_function = None
@@ -365,13 +397,15 @@ class DynamicSampling(keras.callbacks.ProgbarLogger):
             self._examples.set_order(driver.planner.permutation(start.data_pass))
         elif (
             not self._examples.begin_pass(
-                start.position, start.examples_seen, start.need
+                start.data_pass, start.position, start.examples_seen, start.need
             )
             and driver.data_ended()
         ):
             # Resumed where a stream's pass had ended: the next one.
             self._plan_ahead(restart=True)
-            self._examples.begin_pass(0, start.examples_seen, start.need)
+            self._examples.begin_pass(
+                start.data_pass + 1, 0, start.examples_seen, start.need
+            )
         self.batch_sizes_per_epoch.append([])
         # The progress bar's target, from the size the schedule asks for now
         # (updated if it changes during the epoch).
