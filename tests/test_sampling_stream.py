@@ -145,6 +145,26 @@ def test_the_next_pass_is_read_ahead_while_this_one_trains():
     assert ids == [list(range(N))] * 2
 
 
+def test_passes_of_different_lengths_are_each_trained_once():
+    """A pipeline whose passes differ in length (a generator, a filter):
+    each epoch is its own pass, cut at that pass's end, even when the
+    previous pass was longer than the batch planned next."""
+    lengths = iter([40, 5, 40])
+
+    def examples():
+        for i in range(next(lengths)):
+            yield np.array([i, 0.0], np.float32), np.zeros([1], np.float32)
+
+    spec = (tf.TensorSpec([2], tf.float32), tf.TensorSpec([1], tf.float32))
+    data = tf.data.Dataset.from_generator(examples, output_signature=spec)
+    model = recorder()
+    sampling = keras_fim.DynamicSampling(data, 8, mode="stream", buffer_size=8)
+    fit(model, sampling, epochs=3)
+    assert sampling.batch_sizes_per_epoch == [[8] * 5, [5], [8] * 5]
+    ids = per_epoch(model.seen, sampling.batch_sizes_per_epoch)
+    assert ids == [list(range(40)), list(range(5)), list(range(40))]
+
+
 def test_a_stream_starts_afresh_where_the_state_stands():
     """A fit stopped mid-pass continues at its position in the next fit; a
     state set back (as BackupAndRestore does) is read from there."""

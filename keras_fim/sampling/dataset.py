@@ -753,10 +753,14 @@ class StreamedExamples:
         self._made_seen = tuple(int(v) for v in self._made.numpy())
         return self._made_seen
 
+    def _index(self) -> int:
+        """The pass read now, counted from the iterator's start."""
+        return 0 if self._data_pass is None else self._data_pass - self._first_pass
+
     def _length(self, ended: int) -> int | None:
         """The length of the pass read now, if the first `ended` passes of
         the iterator have ended."""
-        index = 0 if self._data_pass is None else self._data_pass - self._first_pass
+        index = self._index()
         return int(self._lengths[index]) if ended > index else None
 
     def pass_length(self) -> int | None:
@@ -785,7 +789,9 @@ class StreamedExamples:
             if length is not None:
                 left = length - position
                 return left if left < need else None
-            if made >= position + need:
+            # `made` counts the pass after the `ended` ones: this pass's only
+            # when the reading is of this pass (a stale one may be of the last).
+            if ended == self._index() and made >= position + need:
                 return None
             if made != last:
                 stalled_since, last = time.monotonic(), made
