@@ -80,7 +80,9 @@ def compiled_by_xla(fn: Callable[[], object]):
 
     def compiled():
         traced["result"] = fn()
-        return [leaf for leaf in tf.nest.flatten(traced["result"]) if tf.is_tensor(leaf)]
+        return [
+            leaf for leaf in tf.nest.flatten(traced["result"]) if tf.is_tensor(leaf)
+        ]
 
     # Without AutoGraph, as Keras compiles its steps.
     tensors = iter(tf.function(compiled, jit_compile=True, autograph=False)())

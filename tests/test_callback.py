@@ -791,7 +791,9 @@ def test_per_example_gradients_in_a_loop_warn_about_nothing(tf_log):
         )
     assert not noisy(records)
     assert not noisy([str(w.message) for w in caught])
-    logits = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    logits = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )
     expected = ref.loop_per_example_gradients(model, x[40:], y[40:], loss=logits)
     for g, e in zip(grads, expected, strict=True):
         np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-7)

@@ -124,9 +124,7 @@ def grams_of_pass(
     )
 
 
-def measure_grams(
-    grams: PassGrams, zero_threshold: float | None = None
-) -> Measured:
+def measure_grams(grams: PassGrams, zero_threshold: float | None = None) -> Measured:
     """The measurement of `grams`: the eigen-solves (`zero_threshold` as in
     `measure_pass`). Kept apart from `grams_of_pass` so that a step compiled
     by XLA can solve outside it (XLA's eigen-solver is far slower)."""
