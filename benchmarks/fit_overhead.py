@@ -10,8 +10,14 @@ per-round ratio to plain `fit`. Then the first step of a second `fit` of the
 same model (with the same `FisherCallback`), against plain Keras's: the
 cost of tracing again, if anything is traced again.
 
+With ``--xla`` it times instead, with ``compile(jit_compile=True)``, the
+plain step and the step measured at every step of an MLP 784-512-512-10 and
+of the ResNet-style network without BatchNorm, at batch 128 (issue 15 item
+5: the eigen-solve runs outside XLA).
+
     python benchmarks/fit_overhead.py            # full run (~12 min, 2 cores)
     python benchmarks/fit_overhead.py --quick    # a smoke run
+    python benchmarks/fit_overhead.py --xla      # the XLA rows (~3 min)
 """
 
 from __future__ import annotations
@@ -39,13 +45,30 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def seconds_per_step(batch_norm, batch_size, every, steps, repeats, data):
+def mlp():
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(512, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+
+
+def seconds_per_step(
+    batch_norm, batch_size, every, steps, repeats, data, jit_compile=False, net=None
+):
     """Median seconds per step over `repeats` timed epochs (after a warm-up)."""
     keras.utils.set_random_seed(0)
-    model = cifar_resnet((32, 32, 3), 10, batch_norm=batch_norm)
+    if net == "mlp":
+        model = mlp()
+    else:
+        model = cifar_resnet((32, 32, 3), 10, batch_norm=batch_norm)
     model.compile(
         optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
         loss="sparse_categorical_crossentropy",
+        jit_compile=jit_compile,
     )
     x, y = data
     timer = EpochTimer()
@@ -109,11 +132,44 @@ def second_fit_first_step(measured, batch_size, data):
     return timer.seconds[1]
 
 
+def xla_rows(quick):
+    """The plain and the measured (every step) step with jit_compile=True,
+    interleaved as `main`'s rows, batch 128."""
+    steps, rounds = (4, 1) if quick else (30, 3)
+    rng = np.random.default_rng(0)
+    n = 128 * steps
+    images = rng.normal(size=(n, 32, 32, 3)).astype("float32")
+    flat = rng.normal(size=(n, 784)).astype("float32")
+    labels = rng.integers(0, 10, n)
+    print(f"{'network (XLA)':<16}{'plain ms':>10}{'every1 ms':>11}{'every1/plain':>14}")
+    for net, x in (("mlp", flat), ("resnet8", images)):
+        times = {"plain": [], "every1": []}
+        for _ in range(rounds):
+            for name, every in (("plain", None), ("every1", 1)):
+                t, _ = seconds_per_step(
+                    False, 128, every, steps, 1, (x, labels), True, net
+                )
+                times[name].append(t)
+        ratio = statistics.median(
+            a / b for a, b in zip(times["every1"], times["plain"], strict=True)
+        )
+        ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        label = "MLP 784-512-512" if net == "mlp" else net
+        print(
+            f"{label:<16}{ms['plain']:>10.1f}{ms['every1']:>11.1f}{ratio:>14.3f}",
+            flush=True,
+        )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few steps, one round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--xla", action="store_true", help="the jit_compile rows")
     args = parser.parse_args(argv)
+    if args.xla:
+        xla_rows(args.quick)
+        return
     steps = {32: 100, 128: 50} if not args.quick else {32: 10, 128: 4}
     rounds = 1 if args.quick else args.rounds
     rng = np.random.default_rng(0)

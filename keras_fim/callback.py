@@ -493,6 +493,7 @@ class FisherCallback(keras.callbacks.Callback):
             self._writer,
             self._warn,
             self._request_retrace,
+            xla_apart=self._xla_apart(),
         )
         functions = {
             "plain": self._build_train_function(measure=False),
@@ -538,11 +539,24 @@ class FisherCallback(keras.callbacks.Callback):
             config.pop(name)
         return config
 
+    def _xla_apart(self) -> bool:
+        """Whether the measuring function is compiled without XLA, its step
+        and Gram by XLA apart (`MeasuredStep.xla_apart`): with
+        ``jit_compile=True`` on one replica (Keras itself cannot compile a
+        step for several replicas with XLA)."""
+        model = self.model
+        return (
+            bool(model.jit_compile)
+            and not model.run_eagerly
+            and model.distribute_strategy.num_replicas_in_sync == 1
+        )
+
     def _build_train_function(self, measure: bool):
         def wrap(original_step):
             return lambda data: self._train_step(original_step, data, measure)
 
-        return compile_train_function(self.model, inner=wrap)
+        xla = not (measure and self._measured_step.xla_apart)
+        return compile_train_function(self.model, inner=wrap, xla=xla)
 
     def _train_step(self, original_step, data, measure: bool):
         state = self._state

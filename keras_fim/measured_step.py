@@ -7,17 +7,18 @@ recorded pass of its own otherwise (`engine.record.record_pass`), or, for a
 model with an objective of its own, a pass through its `per_example_loss`.
 So are the Gram source (the local batch's, or the global batch's gathered
 from every replica) and the gradient-noise source. Everything then goes the
-one way of `engine.pipeline.measure_pass`, into `FisherState` and, with a
-writer, TensorBoard. `FisherCallback` builds one `MeasuredStep` per set of
-train functions and keeps the lifecycle (when to measure, which function,
-the writer).
+one way of `engine.pipeline` (`grams_of_pass`, then `measure_grams`), into
+`FisherState` and, with a writer, TensorBoard; with ``jit_compile=True`` the
+step and the Gram are compiled by XLA, and the eigen-solves run outside it.
+`FisherCallback` builds one `MeasuredStep` per set of train functions and
+keeps the lifecycle (when to measure, which function, the writer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -29,7 +30,12 @@ from keras_fim.engine.noise import (
     noise_components_from_gram,
     noise_components_from_groups,
 )
-from keras_fim.engine.pipeline import local_grams, measure_pass
+from keras_fim.engine.pipeline import (
+    PassGrams,
+    grams_of_pass,
+    local_grams,
+    measure_grams,
+)
 from keras_fim.engine.probes import ProbedPass, reuses_training_pass
 from keras_fim.engine.record import PerExampleLoss, record_pass
 from keras_fim.engine.scaling import loss_scale, replicas_in_sync, update_applied
@@ -39,6 +45,50 @@ from keras_fim.state import FisherState
 
 if TYPE_CHECKING:
     from keras_fim.callback import FisherCallback
+
+
+class Pending(NamedTuple):
+    """A measurement formed up to its Gram matrix, to be solved and
+    recorded (a tuple, so that a traced function can return it).
+
+    Attributes:
+        grams: The `engine.pipeline.PassGrams` of the measured examples.
+        learning_rate: The learning rate of the step's update.
+        batch_size: The examples the step trained on (the global batch's
+            under a strategy).
+        update_applied: Whether the step applied its update (a tensor, or
+            `True`).
+        measured: Boolean tensor, whether the step counts as a measurement.
+        noise_written: Boolean, whether the step gives a noise scale.
+        distributed: Boolean, several replicas in sync.
+    """
+
+    grams: PassGrams
+    learning_rate: tf.Tensor
+    batch_size: tf.Tensor
+    update_applied: object
+    measured: tf.Tensor
+    noise_written: bool
+    distributed: bool
+
+
+def compiled_by_xla(fn: Callable[[], object]):
+    """`fn()` traced in a function of its own compiled by XLA: its tensors
+    come from that function, its other values (Python numbers, `None`) as
+    the trace left them."""
+    traced = {}
+
+    def compiled():
+        traced["result"] = fn()
+        return [
+            leaf for leaf in tf.nest.flatten(traced["result"]) if tf.is_tensor(leaf)
+        ]
+
+    # Without AutoGraph, as Keras compiles its steps.
+    tensors = iter(tf.function(compiled, jit_compile=True, autograph=False)())
+    return tf.nest.map_structure(
+        lambda leaf: next(tensors) if tf.is_tensor(leaf) else leaf, traced["result"]
+    )
 
 
 @dataclasses.dataclass
@@ -64,6 +114,10 @@ class MeasuredStep:
         warn: Callable ``(error)``: a measurement could not be built.
         request_retrace: Callable ``()``: the functions must be traced again
             after this batch (a model its own first step builds).
+        xla_apart: Boolean, whether the step and the Gram run in a function
+            of their own compiled by XLA, and the eigen-solves and records
+            outside it (a model compiled with ``jit_compile=True``, on one
+            replica; the train function is then compiled without XLA).
     """
 
     model: keras.Model
@@ -75,6 +129,7 @@ class MeasuredStep:
     writer: object
     warn: Callable[[Exception], None]
     request_retrace: Callable[[], None]
+    xla_apart: bool = False
 
     def is_measured(self, step, epoch):
         """Whether the 0-based global `step` is measured (Python or tensors)."""
@@ -92,8 +147,48 @@ class MeasuredStep:
         variables as the step found them: from the step's own forward and
         backward pass where that is exact (`engine.probes.ProbedPass`),
         otherwise from a recorded pass of its own (`engine.record`)."""
-        if self.loss is not None:
-            return self._own_loss_step(original_step, data)
+        step = self._loss_step if self.loss is None else self._own_loss_step
+        if self.xla_apart:
+            return self._xla_apart(step, original_step, data)
+        logs, form = step(original_step, data)
+        if form is None:
+            return logs
+        if replicas_in_sync() > 1:
+            self._record(form())
+        else:
+            self._when_measured(lambda: self._record(form()))
+        return logs
+
+    def _xla_apart(self, step, original_step, data):
+        """`step` and the Gram compiled by XLA in a function of their own,
+        the eigen-solves and records outside it: inside XLA, whose
+        eigen-solver is Jacobi's, a 128 x 128 float64 solve took 100 ms
+        against 2.8 ms (LAPACK), and a nested function without XLA does not
+        leave it. With several steps per execution, a measured and a plain
+        step are the two branches of one condition."""
+
+        def measured():
+            def compiled():
+                logs, form = step(original_step, data)
+                return logs, (None if form is None else form())
+
+            logs, pending = compiled_by_xla(compiled)
+            self._record(pending)
+            return logs
+
+        if self.steps_per_execution == 1:
+            return measured()
+        state = self.state
+        return tf.cond(
+            self.is_measured(state.step, state.epoch),
+            measured,
+            lambda: compiled_by_xla(lambda: original_step(data)),
+        )
+
+    def _loss_step(self, original_step, data):
+        """``(logs, form)``: Keras's step run, and `form`, a function giving
+        the `Pending` measurement of its batch (or `None`), to be called
+        after it (in-graph, under the step's measured condition)."""
         model = self.model
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs = self._step_inputs(x)
@@ -108,7 +203,7 @@ class MeasuredStep:
                 probe = ProbedPass(model, x, max_examples, layers=layers)
             except Exception as error:
                 self.warn(error)
-                return original_step(data)
+                return original_step(data), None
             with probe:
                 logs = original_step(data)
             recorded = probe.recorded
@@ -135,16 +230,12 @@ class MeasuredStep:
                 )
 
         inputs["update_applied"] = update_applied(model, inputs["loss_scale"])
-        if distributed:
-            self._measure(inputs, recorded, (x, y, sample_weight), distributed)
-        else:
-            self._when_measured(
-                lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
-            )
-        return logs
+        return logs, lambda: self._form(
+            inputs, recorded, (x, y, sample_weight), distributed
+        )
 
     def _own_loss_step(self, original_step, data):
-        """The model's own step, then the measurement of the gradients of
+        """As `_loss_step`, for the model's own step and the gradients of
         `per_example_loss` on its batch, with the variables as the step
         found them (one device; `on_train_begin` leaves several replicas
         unmeasured). Whatever fails while the measurement is built leaves
@@ -163,7 +254,7 @@ class MeasuredStep:
             variable_values = read_variables(model)
         except Exception as error:  # never let a measurement stop training
             self.warn(error)
-            return original_step(data)
+            return original_step(data), None
         logs = original_step(data)
         inputs["update_applied"] = update_applied(model, scale)
         if len(variables) != len(
@@ -176,7 +267,7 @@ class MeasuredStep:
             # that batch.
             self.request_retrace()
             if self.steps_per_execution > 1:
-                return logs  # one run covers several steps: not measured
+                return logs, None  # one run covers several steps: not measured
             variable_values = values_before(model, variables, variable_values)
 
         def recorded():
@@ -191,10 +282,7 @@ class MeasuredStep:
                 measured_layers=self.options.measured_layers,
             )
 
-        self._when_measured(
-            lambda: self._measure(inputs, recorded, (x, y, sample_weight), False)
-        )
-        return logs
+        return logs, lambda: self._form(inputs, recorded, (x, y, sample_weight), False)
 
     def _when_measured(self, build) -> None:
         """Runs `build()` at measured steps (in-graph with several steps per
@@ -228,10 +316,11 @@ class MeasuredStep:
             "loss_scale": loss_scale(model),
         }
 
-    def _measure(self, inputs: dict, recorded, batch, distributed: bool) -> None:
-        """Builds one step's measurement ops (graph mode) through the one
-        pipeline (`engine.pipeline.measure_pass`): `recorded()` gives the
-        recorded pass, `batch` is ``(x, y, sample_weight)``.
+    def _form(self, inputs: dict, recorded, batch, distributed: bool):
+        """The `Pending` measurement of one step (graph mode), the first
+        half of the one pipeline (`engine.pipeline.grams_of_pass`), or
+        `None` (with one warning) when it cannot be built: `recorded()`
+        gives the recorded pass, `batch` is ``(x, y, sample_weight)``.
 
         Under several replicas in sync the Gram source is the global batch's
         (`engine.distribute`: the replicas all-gather their examples'
@@ -300,25 +389,46 @@ class MeasuredStep:
                 or not record.coupled
                 or (self.loss is None and self.noise_passes)
             )
-            result = measure_pass(
+            formed = grams_of_pass(
                 record,
                 grams=grams,
                 noise=coupled_noise if record.coupled else noise_components_from_gram,
-                zero_threshold=self.options.zero_threshold,
                 per_layer=self.options.per_layer,
             )
+        except Exception as error:  # never let a measurement stop training
+            self.warn(error)
+            return None
+        return Pending(
+            formed,
+            inputs["learning_rate"],
+            batch_size,
+            inputs["update_applied"],
+            measured,
+            noise_written,
+            distributed,
+        )
+
+    def _record(self, pending: Pending | None) -> None:
+        """Solves a `Pending` measurement (the pipeline's second half,
+        `engine.pipeline.measure_grams`) and records it in `FisherState`
+        and, with a writer, TensorBoard."""
+        if pending is None:
+            return
+        state = self.state
+        try:
+            result = measure_grams(pending.grams, self.options.zero_threshold)
         except Exception as error:  # never let a measurement stop training
             self.warn(error)
             return
         state.record(
             result.measurement,
-            inputs["learning_rate"],
-            batch_size,
+            pending.learning_rate,
+            pending.batch_size,
             self.steps_represented(state.epoch),
             self.options.ema_decay,
             result.noise_components,
-            measured=measured,
-            update_applied=inputs["update_applied"],
+            measured=pending.measured,
+            update_applied=pending.update_applied,
         )
         if self.writer is None:
             return
@@ -327,20 +437,20 @@ class MeasuredStep:
             self._write(
                 result.measurement,
                 result.layers,
-                inputs["learning_rate"],
-                batch_size,
-                noise_written,
+                pending.learning_rate,
+                pending.batch_size,
+                pending.noise_written,
             )
             return tf.constant(True)
 
-        if not distributed:
+        if not pending.distributed:
             write()
             return
         first = tf.equal(
             tf.distribute.get_replica_context().replica_id_in_sync_group, 0
         )
         # Only the first replica writes (no collective in this branch).
-        tf.cond(measured & first, write, lambda: tf.constant(False))
+        tf.cond(pending.measured & first, write, lambda: tf.constant(False))
 
     def _write(
         self, measurement, layers, learning_rate, batch_size, noise_written

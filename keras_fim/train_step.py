@@ -150,19 +150,30 @@ def _guard(model: keras.Model) -> None:
     set_instance_attribute(model, "make_train_function", make_train_function)
 
 
-def compile_train_function(model: keras.Model, inner: StepWrapper | None = None):
+def compile_train_function(
+    model: keras.Model, inner: StepWrapper | None = None, xla: bool = True
+):
     """`model.train_function` for Keras's step wrapped by `inner`, then by
-    every registered wrapper (outermost last registered)."""
+    every registered wrapper (outermost last registered).
+
+    `xla`: `False` compiles it without XLA even when the model is compiled
+    with ``jit_compile=True`` (the step then compiles what it chooses)."""
     step = model.train_step
     if inner is not None:
         step = inner(step)
     for wrapper, _ in list(_model_dict(model, _WRAPPERS).values()):
         step = wrapper(step)
     # `make_train_function` compiles whatever `model.train_step` is when it
-    # runs; the instance attribute is removed right after.
+    # runs, with XLA as `model.jit_compile` says then; both are put back
+    # right after.
     set_instance_attribute(model, "train_step", step)
+    jit_compile = model.jit_compile
+    if not xla:
+        model.jit_compile = False
     try:
         model.make_train_function(force=True)
         return model.train_function
     finally:
+        if not xla:
+            model.jit_compile = jit_compile
         unset_instance_attribute(model, "train_step")

@@ -240,6 +240,7 @@ def mirrored(out: str) -> None:
         callback = keras_fim.FisherCallback(**options)
         callback.set_model(model)
         callback._steps_per_execution, callback._writer = 3, None
+        callback._train_functions()  # builds its MeasuredStep
         data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
 
         @tf.function

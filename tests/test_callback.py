@@ -19,11 +19,11 @@ def mlp(model_class=keras.Model, **kwargs):
     return model_class(inputs, outputs, **kwargs)
 
 
-def bn_dropout_cnn(model_class=keras.Model, **kwargs):
+def bn_dropout_cnn(model_class=keras.Model, dropout=0.3, **kwargs):
     inputs = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.Dropout(0.3)(h)
+    h = keras.layers.Dropout(dropout)(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     outputs = keras.layers.Dense(3, activation="softmax")(h)
     return model_class(inputs, outputs, **kwargs)
@@ -123,6 +123,74 @@ def test_weights_equal_plain_keras(model_class, jit_compile):
     for v in measured.variables:  # weights, BN statistics, seed state, ...
         if v.path in plain_vars:
             np.testing.assert_array_equal(v.numpy(), plain_vars[v.path], err_msg=v.path)
+
+
+@pytest.fixture
+def xla_contexts(monkeypatch):
+    """Whether each Gram sum and each eigen-solve was traced inside an XLA
+    function (the solve's own op, wherever it is called from)."""
+    import tensorflow as tf
+
+    from keras_fim._keras_compat import in_xla_context
+    from keras_fim.engine import pipeline
+
+    seen = {"gram": [], "solve": []}
+
+    def spy(name, function):
+        def traced(*args, **kwargs):
+            seen[name].append(in_xla_context())
+            return function(*args, **kwargs)
+
+        return traced
+
+    monkeypatch.setattr(pipeline, "sum_blocks", spy("gram", pipeline.sum_blocks))
+    monkeypatch.setattr(tf.linalg, "eigvalsh", spy("solve", tf.linalg.eigvalsh))
+    return seen
+
+
+@pytest.mark.parametrize("model_class", [keras.Model, keras_fim.FisherModel])
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_xla_forms_the_gram_and_solves_outside(
+    xla_contexts, model_class, steps_per_execution
+):
+    """With ``jit_compile=True`` the step and the Gram are compiled by XLA,
+    the eigen-solves (far slower in XLA) run outside it; the measurements
+    equal those without XLA (no dropout: XLA draws other masks) and the
+    weights plain Keras's with XLA."""
+    x, y = data(48, (6, 6, 2))
+
+    def train(jit_compile, measure=True):
+        keras.utils.set_random_seed(1)
+        options = {"every_n_steps": 2, "per_layer": True}
+        kwargs = options if model_class is keras_fim.FisherModel else {}
+        model = compile_sgd(
+            bn_dropout_cnn(model_class if measure else keras.Model, 0.0, **kwargs),
+            jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution,
+        )
+        callbacks = []
+        if measure and model_class is keras.Model:
+            callbacks = [keras_fim.FisherCallback(**options)]
+        model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=callbacks
+        )
+        return model
+
+    xla = train(True)
+    assert xla_contexts["gram"] and all(xla_contexts["gram"])
+    # The batch's spectrum and the three layers' (per_layer).
+    assert len(xla_contexts["solve"]) >= 4 and not any(xla_contexts["solve"])
+    state = xla.fisher_state
+    assert int(state.measurements) == 3  # steps 0, 2, 4 of 6
+    without = train(False).fisher_state
+    for name in ("condition_sum", "energy_sum", "trace_sigma_ema"):
+        np.testing.assert_allclose(
+            float(getattr(state, name)), float(getattr(without, name)), rtol=1e-5
+        )
+    plain = {v.path: v.numpy() for v in train(True, measure=False).variables}
+    for v in xla.variables:  # weights, BN statistics, seed state, ...
+        if v.path in plain:
+            np.testing.assert_array_equal(v.numpy(), plain[v.path], err_msg=v.path)
 
 
 def test_steps_per_execution_measures_the_same_steps():
@@ -452,13 +520,13 @@ def measure_traces(monkeypatch):
     traces = []
     from keras_fim.measured_step import MeasuredStep
 
-    original = MeasuredStep._measure
+    original = MeasuredStep._record
 
     def counted(self, *args, **kwargs):
         traces.append(self)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(MeasuredStep, "_measure", counted)
+    monkeypatch.setattr(MeasuredStep, "_record", counted)
     return traces
 
 
@@ -697,20 +765,44 @@ def test_embedding_fits_and_measure_loops_warn_about_nothing(
     assert not noisy([str(w.message) for w in caught])
 
 
-def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
-    import tensorflow as tf
+class Scale(keras.layers.Layer):  # the generic (pfor) rule
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
 
-    class Scale(keras.layers.Layer):  # the generic (pfor) rule
-        def build(self, shape):
-            self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+    def call(self, x):
+        return x * self.w
 
-        def call(self, x):
-            return x * self.w
 
+def scale_model():
     model = keras.Sequential(
         [keras.Input((6,)), keras.layers.Dense(4), Scale(), keras.layers.Dense(3)]
     )
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_per_example_gradients_in_a_loop_warn_about_nothing(tf_log):
+    records, caught = tf_log
+    model = scale_model()
+    x, y = data(48)
+    for i in range(6):  # batches of one shape, as a loop over a dataset
+        grads = keras_fim.per_example_gradients(
+            model, x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+        )
+    assert not noisy(records)
+    assert not noisy([str(w.message) for w in caught])
+    logits = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None
+    )
+    expected = ref.loop_per_example_gradients(model, x[40:], y[40:], loss=logits)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-7)
+
+
+def test_measure_in_a_loop_traces_once_and_equals_a_traced_call():
+    import tensorflow as tf
+
+    model = scale_model()
     x, y = data(48)
     results = [keras_fim.measure(model, x[i : i + 8], y[i : i + 8]) for i in (0, 8)]
     ((_, function),) = model._keras_fim_api_functions.values()

@@ -1,6 +1,7 @@
 """The public measuring functions: one batch, by hand.
 
 `per_example_gradients`, `fisher_gram`, `layer_grams` and `measure` each run
+(from a second call on, through a function kept on the model, `_run`)
 a recorded pass of their own (`keras_fim.engine.record.record_pass`:
 stateless, in training mode) and go the way every measurement goes
 (`keras_fim.engine.pipeline`).
@@ -97,10 +98,8 @@ def per_example_gradients(
             record.units, record.calls, record.examples, model.trainable_variables
         )
 
-    # Eager, as it always was: traced, MobileNetV2's depthwise contributions
-    # move by round-off beyond the reference test's 2e-3 (a loop of calls
-    # on a layer of the vectorised rules still warns about pfor's retracing).
-    return body(x, y, sample_weight)
+    options = (max_examples, training, per_example_loss, measured_layers)
+    return _run(model, "per_example_gradients", body, options, x, y, sample_weight)
 
 
 @_not_converted

@@ -8,17 +8,19 @@ Every measurement takes the same way, whoever asks (`keras_fim.measure`,
 2. a *Gram source* turns it into per-unit blocks of ``G = J J^T`` (the
    local batch's, `local_grams`, or the global batch's gathered from every
    replica, `keras_fim.engine.distribute.gathered_grams`);
-3. `measure_pass` sums the blocks, solves the spectrum with the zero
-   threshold of the contributions' precision (Liao et al. 2020; METHOD.md:
-   ``e = sqrt(eig(J J^T))``, ``c_k = max(e) / min(e > 0)``), and takes the
-   gradient-noise components from a *noise source*
-   (`keras_fim.engine.noise`).
+3. `grams_of_pass` sums the blocks and takes the gradient-noise components
+   from a *noise source* (`keras_fim.engine.noise`); `measure_grams` solves
+   the spectrum with the zero threshold of the contributions' precision
+   (Liao et al. 2020; METHOD.md: ``e = sqrt(eig(J J^T))``, ``c_k = max(e) /
+   min(e > 0)``). `measure_pass` is the two in turn; a step compiled by XLA
+   runs the first inside and the second outside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -72,6 +74,69 @@ def contribution_precision(units) -> float:
     return max(unit_roundoff(dtype) for dtype in dtypes)
 
 
+class PassGrams(NamedTuple):
+    """The part of a measurement before the eigen-solve: what
+    `grams_of_pass` forms from a recorded pass (a tuple, so that a traced
+    function can return it).
+
+    Attributes:
+        gram: The ``(B, B)`` float64 Gram matrix, the sum of the blocks.
+        blocks: ``{unit name: (B, B) block}`` with `per_layer`, else empty.
+        noise_components: ``(tr(Sigma), |G|^2)`` (NaN without a noise
+            source).
+        precision: Float, the contributions' unit round-off
+            (`contribution_precision`).
+    """
+
+    gram: tf.Tensor
+    blocks: dict
+    noise_components: tuple
+    precision: float
+
+
+def grams_of_pass(
+    record: RecordedPass,
+    *,
+    grams: GramSource | None = None,
+    noise: NoiseSource | None = None,
+    per_layer: bool = False,
+) -> PassGrams:
+    """The Gram matrix of a recorded pass and what comes from it without
+    an eigen-solve (arguments as `measure_pass`'s)."""
+    blocks = (local_grams() if grams is None else grams)(record)
+    if record.valid is not True:
+        # A NaN block gives an all-NaN measurement, counted as skipped.
+        blocks = {
+            name: tf.where(record.valid, block, tf.constant(float("nan"), block.dtype))
+            for name, block in blocks.items()
+        }
+    gram = sum_blocks(blocks)
+    if noise is None:
+        nan = tf.constant(float("nan"), tf.float64)
+        components = (nan, nan)
+    else:
+        components = noise(gram)
+    return PassGrams(
+        gram,
+        blocks if per_layer else {},
+        components,
+        contribution_precision(record.units),
+    )
+
+
+def measure_grams(grams: PassGrams, zero_threshold: float | None = None) -> Measured:
+    """The measurement of `grams`: the eigen-solves (`zero_threshold` as in
+    `measure_pass`). Kept apart from `grams_of_pass` so that a step compiled
+    by XLA can solve outside it (XLA's eigen-solver is far slower)."""
+    precision = grams.precision
+    measurement = spectrum_from_gram(grams.gram, zero_threshold, precision)
+    layers = {
+        name: spectrum_from_gram(block, zero_threshold, precision)
+        for name, block in grams.blocks.items()
+    }
+    return Measured(measurement, grams.noise_components, layers)
+
+
 def measure_pass(
     record: RecordedPass,
     *,
@@ -93,23 +158,5 @@ def measure_pass(
     Returns:
         A `Measured`. Works eagerly and in a traced step.
     """
-    blocks = (local_grams() if grams is None else grams)(record)
-    if record.valid is not True:
-        # A NaN block gives an all-NaN measurement, counted as skipped.
-        blocks = {
-            name: tf.where(record.valid, block, tf.constant(float("nan"), block.dtype))
-            for name, block in blocks.items()
-        }
-    gram = sum_blocks(blocks)
-    precision = contribution_precision(record.units)
-    measurement = spectrum_from_gram(gram, zero_threshold, precision)
-    if noise is None:
-        nan = tf.constant(float("nan"), tf.float64)
-        components = (nan, nan)
-    else:
-        components = noise(gram)
-    layers = {
-        name: spectrum_from_gram(block, zero_threshold, precision)
-        for name, block in (blocks.items() if per_layer else ())
-    }
-    return Measured(measurement, components, layers)
+    formed = grams_of_pass(record, grams=grams, noise=noise, per_layer=per_layer)
+    return measure_grams(formed, zero_threshold)
