@@ -163,7 +163,9 @@ def test_ctrl_c_keeps_finished_runs_and_the_rerun_completes(tmp_path):
     # Into the second run: interrupt as soon as its folder appears (a fixed
     # sleep let a fast machine finish the second run before the signal).
     second = root / "bs512_lr0.2"
-    while not second.exists() and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not second.exists() and process.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
