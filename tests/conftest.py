@@ -6,6 +6,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Paths by the cost model, not by timings on a shared machine: the tests'
 # path assertions stay deterministic (tests/test_gram.py times on purpose).
 os.environ.setdefault("KERAS_FIM_PATH_CHOICE", "cost")
+# No calibrations kept on disk: a test that calibrates times on this run's
+# machine, never reads an earlier run's file (tests/test_gram.py tests the store).
+os.environ["KERAS_FIM_CALIBRATION_CACHE"] = "off"
 
 # tests/reference.py and tests/helpers.py as the modules `fim_reference` and
 # `fim_helpers` (tests import them by those names; pytest's importlib mode puts

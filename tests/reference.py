@@ -205,16 +205,19 @@ def copies_per_example_gradients(model, x, y, sample_weight=None):
                     z = z + copies[id(layer.bias)][:, None, None, :]
                 h = _activation(_activation_name(layer), z)
             elif isinstance(layer, keras.layers.BatchNormalization):
-                assert layer.center and layer.scale
-                assert layer.axis in (-1, len(h.shape) - 1)
-                axes = list(range(len(h.shape) - 1))
+                assert not layer.renorm
+                axis = layer.axis % len(h.shape)
+                axes = [a for a in range(len(h.shape)) if a != axis]
                 mean = tf.reduce_mean(h, axis=axes, keepdims=True)
                 var = tf.reduce_mean(tf.square(h - mean), axis=axes, keepdims=True)
-                x_hat = (h - mean) / tf.sqrt(var + float(layer.epsilon))
-                expand = [slice(None)] + [None] * (len(h.shape) - 2) + [slice(None)]
-                gamma = copies[id(layer.gamma)][tuple(expand)]
-                beta = copies[id(layer.beta)][tuple(expand)]
-                h = gamma * x_hat + beta
+                h = (h - mean) / tf.sqrt(var + float(layer.epsilon))
+                # per-example copies (b, C) broadcast along the other axes
+                expand = [None] * len(h.shape)
+                expand[0], expand[axis] = slice(None), slice(None)
+                if layer.scale:
+                    h = copies[id(layer.gamma)][tuple(expand)] * h
+                if layer.center:
+                    h = h + copies[id(layer.beta)][tuple(expand)]
             elif isinstance(layer, keras.layers.ReLU):
                 h = tf.nn.relu(h)
             elif isinstance(layer, keras.layers.Activation):

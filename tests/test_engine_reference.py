@@ -472,6 +472,8 @@ def _perturb_bn(model, seed):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             for v in (layer.gamma, layer.beta, layer.moving_mean):
+                if v is None:  # scale=False or center=False
+                    continue
                 v.assign(
                     (rng.normal(size=v.shape) * 0.5 + (v is layer.gamma)).astype(
                         v.dtype
@@ -512,6 +514,51 @@ def test_batchnorm_matches_weight_copies(arch, dtype, weighted):
     assert_sums_to_batch_gradient(
         expected, batch_gradient, 6, rtol=1e-4 if dtype == "float32" else 1e-10
     )
+
+
+class _OwnCallBatchNorm(keras.layers.BatchNormalization):
+    """A subclass with a `call` of its own: keras-fim re-runs the layer."""
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=training, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "variant", ["subclass", "no_center", "no_scale", "other_axis", "float16"]
+)
+def test_batchnorm_variants_match_weight_copies(variant):
+    """BatchNorm's x_hat, formed directly for the plain layer and by
+    re-running a subclass with its own `call`, agrees with per-example
+    weight copies whatever its axis and variables, and with 16-bit inputs."""
+    options = {
+        "no_center": dict(center=False),
+        "no_scale": dict(scale=False),
+        "other_axis": dict(axis=1),  # statistics per row: gamma is (5,)
+        "float16": dict(dtype="mixed_float16"),
+    }.get(variant, {})
+    norm = (
+        _OwnCallBatchNorm if variant == "subclass" else keras.layers.BatchNormalization
+    )
+    dtype = "float32" if variant == "float16" else "float64"
+    with use_floatx(dtype):
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential(
+            [
+                keras.Input((5, 5, 2)),
+                keras.layers.Conv2D(3, 3, padding="same"),
+                norm(**options),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        model = compiled(model)
+        _perturb_bn(model, 5)
+        x, y = classification_data(6, (5, 5, 2), dtype=dtype, seed=6)
+        actual = fim_grads(model, x, y)
+        expected = ref.copies_per_example_gradients(model, x, y)
+    tol = TOL["float64"] if dtype == "float64" else dict(rtol=0.05, atol=2e-4)
+    assert_grads_close(actual, expected, model, **tol)
 
 
 def test_batchnorm_max_examples_keeps_whole_batch_statistics():

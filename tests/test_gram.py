@@ -600,6 +600,64 @@ def test_calibration_times_a_large_batch_on_fewer_examples(monkeypatch):
     assert_blocks_match(actual, reference_blocks(model, x, y))
 
 
+def test_calibrations_are_kept_on_disk_per_machine(monkeypatch, tmp_path):
+    """A calibration timed by the clock is written to the store; a new
+    process (memory cleared) takes it from there without timing; another
+    machine's fingerprint, or an unreadable file (one warning), times again;
+    ``off`` writes nothing."""
+    import json
+
+    from keras_fim.engine import calibration_store, gram
+
+    model, x, y = kernel_model("conv_same_s2")
+    speeds = {"ghost": 3.0, "map_fn": 2.0, "slices": 1.0, "im2col": 4.0}
+    timed = []
+
+    def clock(plan, run):
+        timed.append(plan.method)
+        return speeds.get(plan.method, 5.0)
+
+    monkeypatch.setattr(gram, "_wall_clock", clock)
+    path = tmp_path / "cache" / "calibrations.json"
+    monkeypatch.setenv("KERAS_FIM_CALIBRATION_CACHE", str(path))
+
+    def plan_k():
+        with path_choice("calibrate"):
+            actual, plans = engine_blocks(model, x, y)
+        assert_blocks_match(actual, reference_blocks(model, x, y))
+        return plans["k"]
+
+    gram.clear_calibrations()
+    assert plan_k().method == "slices" and timed
+    section = json.loads(path.read_text())[calibration_store.fingerprint()]
+    assert any(method == "slices" for method, _ in section.values())
+
+    timed.clear()
+    gram.clear_calibrations()  # as a new process
+    plan = plan_k()
+    assert (plan.method, plan.chosen_by, timed) == ("slices", "calibration", [])
+
+    monkeypatch.setattr(calibration_store, "fingerprint", lambda: "another machine")
+    gram.clear_calibrations()
+    plan_k()
+    assert timed
+    assert len(json.loads(path.read_text())) == 2  # both machines kept
+
+    path.write_text("{not json")
+    timed.clear()
+    gram.clear_calibrations()
+    with pytest.warns(UserWarning, match="calibration cache"):
+        plan_k()
+    assert timed and "another machine" in json.loads(path.read_text())
+
+    off = tmp_path / "off"
+    monkeypatch.setenv("KERAS_FIM_CALIBRATION_CACHE", "off")
+    monkeypatch.setenv("KERAS_HOME", str(off))
+    gram.clear_calibrations()
+    plan_k()
+    assert calibration_store.cache_path() is None and not off.exists()
+
+
 def test_calibration_by_the_clock_inside_a_function_matches_loop():
     """Timed for real (whatever wins on this machine), from inside a
     `tf.function` being traced: the block is the reference's."""

@@ -14,8 +14,9 @@ can often be formed without the unit's per-example gradients:
 * Embedding: ``G_ij = sum_{t,s} [tok_it = tok_js] (d_it . d_js)``, never the
   ``(B, vocabulary, dim)`` gradients.
 * Everything else (normalisation layers, attention, recurrent layers, the
-  generic rule): the unit's per-example gradients from its rule, one
-  variable at a time, each ``(B, variable size)``.
+  generic rule): the unit's per-example gradients from its rule, each
+  ``(B, variable size)``: one product over all the unit's variables when
+  they are small (`POOLED_VALUES`), else one variable at a time.
 
 Every product that forms a block is taken in float64 from the (float32,
 float64, or widened 16-bit) factors (`gram_of`, `_ghost`): a product of two
@@ -49,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_fim._keras_compat import in_xla_context
+from keras_fim.engine import calibration_store
 from keras_fim.validation import check_choice, check_real
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -56,6 +58,10 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 
 PLANNING_BATCH_SIZE = 256
 """The batch size plans assume when the graph does not know it."""
+
+POOLED_VALUES = 1 << 16
+"""A rule unit whose variables hold at most this many values per example
+forms its block with one product over all of them (`rule_gram`)."""
 
 GRAM_DTYPE = tf.float64
 """The dtype every Gram product is taken in (see the module docstring)."""
@@ -67,8 +73,21 @@ def gram_of(rows: tf.Tensor) -> tf.Tensor:
     """``R R^T`` in float64 for `rows` shaped ``(B, ...)`` (flattened per
     example): the exact Gram matrix of float32 rows, up to float64
     accumulation."""
-    flat = tf.cast(tf.reshape(rows, [tf.shape(rows)[0], -1]), GRAM_DTYPE)
+    flat = tf.cast(_rows(rows), GRAM_DTYPE)
     return tf.matmul(flat, flat, transpose_b=True)
+
+
+def _rows(tensor: tf.Tensor) -> tf.Tensor:
+    """`tensor` as ``(B, values per example)``; by its static size where
+    known (two graph operations, against eight for a dynamic shape: they
+    add up over a network's hundred units)."""
+    if tensor.shape.rank == 2:
+        return tensor
+    known = tensor.shape[1:].is_fully_defined()
+    size = math.prod(tensor.shape[1:]) if known else 0
+    if size:
+        return tf.reshape(tensor, [-1, size])
+    return tf.reshape(tensor, [tf.shape(tensor)[0], -1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +98,7 @@ class Plan:
         layer: The unit layer's name.
         path: ``"ghost"``, ``"materialise"`` (per-example kernel gradients,
             im2col for convolutions) or ``"rule"`` (the unit's per-example
-            rule, one variable at a time).
+            rule: `rule_gram`).
         multiply_adds: Estimated multiply-adds of the block.
         peak_bytes: Estimated bytes of its largest temporary.
         chunks: Pieces the materialised kernel gradient is split into.
@@ -159,8 +178,11 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
       `CALIBRATION_REPEATS` times; at most `CALIBRATION_BATCH_SIZE`
       examples, a larger batch's times scaled by each candidate's
       multiply-adds) and the fastest is taken; the choice is
-      cached for the process per (layer kind, geometry, operand shapes with
-      the batch size, dtypes, candidates). The candidates include the naive
+      cached per (layer kind, geometry, operand shapes with the batch size,
+      dtypes, candidates), for the process and on disk for the next ones on
+      this machine (`keras_fim.engine.calibration_store`; the environment
+      variable ``KERAS_FIM_CALIBRATION_CACHE`` names the file, ``off``
+      keeps none). The candidates include the naive
       path (the per-example rule's own method), so the chosen block is never
       slower than it, up to timing noise. Where timing is not possible (under
       XLA, under a distribution strategy, shapes not static) the cost model
@@ -197,8 +219,11 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
 
 
 def clear_calibrations() -> None:
-    """Forgets every calibrated choice (the next plans time again)."""
+    """Forgets every calibrated choice of this process, and what was read
+    of the on-disk cache (`keras_fim.engine.calibration_store`): the next
+    plans read that file again, and time what it does not hold."""
     _CALIBRATIONS.clear()
+    calibration_store.forget()
 
 
 def calibrations() -> dict:
@@ -244,6 +269,10 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None):
         tuple((tuple(t.shape[1:]), t.dtype.name) for t in tensors),
         tuple(sorted((m, p.chunks) for m, (p, _) in candidates.items())),
     )
+    if key not in _CALIBRATIONS and timer is None:
+        kept = calibration_store.load(repr(key))
+        if kept is not None and kept[0] in candidates:
+            _CALIBRATIONS[key] = kept
     if key not in _CALIBRATIONS:
         timed = batch if cost is None else min(batch, CALIBRATION_BATCH_SIZE)
         seconds = {}
@@ -255,6 +284,8 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None):
                 if timed != batch:
                     seconds[method] *= cost(method, batch) / cost(method, timed)
         _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
+        if timer is None:
+            calibration_store.store(repr(key), *_CALIBRATIONS[key])
     return _CALIBRATIONS[key][0]
 
 
@@ -607,17 +638,30 @@ def kernel_factors(
 
 def rule_gram(layer, per_example, calls, examples):
     """Any unit: its per-example gradients (`per_example(layer, call,
-    examples)`), a variable at a time."""
+    examples)`), summed over calls; their product over all variables at once
+    when they hold at most `POOLED_VALUES` values per example, else a
+    variable at a time."""
     per_call = [per_example(layer, call, examples) for call in calls]
-    block, batch, size, itemsize = None, None, 0, _GRAM_ITEMSIZE
-    for grads in zip(*per_call, strict=True):
-        g = tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
-        part = gram_of(g)
-        block = part if block is None else block + part
-        batch = _static_batch(examples, g)
-        known = g.shape[1:].is_fully_defined()
-        size = max(size, math.prod(g.shape[1:]) if known else 0)
-        itemsize = g.dtype.size + _GRAM_ITEMSIZE
+    summed = [
+        tf.add_n([tf.cast(t, grads[0].dtype) for t in grads])
+        for grads in zip(*per_call, strict=True)
+    ]
+    sizes = [
+        math.prod(g.shape[1:]) if g.shape[1:].is_fully_defined() else None
+        for g in summed
+    ]
+    batch = _static_batch(examples, summed[0])
+    itemsize = max(g.dtype.size for g in summed) + _GRAM_ITEMSIZE
+    if None not in sizes and sum(sizes) <= POOLED_VALUES:
+        # Small variables (normalisation scales and offsets): one product
+        # for all, a third of the graph operations of one per variable.
+        size = sum(sizes)
+        rows = [tf.cast(_rows(g), GRAM_DTYPE) for g in summed]
+        rows = rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
+        block = tf.matmul(rows, rows, transpose_b=True)
+    else:  # one variable at a time: the float64 copies one by one
+        size = max(s or 0 for s in sizes)
+        block = tf.add_n([gram_of(g) for g in summed])
     plan = Plan(
         layer.name, "rule", batch * batch * _parameters(layer), batch * size * itemsize
     )

@@ -759,6 +759,43 @@ def separable_rule(layer, call: LayerCall, examples: int) -> list:
     return [grads[id(v)] for v in layer.trainable_variables]
 
 
+def _batch_norm_x_hat(layer, call: LayerCall, examples: int):
+    """``x_hat`` of the first `examples` as a plain `BatchNormalization`
+    computes it (batch statistics in training mode, moving ones otherwise),
+    formed directly: re-running the layer costs dozens of graph operations
+    and most of the unit's tracing time, for each of the 50 or so BatchNorm
+    layers of a keras.applications network (issue 15). `None` for any other
+    normalisation (renorm, synchronized, masked, a subclass's own `call`)."""
+    plain = (
+        isinstance(layer, keras.layers.BatchNormalization)
+        and type(layer).call is keras.layers.BatchNormalization.call
+        and not layer.renorm
+        and not layer.synchronized
+    )
+    training = call.kwargs.get("training")
+    if not plain or not call.args or call.kwargs.get("mask") is not None:
+        return None
+    if not isinstance(training, (bool, type(None))):
+        return None
+    x = call.args[0]
+    x = tf.cast(x, keras.backend.result_type(x.dtype, "float32"))
+    rank = x.shape.rank
+    axis = layer.axis % rank
+    if training:
+        reduced = [a for a in range(rank) if a != axis]
+        mean, variance = tf.nn.moments(x, reduced, keepdims=True)
+    else:
+        state = {
+            id(v): value
+            for v, value in zip(layer.non_trainable_variables, call.state, strict=True)
+        }
+        shape = [1] * rank
+        shape[axis] = -1
+        mean = tf.reshape(tf.cast(state[id(layer.moving_mean)], x.dtype), shape)
+        variance = tf.reshape(tf.cast(state[id(layer.moving_variance)], x.dtype), shape)
+    return (x[:examples] - mean) * tf.math.rsqrt(variance + layer.epsilon)
+
+
 def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
     """BatchNormalization, LayerNormalization, GroupNormalization.
 
@@ -771,17 +808,19 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
     """
     gamma = getattr(layer, "gamma", None)
     beta = getattr(layer, "beta", None)
-    neutral = []
-    for v in layer.trainable_variables:
-        if v is gamma:
-            neutral.append(tf.ones_like(v.value))
-        elif v is beta:
-            neutral.append(tf.zeros_like(v.value))
-        else:  # an unknown extra weight: let the exact generic rule handle it
-            return generic_rule(layer, call, examples)
-    x_hat, _ = layer.stateless_call(neutral, call.state, *call.args, **call.kwargs)
+    if any(v is not gamma and v is not beta for v in layer.trainable_variables):
+        # an unknown extra weight: let the exact generic rule handle it
+        return generic_rule(layer, call, examples)
     dy = call.cotangents[0][:examples]
-    x_hat = tf.cast(x_hat[:examples], dy.dtype)
+    x_hat = _batch_norm_x_hat(layer, call, examples)
+    if x_hat is None:
+        neutral = [
+            tf.ones_like(v.value) if v is gamma else tf.zeros_like(v.value)
+            for v in layer.trainable_variables
+        ]
+        x_hat, _ = layer.stateless_call(neutral, call.state, *call.args, **call.kwargs)
+        x_hat = x_hat[:examples]
+    x_hat = tf.cast(x_hat, dy.dtype)
     rank = dy.shape.rank
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
     axes = sorted(a % rank for a in axes)
