@@ -33,6 +33,43 @@ from keras_fim._keras_compat import (
 )
 
 
+def first_rows(tensor: tf.Tensor, examples) -> tf.Tensor:
+    """``tensor[:examples]``, in one graph operation while tracing.
+
+    A Python slice by a tensor bound adds about ten operations (the packed
+    begin, end and strides), and the rules slice every recorded input and
+    cotangent: thousands of operations over a network's hundred units,
+    each paid in tracing and graph optimisation (issue 15, the first
+    `fit`). The bounds are made once per `examples` tensor and rank, in
+    that tensor's graph, and kept on it.
+    """
+    plain = isinstance(tensor, tf.Tensor) and isinstance(examples, tf.Tensor)
+    rank = tensor.shape.rank if plain else None
+    if not rank or tf.executing_eagerly():  # ragged, unknown rank, eager
+        return tensor[:examples]
+    bounds = getattr(examples, "_keras_fim_bounds", None)
+    if bounds is None:
+        bounds = {}
+        examples._keras_fim_bounds = bounds
+    if rank not in bounds:
+        with examples.graph.as_default():
+            end = tf.concat(
+                [
+                    tf.reshape(tf.cast(examples, tf.int32), [1]),
+                    tf.zeros([rank - 1], tf.int32),
+                ],
+                axis=0,
+            )
+            bounds[rank] = (tf.zeros([rank], tf.int32), end, tf.ones([rank], tf.int32))
+    begin, end, strides = bounds[rank]
+    # end_mask: every axis but the first runs to its end
+    rows = tf.strided_slice(tensor, begin, end, strides, end_mask=(1 << rank) - 2)
+    rows.set_shape(
+        [None, *tensor.shape[1:]]
+    )  # inference drops it (bounds not constant)
+    return rows
+
+
 @dataclasses.dataclass
 class LayerCall:
     """What one call of a unit layer saw during the recorded batch pass.

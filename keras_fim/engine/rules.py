@@ -29,7 +29,12 @@ import keras
 import tensorflow as tf
 
 from keras_fim._keras_compat import in_xla_context
-from keras_fim.engine.capture import LayerCall, dense_gradient, differentiable_outputs
+from keras_fim.engine.capture import (
+    LayerCall,
+    dense_gradient,
+    differentiable_outputs,
+    first_rows,
+)
 from keras_fim.engine.gram import (
     GhostFactors,
     convolution_block,
@@ -46,7 +51,9 @@ def _output_share(outputs, cotangents, examples):
     """Each example's <output rows, cotangent rows>, summed over outputs."""
     total = 0.0
     for out, cot in zip(outputs, cotangents, strict=True):
-        product = tf.cast(out[:examples], cot.dtype) * cot[:examples]
+        product = tf.cast(first_rows(out, examples), cot.dtype) * first_rows(
+            cot, examples
+        )
         total += tf.reduce_sum(tf.reshape(product, [tf.shape(product)[0], -1]), axis=1)
     return total
 
@@ -123,8 +130,8 @@ def per_example_rule(
         ``(examples, *variable.shape)``: each example's contribution.
     """
     variables = call.weights
-    inputs = call.args[0][:examples]
-    cotangents = [c[:examples] for c in call.cotangents]
+    inputs = first_rows(call.args[0], examples)
+    cotangents = [first_rows(c, examples) for c in call.cotangents]
 
     def one(example):
         x_i, dy_i = example
@@ -198,12 +205,12 @@ def preactivation_cotangent(layer, call: LayerCall, examples, pre_activation):
     The cotangent of the activation's logits (softmax/sigmoid outputs that a
     cross-entropy reads through `_keras_logits`) is added.
     """
-    dy, dlogits = (c[:examples] for c in call.cotangents[:2])
+    dy, dlogits = (first_rows(c, examples) for c in call.cotangents[:2])
     activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
         return dy + tf.cast(dlogits, dy.dtype)
     with tf.GradientTape() as tape:
-        z = pre_activation()[:examples]
+        z = first_rows(pre_activation(), examples)
         tape.watch(z)
         y = activation(z)
     dz = tape.gradient(y, z, output_gradients=tf.cast(dy, y.dtype))
@@ -224,7 +231,7 @@ def dense_inputs_and_cotangents(layer, call: LayerCall, examples):
 
     dz = preactivation_cotangent(layer, call, examples, pre_activation)
     batch = tf.shape(dz)[0]
-    x = tf.cast(x[:examples], dz.dtype)
+    x = tf.cast(first_rows(x, examples), dz.dtype)
     return (
         tf.reshape(x, [batch, -1, x.shape[-1]]),
         tf.reshape(dz, [batch, -1, dz.shape[-1]]),
@@ -491,8 +498,13 @@ class ConvolutionOperands:
             return tf.transpose(grads, [2, 0, 1, 3, 4])
         if method != "slices":
             raise ValueError(f"unknown depthwise method {method!r}")
-        dz = tf.reshape(self.dz, [batch, height, width, channels, multiplier])
-        grads = [tf.reduce_sum(x[..., None] * dz, axis=[1, 2]) for x in self.offsets()]
+        if multiplier == 1:  # the usual case: no multiplier axis to add
+            grads = [tf.reduce_sum(x * self.dz, axis=[1, 2]) for x in self.offsets()]
+        else:
+            dz = tf.reshape(self.dz, [batch, height, width, channels, multiplier])
+            grads = [
+                tf.reduce_sum(x[..., None] * dz, axis=[1, 2]) for x in self.offsets()
+            ]
         return tf.reshape(
             tf.stack(grads, axis=1),
             [-1, *self.kernel_size, channels, multiplier],
@@ -564,7 +576,9 @@ def convolution_operands(layer, call: LayerCall, examples) -> ConvolutionOperand
         return z
 
     dz = preactivation_cotangent(layer, call, examples, pre_activation)
-    return _nhwc_operands(layer, tf.cast(x[:examples], dz.dtype), dz, padding)
+    return _nhwc_operands(
+        layer, tf.cast(first_rows(x, examples), dz.dtype), dz, padding
+    )
 
 
 def convolution_rule(layer, call: LayerCall, examples: int) -> list:
@@ -639,7 +653,9 @@ def depthwise_operands(layer, call: LayerCall, examples) -> ConvolutionOperands:
         return z
 
     dz = preactivation_cotangent(layer, call, examples, pre_activation)
-    return _nhwc_operands(layer, tf.cast(x[:examples], dz.dtype), dz, layer.padding)
+    return _nhwc_operands(
+        layer, tf.cast(first_rows(x, examples), dz.dtype), dz, layer.padding
+    )
 
 
 def depthwise_rule(layer, call: LayerCall, examples: int) -> list:
@@ -718,14 +734,14 @@ def separable_operands(layer, call: LayerCall, examples) -> SeparableOperands | 
     if channels_first:
         dz = tf.experimental.numpy.moveaxis(dz, 1, -1)
     du = tf.tensordot(dz, tf.cast(tf.transpose(pointwise), dz.dtype), axes=1)
-    x = tf.cast(x[:examples], dz.dtype)
+    x = tf.cast(first_rows(x, examples), dz.dtype)
     if channels_first:  # _nhwc_operands moves the channels of both
         du = tf.experimental.numpy.moveaxis(du, -1, 1)
     operands = _nhwc_operands(layer, x, du, layer.padding)
     if not operands.has_static_geometry():
         return None
     batch = tf.shape(dz)[0]
-    u = tf.cast(u[:examples], dz.dtype)
+    u = tf.cast(first_rows(u, examples), dz.dtype)
     return SeparableOperands(
         operands,
         tf.reshape(u, [batch, -1, u.shape[-1]]),
@@ -793,7 +809,7 @@ def _batch_norm_x_hat(layer, call: LayerCall, examples: int):
         shape[axis] = -1
         mean = tf.reshape(tf.cast(state[id(layer.moving_mean)], x.dtype), shape)
         variance = tf.reshape(tf.cast(state[id(layer.moving_variance)], x.dtype), shape)
-    return (x[:examples] - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    return (first_rows(x, examples) - mean) * tf.math.rsqrt(variance + layer.epsilon)
 
 
 def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
@@ -811,7 +827,7 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
     if any(v is not gamma and v is not beta for v in layer.trainable_variables):
         # an unknown extra weight: let the exact generic rule handle it
         return generic_rule(layer, call, examples)
-    dy = call.cotangents[0][:examples]
+    dy = first_rows(call.cotangents[0], examples)
     x_hat = _batch_norm_x_hat(layer, call, examples)
     if x_hat is None:
         neutral = [
@@ -819,7 +835,7 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
             for v in layer.trainable_variables
         ]
         x_hat, _ = layer.stateless_call(neutral, call.state, *call.args, **call.kwargs)
-        x_hat = x_hat[:examples]
+        x_hat = first_rows(x_hat, examples)
     x_hat = tf.cast(x_hat, dy.dtype)
     rank = dy.shape.rank
     axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
@@ -906,9 +922,9 @@ def embedding_factors(layer, calls, examples) -> GhostFactors | None:
         return None
 
     def tokens_and_cotangents(call):
-        d = call.cotangents[0][:examples]
+        d = first_rows(call.cotangents[0], examples)
         batch = tf.shape(d)[0]
-        tokens = tf.cast(call.args[0][:examples], tf.int32)
+        tokens = tf.cast(first_rows(call.args[0], examples), tf.int32)
         return (
             tf.reshape(tokens, [batch, -1]),
             tf.reshape(d, [batch, -1, d.shape[-1]]),
