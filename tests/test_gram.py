@@ -2,6 +2,8 @@
 references, per-layer blocks, the memory budget, and measuring from the
 training step's own pass."""
 
+from unittest import mock
+
 import fim_reference as ref
 import keras
 import numpy as np
@@ -598,6 +600,92 @@ def test_calibration_times_a_large_batch_on_fewer_examples(monkeypatch):
     assert times["slices"] == pytest.approx(12 * 16 / (3 * 7))
     assert plans["k"].method != "ghost" and plans["k"].chosen_by == "calibration"
     assert_blocks_match(actual, reference_blocks(model, x, y))
+
+
+def test_units_of_one_kind_share_one_traced_block_in_a_graph():
+    """Inside a traced function, units of one kind (class, options, shapes)
+    call one block function, traced once and kept out of line; each unit's
+    block is still its own (the float64 loop's) and its plan bears its name.
+    A block that reads a tensor beyond its factors is not shared, and is
+    right too."""
+    from keras_fim.engine import gram
+    from keras_fim.engine.rules import LayerRule, builtin_registry, convolution_rule
+
+    keras.utils.set_random_seed(22)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((6, 6, 3)),
+                keras.layers.Conv2D(3, 3, padding="same", name="a"),
+                keras.layers.Conv2D(3, 3, padding="same", name="b"),
+                keras.layers.Conv2D(3, 3, padding="same", name="c"),
+                keras.layers.Conv2D(2, 3, strides=2, name="d"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="head"),
+            ]
+        )
+    )
+    x = np.random.default_rng(23).normal(size=(5, 6, 6, 3)).astype("float32")
+    y = labels(5)
+    expected = reference_blocks(model, x, y)
+    traced = []
+    original = gram.SharedBlocks.__call__
+
+    def counting(self, unit, factors, budget):
+        before = len(self._functions)
+        result = original(self, unit, factors, budget)
+        traced.append(len(self._functions) > before)
+        return result
+
+    def blocks_in_a_graph(registry=None):
+        out = {}
+
+        @tf.function(autograph=False)
+        def blocks():
+            record = record_pass(model, x, y, registry=registry)
+            built, plans = grams_from_calls(record.units, record.calls, record.examples)
+            out["plans"] = {p.layer: p for p in plans}
+            out["graph"] = tf.compat.v1.get_default_graph()
+            return built
+
+        values = {k: v.numpy() for k, v in blocks().items()}
+        return values, out
+
+    with mock.patch.object(gram.SharedBlocks, "__call__", counting):
+        actual, out = blocks_in_a_graph()
+    assert_blocks_match(actual, expected)
+    assert traced == [True, False, False, True, True]  # a = b = c, d, head
+    assert all(out["plans"][name].layer == name for name in "abcd")
+    calls = [op for op in out["graph"].get_operations() if "PartitionedCall" in op.type]
+    assert len(calls) == 5
+
+    # A custom block reading an outer tensor (here: the cotangent beside its
+    # factors) captures it: formed in place, per unit.
+    base = builtin_registry()
+    conv = base.rule_for(model.get_layer("a"))
+
+    def leaky_factors(layer, calls, examples):
+        factors = conv.factors(layer, calls, examples)
+        outer = tf.reduce_sum(factors.tensors[0]) * 0.0
+
+        def block(tensors, budget):
+            value, plan = factors.block(tensors, budget)
+            return value + tf.cast(outer, value.dtype), plan
+
+        return gram.GhostFactors(factors.tensors, block)
+
+    registry = builtin_registry()
+    registry.register(
+        keras.layers.Conv2D,
+        LayerRule(convolution_rule, factors=leaky_factors),
+        overwrite=True,
+    )
+    traced.clear()
+    with mock.patch.object(gram.SharedBlocks, "__call__", counting):
+        actual, out = blocks_in_a_graph(registry)
+    assert_blocks_match(actual, expected)
+    calls = [op for op in out["graph"].get_operations() if "PartitionedCall" in op.type]
+    assert len(calls) == 1  # the head's Dense only
 
 
 def test_calibrations_are_kept_on_disk_per_machine(monkeypatch, tmp_path):

@@ -674,14 +674,97 @@ def unit_factors(unit, calls, examples) -> GhostFactors | None:
     return None if rule.factors is None else rule.factors(layer, calls, examples)
 
 
-def unit_gram(unit, calls: list, examples, budget: float = DEFAULT_MEMORY_BUDGET):
+def unit_gram(
+    unit,
+    calls: list,
+    examples,
+    budget: float = DEFAULT_MEMORY_BUDGET,
+    shared: SharedBlocks | None = None,
+):
     """The Gram block of one unit over all its recorded calls, and its plan:
-    from its rule's factored form where it has one, else from its
-    per-example gradients."""
+    from its rule's factored form where it has one (through `shared`, when
+    given), else from its per-example gradients."""
     factors = unit_factors(unit, calls, examples)
-    if factors is not None:
-        return factors.block(factors.tensors, budget)
-    return rule_gram(unit.layer, unit.rule.per_example, calls, examples)
+    if factors is None:
+        return rule_gram(unit.layer, unit.rule.per_example, calls, examples)
+    if shared is not None:
+        return shared(unit, factors, budget)
+    return factors.block(factors.tensors, budget)
+
+
+class SharedBlocks:
+    """One traced function per kind of factored block, shared by the units
+    of a graph that have that kind.
+
+    A network repeats its blocks: of the 105 to 131 units of MobileNetV2,
+    EfficientNetB0 and ResNet50, 30 to 66 differ in layer class, options
+    and shapes. Each unit's block written into the measuring graph cost
+    tracing time, graph optimisation and instantiation for every copy, a
+    first `fit` several times a plain one (issue 15). Here the units of one
+    kind (layer class, config but for the name, rule, the factors' shapes
+    and dtypes, the memory budget, the `path_choice` in force) call one
+    function, traced and optimised once and kept apart from the caller's
+    graph (``_noinline``), so that it is instantiated once too.
+
+    A block function that would capture a tensor of the caller's graph (a
+    custom rule's block reading more than its factors) is not shared: that
+    unit and its kind form their blocks in place. Eagerly, under XLA or a
+    distribution strategy, nothing is shared.
+    """
+
+    def __init__(self):
+        self._functions: dict = {}  # kind -> (concrete function, [plan]) or None
+
+    @staticmethod
+    def enabled() -> bool:
+        """Whether sharing applies here (building a graph of one device
+        without XLA)."""
+        return not (
+            tf.executing_eagerly() or in_xla_context() or tf.distribute.has_strategy()
+        )
+
+    def _kind(self, unit, factors, budget):
+        layer = unit.layer
+        try:
+            config = layer.get_config()
+        except Exception:  # a custom layer without a config: no kind
+            return None
+        config.pop("name", None)
+        choice, timer = _CHOICE[-1] if _CHOICE else (_default_choice(), None)
+        return (
+            type(layer),
+            repr(sorted(config.items())),
+            id(unit.rule),
+            tuple((tuple(t.shape), t.dtype.name) for t in factors.tensors),
+            budget,
+            choice,
+            id(timer),
+        )
+
+    def __call__(self, unit, factors, budget):
+        kind = self._kind(unit, factors, budget)
+        if kind is None or not all(isinstance(t, tf.Tensor) for t in factors.tensors):
+            return factors.block(factors.tensors, budget)
+        if kind not in self._functions:
+            plans = []
+
+            def block(*tensors):
+                value, plan = factors.block(list(tensors), budget)
+                plans.append(plan)
+                return value
+
+            shared = tf.function(
+                block, autograph=False, experimental_attributes={"_noinline": True}
+            ).get_concrete_function(
+                *[tf.TensorSpec(t.shape, t.dtype) for t in factors.tensors]
+            )
+            self._functions[kind] = None if shared.captured_inputs else (shared, plans)
+        if self._functions[kind] is None:
+            return factors.block(factors.tensors, budget)
+        shared, plans = self._functions[kind]
+        return shared(*factors.tensors), dataclasses.replace(
+            plans[0], layer=unit.layer.name
+        )
 
 
 # -- payloads: what a replica contributes to the global batch's blocks --------
@@ -884,11 +967,12 @@ def grams_from_calls(units, calls, examples, memory_budget=None, fail_mode="erro
     if _shares_weights(units):
         grads = per_variable_gradients(units, calls, examples)
         return {"model": gram_from_gradients(grads)}, []
+    shared = SharedBlocks() if SharedBlocks.enabled() else None
     built = _per_unit(
         units,
         calls,
         fail_mode,
-        lambda unit, unit_calls: unit_gram(unit, unit_calls, examples, budget),
+        lambda unit, unit_calls: unit_gram(unit, unit_calls, examples, budget, shared),
     )
     blocks = {name: block for name, (block, _) in built.items()}
     return blocks, [plan for _, plan in built.values()]
