@@ -688,6 +688,33 @@ def test_units_of_one_kind_share_one_traced_block_in_a_graph():
     assert len(calls) == 1  # the head's Dense only
 
 
+def test_the_clock_times_again_only_the_candidates_close_to_the_fastest():
+    """Each candidate is warmed up and timed once; those within `CLOSE` of
+    the fastest are timed `CALIBRATION_REPEATS` times in all, the fastest
+    run counting; each time is scaled by its candidate's factor."""
+    from keras_fim.engine import gram
+
+    ran = []
+
+    def build(name):
+        def block(operands):
+            ran.append(name)
+            return tf.zeros([2, 2], tf.float64) + tf.cast(operands[0][0, 0], tf.float64)
+
+        return None, block
+
+    candidates = {"a": build("a"), "b": build("b"), "c": build("c")}
+    # first runs: a 1.0, b 1.2, c 3.0; then a and b twice more
+    durations = [1.0, 1.2, 3.0, 0.9, 0.95, 1.3, 1.1]
+    ticks = np.cumsum([[0.0, d] for d in durations]).tolist()
+    with mock.patch.object(gram.time, "perf_counter", side_effect=ticks):
+        seconds = gram._clocked(
+            candidates, [tf.ones([2, 2])], {"a": 1.0, "b": 1.0, "c": 2.0}
+        )
+    assert seconds == pytest.approx({"a": 0.9, "b": 1.1, "c": 6.0})
+    assert sorted(set(ran)) == ["a", "b", "c"]  # each branch traced once
+
+
 def test_calibrations_are_kept_on_disk_per_machine(monkeypatch, tmp_path):
     """A calibration timed by the clock is written to the store; a new
     process (memory cleared) takes it from there without timing; another
@@ -701,11 +728,11 @@ def test_calibrations_are_kept_on_disk_per_machine(monkeypatch, tmp_path):
     speeds = {"ghost": 3.0, "map_fn": 2.0, "slices": 1.0, "im2col": 4.0}
     timed = []
 
-    def clock(plan, run):
-        timed.append(plan.method)
-        return speeds.get(plan.method, 5.0)
+    def clocked(candidates, operands, scale):
+        timed.extend(candidates)
+        return {method: speeds.get(method, 5.0) for method in candidates}
 
-    monkeypatch.setattr(gram, "_wall_clock", clock)
+    monkeypatch.setattr(gram, "_clocked", clocked)
     path = tmp_path / "cache" / "calibrations.json"
     monkeypatch.setenv("KERAS_FIM_CALIBRATION_CACHE", str(path))
 

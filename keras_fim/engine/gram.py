@@ -136,8 +136,12 @@ PATH_CHOICE_ENV = "KERAS_FIM_PATH_CHOICE"
 ``"calibrate"`` (unset), ``"cost"``, or a path or method to force."""
 
 CALIBRATION_REPEATS = 3
-"""Timed runs per candidate when calibrating (after one warm-up); the
-fastest counts."""
+"""Timed runs of a candidate that comes close to the fastest when
+calibrating (after one warm-up; the others are timed once); the fastest
+run counts."""
+
+CLOSE = 1.5
+"""A candidate timed within this factor of the fastest is timed again."""
 
 CALIBRATION_BATCH_SIZE = 32
 """The most examples a candidate is timed on when calibrating. A plan for a
@@ -174,8 +178,9 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
     * ``"calibrate"`` (the default, or the environment variable
       ``KERAS_FIM_PATH_CHOICE``): the first time a kernel of given shapes is
       planned, each candidate that fits the memory budget runs on random
-      operands of those shapes (in a `tf.function`, once to warm up, then
-      `CALIBRATION_REPEATS` times; at most `CALIBRATION_BATCH_SIZE`
+      operands of those shapes (a branch each of one `tf.function`, once to
+      warm up and once timed, then `CALIBRATION_REPEATS` in all if within
+      `CLOSE` of the fastest; at most `CALIBRATION_BATCH_SIZE`
       examples, a larger batch's times scaled by each candidate's
       multiply-adds) and the fastest is taken; the choice is
       cached per (layer kind, geometry, operand shapes with the batch size,
@@ -242,14 +247,32 @@ def _synthetic(tensor, batch):
     return tf.zeros(shape, tensor.dtype)
 
 
-def _wall_clock(plan, run) -> float:
-    run()  # traces and warms up
-    best = math.inf
-    for _ in range(CALIBRATION_REPEATS):
+def _clocked(candidates, operands, scale) -> dict:
+    """Seconds of each candidate (``{method: (plan, build)}``) on
+    `operands`, each times its `scale`: all in one function, a branch each
+    (one trace and one instantiation for all, which cost more than the
+    timed runs), each branch run once to warm up and once timed, then
+    those within `CLOSE` of the fastest `CALIBRATION_REPEATS - 1` times
+    more; the fastest run counts."""
+    methods = list(candidates)
+    branches = [lambda build=candidates[m][1]: build(operands) for m in methods]
+    run = tf.function(lambda i: tf.switch_case(i, branches), autograph=False)
+
+    def clock(index):
         start = time.perf_counter()
-        np.asarray(run())
-        best = min(best, time.perf_counter() - start)
-    return best
+        np.asarray(run(tf.constant(index)))
+        return (time.perf_counter() - start) * scale[methods[index]]
+
+    seconds = {}
+    for index, method in enumerate(methods):
+        run(tf.constant(index))  # traces (the first), warms up
+        seconds[method] = clock(index)
+    fastest = min(seconds.values())
+    for index, method in enumerate(methods):
+        if seconds[method] <= CLOSE * fastest:
+            for _ in range(CALIBRATION_REPEATS - 1):
+                seconds[method] = min(seconds[method], clock(index))
+    return seconds
 
 
 def _calibrated(key, candidates, tensors, batch, timer, cost=None):
@@ -275,14 +298,18 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None):
             _CALIBRATIONS[key] = kept
     if key not in _CALIBRATIONS:
         timed = batch if cost is None else min(batch, CALIBRATION_BATCH_SIZE)
+        scale = {
+            method: 1.0 if timed == batch else cost(method, batch) / cost(method, timed)
+            for method in candidates
+        }
         seconds = {}
         with tf.init_scope():  # out of the graph being built: run eagerly
             operands = [_synthetic(t, timed) for t in tensors]
-            for method, (plan, build) in candidates.items():
+            if timer is None:
+                seconds = _clocked(candidates, operands, scale)
+            for method, (plan, build) in candidates.items() if timer else ():
                 run = tf.function(lambda build=build: build(operands), autograph=False)
-                seconds[method] = (timer or _wall_clock)(plan, run)
-                if timed != batch:
-                    seconds[method] *= cost(method, batch) / cost(method, timed)
+                seconds[method] = timer(plan, run) * scale[method]
         _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
         if timer is None:
             calibration_store.store(repr(key), *_CALIBRATIONS[key])
