@@ -10,7 +10,8 @@ optimisation, calibration, the steps):
 * ``every step``: `FisherCallback(every_n_steps=1)`, so only the measuring
   train function is traced;
 * ``default``: `FisherCallback()` (every 50 steps): the first step is
-  measured, the others plain, so both train functions are traced;
+  measured, the others not (one function serves both on one device
+  without XLA: the measurement is a condition inside it);
 
 each measured row with the calibration store (`keras_fim.engine.
 calibration_store`) empty (``cold``: a new machine) and then holding what the

@@ -400,7 +400,7 @@ class FisherCallback(keras.callbacks.Callback):
             return  # Keras's own train function: training as without us
         if not self._functions:
             self._functions = self._train_functions()
-        if self._steps_per_execution > 1:
+        if self._measured_step.in_graph_choice:
             # One function, the decision is taken per step in-graph. Set at
             # every batch: another keras-fim callback may have set its own.
             self.model.train_function = self._functions["measure"]
@@ -494,6 +494,7 @@ class FisherCallback(keras.callbacks.Callback):
             self._warn,
             self._request_retrace,
             xla_apart=self._xla_apart(),
+            in_graph_choice=self._in_graph_choice(),
         )
         functions = {
             "plain": self._build_train_function(measure=False),
@@ -538,6 +539,23 @@ class FisherCallback(keras.callbacks.Callback):
         for name in ("per_example_loss", "measured_layers"):
             config.pop(name)
         return config
+
+    def _in_graph_choice(self) -> bool:
+        """Whether one train function serves every step, measured or not
+        (`MeasuredStep.in_graph_choice`): with several steps per execution,
+        and on one replica without XLA when not every step is measured.
+        Under XLA the unmeasured steps keep Keras's fully compiled function;
+        under several replicas the collectives of a measurement must run at
+        every step."""
+        if self._steps_per_execution > 1:
+            return True
+        model = self.model
+        return (
+            self.every_n_steps > 1
+            and not self._xla_apart()
+            and not bool(model.jit_compile)
+            and model.distribute_strategy.num_replicas_in_sync == 1
+        )
 
     def _xla_apart(self) -> bool:
         """Whether the measuring function is compiled without XLA, its step

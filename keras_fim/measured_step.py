@@ -118,6 +118,13 @@ class MeasuredStep:
             of their own compiled by XLA, and the eigen-solves and records
             outside it (a model compiled with ``jit_compile=True``, on one
             replica; the train function is then compiled without XLA).
+        in_graph_choice: Boolean, whether one function serves measured and
+            unmeasured steps alike, the measurement built under a condition
+            on the step (with several steps per execution; and on one
+            replica without XLA when not every step is measured: one
+            function to trace and optimise instead of two, which halves
+            what a first `fit` adds; issue 15). Defaults to
+            ``steps_per_execution > 1``.
     """
 
     model: keras.Model
@@ -130,6 +137,11 @@ class MeasuredStep:
     warn: Callable[[Exception], None]
     request_retrace: Callable[[], None]
     xla_apart: bool = False
+    in_graph_choice: bool | None = None
+
+    def __post_init__(self):
+        if self.in_graph_choice is None:
+            self.in_graph_choice = self.steps_per_execution > 1
 
     def is_measured(self, step, epoch):
         """Whether the 0-based global `step` is measured (Python or tensors)."""
@@ -285,9 +297,9 @@ class MeasuredStep:
         return logs, lambda: self._form(inputs, recorded, (x, y, sample_weight), False)
 
     def _when_measured(self, build) -> None:
-        """Runs `build()` at measured steps (in-graph with several steps per
-        execution, where one function serves every step)."""
-        if self.steps_per_execution == 1:
+        """Runs `build()` at measured steps (in-graph where one function
+        serves every step: `in_graph_choice`)."""
+        if not self.in_graph_choice:
             build()
             return
         state = self.state

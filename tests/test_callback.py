@@ -551,6 +551,35 @@ def test_a_second_fit_reuses_the_traced_functions(tmp_path, measure_traces, log_
         )
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_unmeasured_steps_share_the_measuring_function(monkeypatch, jit_compile):
+    """On one replica without XLA, one train function serves measured and
+    unmeasured steps (the choice in-graph): Keras's step is traced once, not
+    once more for a plain function, the cadence holds and the weights are
+    plain Keras's. Under XLA the unmeasured steps keep Keras's compiled
+    function (two traces)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    traces = []
+    original = TensorFlowTrainer.train_step
+
+    def counted(self, data):
+        traces.append(self)
+        return original(self, data)
+
+    monkeypatch.setattr(TensorFlowTrainer, "train_step", counted)
+    x, y = data(56)
+    model = compile_sgd(mlp(), jit_compile=jit_compile)
+    plain = compile_sgd(mlp(), jit_compile=jit_compile)
+    plain.set_weights(model.get_weights())
+    fit = dict(x=x, y=y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    model.fit(**fit, callbacks=[keras_fim.FisherCallback(every_n_steps=3)])
+    assert sum(t is model for t in traces) == (2 if jit_compile else 1)
+    assert int(model.fisher_state.measurements) == 3  # steps 0, 3 and 6 of 7
+    plain.fit(**fit)
+    assert_same_weights(model, plain)
+
+
 def test_reused_functions_train_as_plain_keras_and_as_fresh_ones(measure_traces):
     x, y = data(32)
     fresh_model, reused_model, plain = (compile_sgd(mlp()) for _ in range(3))

@@ -672,8 +672,9 @@ def test_with_a_fisher_callback_later_fits_trace_nothing(step_traces):
     for _ in range(3):
         model.fit(sampling.dataset, epochs=1, callbacks=[fisher, sampling], verbose=0)
         traces.append(len(step_traces))
-    # The FisherCallback's functions hold this step, and are reused too.
-    assert traces[0] >= 2 and traces == [traces[0]] * 3
+    # The FisherCallback's function holds this step (one function serves
+    # measured and unmeasured steps), and is reused too.
+    assert traces[0] >= 1 and traces == [traces[0]] * 3
 
 
 # -- 6. validation errors ----------------------------------------------------------
