@@ -1,6 +1,9 @@
 """FisherCallback and FisherModel inside `fit`: schedule, running values, logs."""
 
 import math
+import os
+import subprocess
+import sys
 
 import fim_reference as ref
 import keras
@@ -770,6 +773,43 @@ def noisy(messages):
         for m in messages
         if "IndexedSlices" in m or "retracing" in m or "parallel_iterations" in m
     ]
+
+
+FIT_WITH_A_CADENCE = """
+import keras, numpy as np, keras_fim
+inputs = keras.Input((8, 8, 2))
+h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+h = keras.layers.BatchNormalization()(h)
+h = keras.layers.GlobalAveragePooling2D()(h)
+model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+x, y = np.random.rand(32, 8, 8, 2).astype("float32"), np.arange(32) % 3
+callback = keras_fim.FisherCallback(every_n_steps=2)
+model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[callback])
+assert int(model.fisher_state.measurements) == 4
+"""
+
+
+def test_a_fit_with_a_cadence_logs_no_tensorflow_warning():
+    """TensorFlow's own logging on (as a user has it): a fit whose steps
+    are measured under an in-graph condition makes TensorFlow log no
+    warning or error (grappler logged one for a softmax it could not cost
+    there, before its cotangent came from the recorded output)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-c", FIT_WITH_A_CADENCE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    logged = [
+        line
+        for line in result.stderr.splitlines()
+        if line[:1] in "WE" and line[1:5].isdigit() and "cuda" not in line.lower()
+    ]
+    assert logged == [], result.stderr
 
 
 @pytest.mark.parametrize("reuse_training_pass", [True, False])

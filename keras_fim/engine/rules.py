@@ -209,6 +209,15 @@ def preactivation_cotangent(layer, call: LayerCall, examples, pre_activation):
     activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
         return dy + tf.cast(dlogits, dy.dtype)
+    if activation is keras.activations.softmax:
+        # From the recorded output, as TensorFlow's own softmax gradient:
+        # no softmax recomputed (grappler cannot cost one whose input rank
+        # it does not know, in a measurement under an in-graph condition,
+        # and logs an error line for it).
+        y = first_rows(call.outputs[0], examples)
+        dy = tf.cast(dy, y.dtype)
+        dz = (dy - tf.reduce_sum(dy * y, axis=-1, keepdims=True)) * y
+        return dz + tf.cast(dlogits, dz.dtype)
     with tf.GradientTape() as tape:
         z = first_rows(pre_activation(), examples)
         tape.watch(z)
