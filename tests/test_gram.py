@@ -502,24 +502,29 @@ def test_every_forced_path_matches_loop(case, method):
     assert_blocks_match(actual, reference_blocks(model, x, y))
 
 
+def conv_stack(shape, convolutions, seed):
+    """A compiled stack of 3x3 Conv2D layers, ``{name: (filters, options)}``
+    in order, then a softmax head named "head"."""
+    keras.utils.set_random_seed(seed)
+    layers = [
+        keras.layers.Conv2D(filters, 3, name=name, **options)
+        for name, (filters, options) in convolutions.items()
+    ]
+    head = keras.layers.Dense(3, activation="softmax", name="head")
+    return compiled(
+        keras.Sequential([keras.Input(shape), *layers, keras.layers.Flatten(), head])
+    )
+
+
 def test_calibration_takes_the_fastest_candidate_once_per_shape():
     """With timings injected: the fastest candidate by the timer is taken,
     timed once per shape (two identical layers share it), and a candidate
     over the memory budget is never timed."""
     from keras_fim.engine.gram import calibrations, clear_calibrations
 
-    keras.utils.set_random_seed(18)
-    model = compiled(
-        keras.Sequential(
-            [
-                keras.Input((8, 8, 2)),
-                keras.layers.Conv2D(2, 3, padding="same", name="a"),
-                keras.layers.Conv2D(2, 3, padding="same", name="b"),
-                keras.layers.Conv2D(3, 3, strides=2, name="c"),
-                keras.layers.Flatten(),
-                keras.layers.Dense(3, activation="softmax", name="head"),
-            ]
-        )
+    same = dict(padding="same")
+    model = conv_stack(
+        (8, 8, 2), dict(a=(2, same), b=(2, same), c=(3, dict(strides=2))), seed=18
     )
     x = np.random.default_rng(19).normal(size=(4, 8, 8, 2)).astype("float32")
     y = labels(4)
@@ -611,19 +616,11 @@ def test_units_of_one_kind_share_one_traced_block_in_a_graph():
     from keras_fim.engine import gram
     from keras_fim.engine.rules import LayerRule, builtin_registry, convolution_rule
 
-    keras.utils.set_random_seed(22)
-    model = compiled(
-        keras.Sequential(
-            [
-                keras.Input((6, 6, 3)),
-                keras.layers.Conv2D(3, 3, padding="same", name="a"),
-                keras.layers.Conv2D(3, 3, padding="same", name="b"),
-                keras.layers.Conv2D(3, 3, padding="same", name="c"),
-                keras.layers.Conv2D(2, 3, strides=2, name="d"),
-                keras.layers.Flatten(),
-                keras.layers.Dense(3, activation="softmax", name="head"),
-            ]
-        )
+    same = dict(padding="same")
+    model = conv_stack(
+        (6, 6, 3),
+        dict(a=(3, same), b=(3, same), c=(3, same), d=(2, dict(strides=2))),
+        seed=22,
     )
     x = np.random.default_rng(23).normal(size=(5, 6, 6, 3)).astype("float32")
     y = labels(5)
