@@ -307,9 +307,12 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None):
             operands = [_synthetic(t, timed) for t in tensors]
             if timer is None:
                 seconds = _clocked(candidates, operands, scale)
-            for method, (plan, build) in candidates.items() if timer else ():
-                run = tf.function(lambda build=build: build(operands), autograph=False)
-                seconds[method] = timer(plan, run) * scale[method]
+            else:
+                for method, (plan, build) in candidates.items():
+                    run = tf.function(
+                        lambda build=build: build(operands), autograph=False
+                    )
+                    seconds[method] = timer(plan, run) * scale[method]
         _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
         if timer is None:
             calibration_store.store(repr(key), *_CALIBRATIONS[key])
@@ -683,9 +686,7 @@ def rule_gram(layer, per_example, calls, examples):
         # Small variables (normalisation scales and offsets): one product
         # for all, a third of the graph operations of one per variable.
         size = sum(sizes)
-        rows = [tf.cast(_rows(g), GRAM_DTYPE) for g in summed]
-        rows = rows[0] if len(rows) == 1 else tf.concat(rows, axis=1)
-        block = tf.matmul(rows, rows, transpose_b=True)
+        block = gram_of(_flat(summed))
     else:  # one variable at a time: the float64 copies one by one
         size = max(s or 0 for s in sizes)
         block = tf.add_n([gram_of(g) for g in summed])
@@ -822,7 +823,7 @@ class Payload:
 
 def _flat(gradients) -> tf.Tensor:
     """Per-example gradients (one tensor per variable) as one ``(b, P)``."""
-    flat = [tf.reshape(g, [tf.shape(g)[0], -1]) for g in gradients]
+    flat = [_rows(g) for g in gradients]
     dtype = max((g.dtype for g in flat), key=lambda d: d.size)
     flat = [tf.cast(g, dtype) for g in flat]
     return flat[0] if len(flat) == 1 else tf.concat(flat, axis=1)
