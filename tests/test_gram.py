@@ -770,6 +770,43 @@ def test_calibrations_are_kept_on_disk_per_machine(monkeypatch, tmp_path):
     assert calibration_store.cache_path() is None and not off.exists()
 
 
+def test_the_default_takes_kept_calibrations_and_times_nothing(monkeypatch, tmp_path):
+    """By default (``"auto"``) nothing is timed: the cost model plans a
+    shape the store does not hold, and a shape calibrated earlier (here by
+    another "process", on disk) takes the calibrated choice."""
+    from keras_fim.engine import gram
+
+    model, x, y = kernel_model("conv_same_s2")
+    with path_choice("cost"):
+        by_cost = engine_blocks(model, x, y)[1]["k"].method
+    # The clock finds the cost model's choice slowest of all.
+    speeds = {"ghost": 2, "slices": 3, "map_fn": 4, "im2col": 5, "einsum": 6}
+    speeds[by_cost] = 10
+    timed = []
+
+    def clocked(candidates, operands, scale):
+        timed.extend(candidates)
+        return {method: speeds[method] for method in candidates}
+
+    monkeypatch.setattr(gram, "_clocked", clocked)
+    monkeypatch.setenv("KERAS_FIM_CALIBRATION_CACHE", str(tmp_path / "c.json"))
+    monkeypatch.delenv("KERAS_FIM_PATH_CHOICE")
+
+    def plan_k():
+        actual, plans = engine_blocks(model, x, y)
+        assert_blocks_match(actual, reference_blocks(model, x, y))
+        return plans["k"].method, plans["k"].chosen_by
+
+    gram.clear_calibrations()
+    assert plan_k() == (by_cost, "cost") and timed == []
+    with path_choice("calibrate"):
+        calibrated, _ = plan_k()
+    assert timed and calibrated != by_cost
+    timed.clear()
+    gram.clear_calibrations()  # as a new process
+    assert plan_k() == (calibrated, "calibration") and timed == []
+
+
 def test_calibration_by_the_clock_inside_a_function_matches_loop():
     """Timed for real (whatever wins on this machine), from inside a
     `tf.function` being traced: the block is the reference's."""

@@ -161,7 +161,7 @@ _CALIBRATIONS: dict = {}  # calibration key -> (method, {method: seconds})
 
 
 def _default_choice() -> str:
-    return os.environ.get(PATH_CHOICE_ENV, "").strip() or "calibrate"
+    return os.environ.get(PATH_CHOICE_ENV, "").strip() or "auto"
 
 
 @contextlib.contextmanager
@@ -175,8 +175,14 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
     batched matrix products, im2col), each with its Gram product. Which is
     fastest depends on the shapes and the machine.
 
-    * ``"calibrate"`` (the default, or the environment variable
-      ``KERAS_FIM_PATH_CHOICE``): the first time a kernel of given shapes is
+    * ``"auto"`` (the default when neither this context nor the environment
+      variable ``KERAS_FIM_PATH_CHOICE`` says otherwise): the calibrated
+      choice where this machine holds one (timed earlier in this process or
+      kept on disk by an earlier one), the cost model elsewhere. Nothing is
+      timed, so a first `fit` on a new machine pays no calibration (issue
+      15); the cost model's choices were the calibrated ones, or within
+      a few per cent of them, on the machine docs/performance.md describes.
+    * ``"calibrate"``: the first time a kernel of given shapes is
       planned, each candidate that fits the memory budget runs on random
       operands of those shapes (a branch each of one `tf.function`, once to
       warm up and once timed, then `CALIBRATION_REPEATS` in all if within
@@ -187,13 +193,14 @@ def path_choice(choice: str = "calibrate", timer: Callable | None = None):
       dtypes, candidates), for the process and on disk for the next ones on
       this machine (`keras_fim.engine.calibration_store`; the environment
       variable ``KERAS_FIM_CALIBRATION_CACHE`` names the file, ``off``
-      keeps none). The candidates include the naive
+      keeps none), where ``"auto"`` finds it. The candidates include the naive
       path (the per-example rule's own method), so the chosen block is never
       slower than it, up to timing noise. Where timing is not possible (under
       XLA, under a distribution strategy, shapes not static) the cost model
       chooses.
-    * ``"cost"``: the cost model alone (multiply-adds; see
-      docs/performance.md): deterministic, no timing.
+    * ``"cost"``: the cost model alone (multiply-adds, and the method
+      found fastest per multiply-add; see docs/performance.md):
+      deterministic, no timing, nothing read from disk.
     * a path or a method (``"ghost"``, ``"materialise"``, ``"einsum"``,
       ``"map_fn"``, ``"slices"``, ``"im2col"``, ``"grouped"``): that one
       wherever it is a candidate (tests use this), the cost model elsewhere.
@@ -275,11 +282,12 @@ def _clocked(candidates, operands, scale) -> dict:
     return seconds
 
 
-def _calibrated(key, candidates, tensors, batch, timer, cost=None):
+def _calibrated(key, candidates, tensors, batch, timer, cost=None, timing=True):
     """The fastest of `candidates` (``{method: (plan, build)}``) for `batch`
     examples, timed on random operands shaped like `tensors`, cached under
-    `key`; `None` where timing is not possible here. With `cost` (``cost(
-    method, batch)``: a candidate's multiply-adds), a batch over
+    `key`; `None` where timing is not possible here, or where nothing is
+    kept for `key` and `timing` is false. With `cost` (``cost(method,
+    batch)``: a candidate's multiply-adds), a batch over
     `CALIBRATION_BATCH_SIZE` is timed at that size and each time scaled by
     the candidate's multiply-adds at `batch` over those at the timed size."""
     if key is None or in_xla_context() or tf.distribute.has_strategy():
@@ -296,6 +304,8 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None):
         kept = calibration_store.load(repr(key))
         if kept is not None and kept[0] in candidates:
             _CALIBRATIONS[key] = kept
+    if key not in _CALIBRATIONS and not timing:
+        return None
     if key not in _CALIBRATIONS:
         timed = batch if cost is None else min(batch, CALIBRATION_BATCH_SIZE)
         scale = {
@@ -422,8 +432,9 @@ def choose_path(candidates, tensors, batch, key, default, forceable=None, cost=N
         chosen, by, candidates = materialised[0], "forced", forceable
     elif len(candidates) == 1:
         chosen, by = next(iter(candidates)), ""
-    elif choice == "calibrate":
-        chosen = _calibrated(key, candidates, tensors, batch, timer, cost)
+    elif choice in ("calibrate", "auto"):
+        timing = choice == "calibrate"
+        chosen = _calibrated(key, candidates, tensors, batch, timer, cost, timing)
         by = "calibration"
     if chosen is None:
         chosen, by = default, "cost"

@@ -289,9 +289,15 @@ def same_padding(size, kernel, stride, rate):
     return [total // 2, total - total // 2]
 
 
-KERNEL_METHODS = ("map_fn", "slices", "im2col", "grouped")
+KERNEL_METHODS = ("slices", "map_fn", "im2col", "grouped")
 """The ways `ConvolutionOperands.kernel_gradients` forms the per-example
-kernel gradients of a convolution (see there)."""
+kernel gradients of a convolution (see there), in the cost model's order of
+preference. Calibrating the 64 convolution shapes of the ResNet-style
+networks and three `keras.applications` models on a 2-core machine found
+``"slices"`` fastest for 50 and within 1.8x of the fastest for all,
+``"im2col"`` fastest for the other 14, and the per-example filter-gradient
+loop never (1.2-12.5x the fastest), though faster than im2col where the
+input has few channels over many positions (docs/performance.md)."""
 
 DEPTHWISE_METHODS = ("folded", "slices")
 """The ways `ConvolutionOperands.depthwise_gradients` forms those of a
@@ -392,10 +398,10 @@ class ConvolutionOperands:
         if in_xla_context():
             return ("grouped",)
         methods = []
-        if all(rate == 1 for rate in self.rates):
-            methods.append("map_fn")
         if self.has_static_geometry():
             methods.append("slices")
+        if all(rate == 1 for rate in self.rates):
+            methods.append("map_fn")
         methods.append("im2col")
         return tuple(methods)
 
@@ -459,14 +465,14 @@ class ConvolutionOperands:
     def depthwise_methods(self) -> tuple:
         """The `DEPTHWISE_METHODS` that can form this call's depthwise
         kernel gradients here (``"folded"`` only without dilation), the one
-        the cost model takes first: ``"slices"`` on maps under 16 output
+        the cost model takes first: ``"slices"`` on maps under 64 output
         positions, where TensorFlow's depthwise filter gradient over
-        ``B * C`` channels is 100x slower (measured: 150-275 ms against
-        0.5-0.9 ms for 2x2 and 1x1 maps of 576-960 channels, batch 32),
-        ``"folded"`` on larger ones (2-3x faster there)."""
+        ``B * C`` channels is up to 60x slower (calibrated: 34-59x on 1x1
+        and 2x2 maps of 384-1152 channels, 18-28x on 4x4 maps under 5x5
+        kernels), ``"folded"`` on larger ones (1.1-1.4x faster there)."""
         if any(rate > 1 for rate in self.rates):
             return ("slices",)
-        if (self.positions or 0) < 16:
+        if (self.positions or 0) < 64:
             return ("slices", "folded")
         return ("folded", "slices")
 
