@@ -10,17 +10,20 @@ one batch size, it times
   15 item 3 (depthwise convolutions by `per_example_rule`, paths by the cost
   model);
 * `measure: cost`: today's rules, paths by the cost model;
-* `measure: calibrated`: today's rules, paths by timing on this machine (the
-  default; the first call includes the calibration);
+* `measure: calibrated`: today's rules, paths by timing on this machine
+  (``path_choice("calibrate")``; the first call includes the calibration);
 * `measure: naive`: every per-example gradient materialised by the rules
   (`per_example_gradients`), then ``J J^T`` and the eigenvalues;
-* `fit: plain step` and `fit: measured`: the functions `fit` runs, Keras's
-  own and FisherCallback's measuring one (every_n_steps=1, the training pass
-  reused, paths calibrated), on batches whose size the graph leaves open, as
-  in `fit`; the calibrations are forgotten first and the on-disk store is a
-  new, empty file, so their first call is a first `fit`'s on a new machine
-  (tracing and calibrating; `benchmarks/first_fit.py` times whole first
-  fits in new processes, with the store empty and kept).
+* `fit: plain step`, `fit: measured` and `fit: calibrated`: the functions
+  `fit` runs, Keras's own and FisherCallback's measuring one (every_n_steps=1,
+  the training pass reused), on batches whose size the graph leaves open, as
+  in `fit`; the measuring one traced twice: with the default path choice on
+  a new machine (``"auto"`` with an empty calibration store: the cost model,
+  nothing timed) and with ``path_choice("calibrate")`` (its first call times
+  the candidates). Each network starts with no calibration in memory and a
+  new, empty on-disk store, so the first calls are those of a first `fit`
+  on a new machine (`benchmarks/first_fit.py` times whole first fits in new
+  processes).
 
 It prints the median milliseconds, the ratio to the plain step, the seconds of
 the first call (tracing, and calibrating where it does), and per layer class
@@ -41,10 +44,6 @@ import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# A new, empty calibration store: the first calls calibrate as on a new machine.
-os.environ["KERAS_FIM_CALIBRATION_CACHE"] = os.path.join(
-    tempfile.mkdtemp(prefix="keras-fim-benchmark-"), "calibrations.json"
-)
 
 import keras
 import machine
@@ -121,12 +120,14 @@ def functions(model, x, y, plans, fit_only=False):
         return spectrum_from_gram(gram_from_gradients(grads)).eigenvalues
 
     fit_plain, fit_measured = fit_functions(model)
+    _, fit_calibrated = fit_functions(model)
     # Batched as fit batches: the graph leaves the batch size open.
     batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(y)).repeat()
     iterator = iter(batches)
     fit = {
         "fit: plain step": (lambda: fit_plain(iterator)["loss"], "cost"),
-        "fit: measured": (lambda: fit_measured(iterator)["loss"], "calibrate"),
+        "fit: measured": (lambda: fit_measured(iterator)["loss"], "auto"),
+        "fit: calibrated": (lambda: fit_calibrated(iterator)["loss"], "calibrate"),
     }
     if fit_only:
         return fit
@@ -168,6 +169,11 @@ def main(argv=None):
     print(f"{'model':<15}{'function':<22}{'ms':>9}{'x step':>8}{'1st s':>8}")
     tables = {}
     for name in args.models.split(","):
+        # A new machine: no calibration in memory, a new, empty on-disk store.
+        os.environ["KERAS_FIM_CALIBRATION_CACHE"] = os.path.join(
+            tempfile.mkdtemp(prefix="keras-fim-benchmark-"), "calibrations.json"
+        )
+        clear_calibrations()
         keras.utils.set_random_seed(0)
         model = getattr(keras.applications, name)(
             weights=None, input_shape=(32, 32, 3), classes=10
@@ -182,8 +188,6 @@ def main(argv=None):
         rows = {}
         chosen = functions(model, x, y, plans, args.fit_only)
         for label, (fn, choice) in chosen.items():
-            if label.startswith("fit"):
-                clear_calibrations()  # a first fit's calibration counts
             first = first_call(fn, choice)
             rows[label] = (timed(fn, args.repeats), first)
         step = rows.get("plain step", (None,))[0]

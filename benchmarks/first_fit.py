@@ -4,7 +4,7 @@ For each keras.applications network (``weights=None``, 32x32x3 inputs, 10
 classes, SGD), each row is a fresh Python process that builds and compiles the
 network, then times one ``model.fit(x, y, batch_size=32, epochs=1)`` over
 `--steps` batches (everything the first call pays: tracing, graph
-optimisation, calibration, the steps):
+optimisation, calibration where asked, the steps):
 
 * ``plain``: no callback;
 * ``every step``: `FisherCallback(every_n_steps=1)`, so only the measuring
@@ -13,17 +13,27 @@ optimisation, calibration, the steps):
   measured, the others not (one function serves both on one device
   without XLA: the measurement is a condition inside it);
 
-each measured row with the calibration store (`keras_fim.engine.
-calibration_store`) empty (``cold``: a new machine) and then holding what the
-cold run timed (``kept``: any later process on this machine).
+each measured row three times, in order, with one new calibration store
+(`keras_fim.engine.calibration_store`) for the three:
 
-    python benchmarks/first_fit.py                      # three networks
-    python benchmarks/first_fit.py --models MobileNetV2 --steps 4
+* ``new machine``: the default path choice (``"auto"``) and an empty store:
+  the cost model plans every kernel, nothing is timed;
+* ``calibrating``: ``KERAS_FIM_PATH_CHOICE=calibrate`` and the store still
+  empty: the candidates are timed (what asking for calibration costs once);
+* ``calibrated``: the default again, the store holding those timings (any
+  later process on this machine).
+
+Each row runs `--repeats` times (in rounds, so that a drift in the machine's
+load meets every row alike) and the fastest counts.
+
+    python benchmarks/first_fit.py                      # three networks (~15 min)
+    python benchmarks/first_fit.py --models MobileNetV2 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -31,6 +41,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = (("new machine", "auto"), ("calibrating", "calibrate"), ("calibrated", "auto"))
 
 CHILD = r"""
 import json, os, sys, time
@@ -58,8 +69,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
-def run(name, mode, steps, cache):
+def run(name, mode, steps, cache, choice="auto"):
     env = dict(os.environ, KERAS_FIM_CALIBRATION_CACHE=cache)
+    env["KERAS_FIM_PATH_CHOICE"] = choice
     out = subprocess.run(
         [sys.executable, "-c", CHILD, name, mode, str(steps)],
         env=env,
@@ -74,25 +86,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="MobileNetV2,EfficientNetB0,ResNet50")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
     import machine
 
     print(machine.describe())
-    print(f"{'model':<15}{'fit':<22}{'s':>7}{'x plain':>9}")
+    print(f"fastest of {args.repeats} processes per row")
+    print(f"{'model':<15}{'fit':<26}{'s':>7}{'x plain':>9}")
     for name in args.models.split(","):
-        plain = run(name, "plain", args.steps, "off")
-        print(f"{name:<15}{'plain':<22}{plain:>7.1f}{1.0:>9.2f}", flush=True)
-        for mode in ("every step", "default"):
-            with tempfile.TemporaryDirectory() as folder:
-                cache = os.path.join(folder, "calibrations.json")
-                for label in ("cold", "kept"):
-                    seconds = run(name, mode, args.steps, cache)
-                    print(
-                        f"{name:<15}{mode + ', ' + label:<22}{seconds:>7.1f}"
-                        f"{seconds / plain:>9.2f}",
-                        flush=True,
-                    )
+        seconds = collections.defaultdict(list)
+        for _ in range(args.repeats):  # rounds, so that load drifts alike
+            seconds["plain"].append(run(name, "plain", args.steps, "off"))
+            for mode in ("every step", "default"):
+                with tempfile.TemporaryDirectory() as folder:
+                    cache = os.path.join(folder, "calibrations.json")
+                    for label, choice in ROWS:
+                        seconds[f"{mode}, {label}"].append(
+                            run(name, mode, args.steps, cache, choice)
+                        )
+        plain = min(seconds["plain"])
+        for row, times in seconds.items():
+            print(
+                f"{name:<15}{row:<26}{min(times):>7.1f}{min(times) / plain:>9.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -541,6 +541,9 @@ def test_calibration_takes_the_fastest_candidate_once_per_shape():
         actual, plans = engine_blocks(model, x, y)
     assert {plans[n].method for n in "abc"} == {"slices"}
     assert all(plans[n].chosen_by == "calibration" for n in "abc")
+    # Each plan carries its candidates' times (4 examples: not scaled).
+    timed_a = {method for layer, method in timed if layer == "a"}
+    assert plans["a"].timings == {m: speeds[m] for m in timed_a}
     # a and b share a shape: timed once; c has its own (and the head).
     assert sorted({layer for layer, _ in timed}) == ["a", "c", "head"]
     assert plans["head"].method == "ghost"
@@ -799,6 +802,7 @@ def test_the_default_takes_kept_calibrations_and_times_nothing(monkeypatch, tmp_
 
     gram.clear_calibrations()
     assert plan_k() == (by_cost, "cost") and timed == []
+    assert engine_blocks(model, x, y)[1]["k"].timings is None
     with path_choice("calibrate"):
         calibrated, _ = plan_k()
     assert timed and calibrated != by_cost

@@ -111,6 +111,9 @@ class Plan:
             machine, `path_choice`), ``"cost"`` (the cost model),
             ``"forced"`` (`path_choice` naming it) or ``""`` (one
             candidate).
+        timings: With ``chosen_by="calibration"``, the seconds each
+            candidate took on this machine (``{method: seconds}``, scaled
+            to the planned batch); `None` otherwise.
     """
 
     layer: str
@@ -120,6 +123,7 @@ class Plan:
     chunks: int = 1
     method: str = ""
     chosen_by: str = ""
+    timings: dict | None = dataclasses.field(default=None, hash=False)
 
 
 def _static_batch(examples, tensor) -> int:
@@ -283,8 +287,9 @@ def _clocked(candidates, operands, scale) -> dict:
 
 
 def _calibrated(key, candidates, tensors, batch, timer, cost=None, timing=True):
-    """The fastest of `candidates` (``{method: (plan, build)}``) for `batch`
-    examples, timed on random operands shaped like `tensors`, cached under
+    """``(method, {method: seconds})``: the fastest of `candidates`
+    (``{method: (plan, build)}``) for `batch` examples and the times of
+    all, timed on random operands shaped like `tensors`, cached under
     `key`; `None` where timing is not possible here, or where nothing is
     kept for `key` and `timing` is false. With `cost` (``cost(method,
     batch)``: a candidate's multiply-adds), a batch over
@@ -326,7 +331,7 @@ def _calibrated(key, candidates, tensors, batch, timer, cost=None, timing=True):
         _CALIBRATIONS[key] = (min(seconds, key=seconds.get), seconds)
         if timer is None:
             calibration_store.store(repr(key), *_CALIBRATIONS[key])
-    return _CALIBRATIONS[key][0]
+    return _CALIBRATIONS[key]
 
 
 def _kernel_block(
@@ -425,7 +430,7 @@ def choose_path(candidates, tensors, batch, key, default, forceable=None, cost=N
     forceable = candidates if forceable is None else forceable
     materialised = [m for m in forceable if m != "ghost"]
     choice, timer = _CHOICE[-1] if _CHOICE else (_default_choice(), None)
-    chosen, by = None, "cost"
+    chosen, by, timings = None, "cost", None
     if choice in forceable:
         chosen, by, candidates = choice, "forced", forceable
     elif choice == "materialise" and materialised:
@@ -434,12 +439,13 @@ def choose_path(candidates, tensors, batch, key, default, forceable=None, cost=N
         chosen, by = next(iter(candidates)), ""
     elif choice in ("calibrate", "auto"):
         timing = choice == "calibrate"
-        chosen = _calibrated(key, candidates, tensors, batch, timer, cost, timing)
-        by = "calibration"
+        calibrated = _calibrated(key, candidates, tensors, batch, timer, cost, timing)
+        if calibrated is not None:
+            (chosen, timings), by = calibrated, "calibration"
     if chosen is None:
         chosen, by = default, "cost"
     plan, build = candidates[chosen]
-    return build(tensors), dataclasses.replace(plan, chosen_by=by)
+    return build(tensors), dataclasses.replace(plan, chosen_by=by, timings=timings)
 
 
 def _ghost(a, d):
