@@ -212,7 +212,13 @@ class MeasuredStep:
         ):
             try:
                 layers = resolve_layers(model, self.options.measured_layers)
-                probe = ProbedPass(model, x, max_examples, layers=layers)
+                probe = ProbedPass(
+                    model,
+                    x,
+                    max_examples,
+                    layers=layers,
+                    read_values=self.noise_passes and self.loss is None,
+                )
             except Exception as error:
                 self.warn(error)
                 return original_step(data), None

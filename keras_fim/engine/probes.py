@@ -54,9 +54,14 @@ class ProbedPass:
 
     Usage (inside the compiled step): ``with probe: logs = step(data)``,
     then ``probe.recorded()``, a `keras_fim.engine.record.RecordedPass`.
+    With `read_values`, the record also holds the variables as the step
+    found them (`RecordedPass.variable_values`: what passes of their own
+    need, such as the noise passes); without, `None`, and nothing is read.
     """
 
-    def __init__(self, model, x, max_examples=None, registry=None, layers=None):
+    def __init__(
+        self, model, x, max_examples=None, registry=None, layers=None, read_values=True
+    ):
         if not model.built:
             raise ValueError("ProbedPass needs a built model.")
         self.units = find_units(model, registry, layers)
@@ -67,8 +72,9 @@ class ProbedPass:
         self.factor = training_loss_factor(model, batch_size(x))
         self.examples = measured_examples(x, max_examples)
         # For measurements that need passes of their own (the half batches of
-        # a coupled model): the variables as the step found them.
-        self.variable_values = read_variables(model)
+        # a coupled model): the variables as the step found them. A read of
+        # every variable, a few hundred graph operations: only when asked.
+        self.variable_values = read_variables(model) if read_values else None
 
     def __enter__(self):
         self._recorder.__enter__()

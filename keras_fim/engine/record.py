@@ -48,7 +48,8 @@ class RecordedPass:
         examples: Int32 scalar tensor, the number of examples measured (the
             first ones of the batch).
         variable_values: ``(trainable, non_trainable)`` values the pass ran
-            with (for measurements that need passes of their own).
+            with (for measurements that need passes of their own), or
+            `None` where they were not read (`ProbedPass`).
         valid: Boolean (or boolean tensor): whether the record describes
             the batch's examples row by row. A pass through a user's
             per-example loss is not when a recorded layer call, or the
@@ -61,7 +62,7 @@ class RecordedPass:
     units: list[Unit]
     calls: dict[int, list[LayerCall]]
     examples: tf.Tensor
-    variable_values: tuple[list, list]
+    variable_values: tuple[list, list] | None
     valid: tf.Tensor | bool = True
 
     @property
