@@ -8,8 +8,8 @@ compiled function). Beside it: what materialising every per-example gradient
 would take (``B x P x 4`` bytes, the naive engine's ``J``), the seconds per
 measurement, and how the layers were formed (ghost / materialised / rule, and
 how many materialised kernels were split to fit the budget; materialised
-ones with the method that formed them, timed on this machine unless
-``KERAS_FIM_PATH_CHOICE=cost``).
+ones with the method that formed them: the cost model's, or the calibrated
+one where this machine holds calibrations or ``KERAS_FIM_PATH_CHOICE=calibrate``).
 
     python benchmarks/memory.py                      # ResNet-8 and ResNet-50
     python benchmarks/memory.py --models resnet50 --batch-sizes 256

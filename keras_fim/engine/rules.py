@@ -292,12 +292,12 @@ def same_padding(size, kernel, stride, rate):
 KERNEL_METHODS = ("slices", "map_fn", "im2col", "grouped")
 """The ways `ConvolutionOperands.kernel_gradients` forms the per-example
 kernel gradients of a convolution (see there), in the cost model's order of
-preference. Calibrating the 64 convolution shapes of the ResNet-style
-networks and three `keras.applications` models on a 2-core machine found
-``"slices"`` fastest for 50 and within 1.8x of the fastest for all,
-``"im2col"`` fastest for the other 14, and the per-example filter-gradient
-loop never (1.2-12.5x the fastest), though faster than im2col where the
-input has few channels over many positions (docs/performance.md)."""
+preference: calibrating the convolutions of the ResNet-style networks and
+three `keras.applications` models on a 2-core machine found ``"slices"``
+fastest for most units and within 1.8x of the fastest for all, ``"im2col"``
+for the others, and the per-example filter-gradient loop once (up to 10x
+the fastest); `benchmarks/cost_model.py` measures it (docs/performance.md).
+"""
 
 DEPTHWISE_METHODS = ("folded", "slices")
 """The ways `ConvolutionOperands.depthwise_gradients` forms those of a
@@ -467,9 +467,9 @@ class ConvolutionOperands:
         kernel gradients here (``"folded"`` only without dilation), the one
         the cost model takes first: ``"slices"`` on maps under 64 output
         positions, where TensorFlow's depthwise filter gradient over
-        ``B * C`` channels is up to 60x slower (calibrated: 34-59x on 1x1
-        and 2x2 maps of 384-1152 channels, 18-28x on 4x4 maps under 5x5
-        kernels), ``"folded"`` on larger ones (1.1-1.4x faster there)."""
+        ``B * C`` channels is up to 70x slower (1x1 and 2x2 maps of many
+        channels, and 4x4 maps under 5x5 kernels), ``"folded"`` on larger
+        ones (1.1-1.4x faster there; `benchmarks/cost_model.py`)."""
         if any(rate > 1 for rate in self.rates):
             return ("slices",)
         if (self.positions or 0) < 64:
