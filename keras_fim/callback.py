@@ -552,8 +552,7 @@ class FisherCallback(keras.callbacks.Callback):
         model = self.model
         return (
             self.every_n_steps > 1
-            and not self._xla_apart()
-            and not bool(model.jit_compile)
+            and not model.jit_compile
             and model.distribute_strategy.num_replicas_in_sync == 1
         )
 

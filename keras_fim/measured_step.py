@@ -143,6 +143,13 @@ class MeasuredStep:
         if self.in_graph_choice is None:
             self.in_graph_choice = self.steps_per_execution > 1
 
+    @property
+    def runs_noise_passes(self) -> bool:
+        """Whether a batch-coupled model's half batches are run for real:
+        when asked for (`noise_passes`), and through the compiled loss only
+        (with a custom one the noise scale is left undefined)."""
+        return self.noise_passes and self.loss is None
+
     def is_measured(self, step, epoch):
         """Whether the 0-based global `step` is measured (Python or tensors)."""
         return (epoch < self.options.dense_epochs) | (
@@ -217,7 +224,7 @@ class MeasuredStep:
                     x,
                     max_examples,
                     layers=layers,
-                    read_values=self.noise_passes and self.loss is None,
+                    read_values=self.runs_noise_passes,
                 )
             except Exception as error:
                 self.warn(error)
@@ -380,7 +387,7 @@ class MeasuredStep:
                     # (through the compiled loss: not with a custom one, whose
                     # noise scale is then left undefined), when asked for.
                     nan = tf.constant(float("nan"), tf.float64)
-                    if self.loss is not None or not self.noise_passes:
+                    if not self.runs_noise_passes:
                         return nan, nan
 
                     def passes():
@@ -402,11 +409,7 @@ class MeasuredStep:
             # `FisherState.record` counts as skipped.
             # Whether this step can give a noise scale: free from the Gram
             # or the shards, or from the passes when they run.
-            noise_written = (
-                distributed
-                or not record.coupled
-                or (self.loss is None and self.noise_passes)
-            )
+            noise_written = distributed or not record.coupled or self.runs_noise_passes
             formed = grams_of_pass(
                 record,
                 grams=grams,

@@ -137,7 +137,8 @@ def _static_batch(examples, tensor) -> int:
 
 PATH_CHOICE_ENV = "KERAS_FIM_PATH_CHOICE"
 """The environment variable giving the default of `path_choice`:
-``"calibrate"`` (unset), ``"cost"``, or a path or method to force."""
+``"auto"`` (unset), ``"calibrate"``, ``"cost"``, or a path or method to
+force."""
 
 CALIBRATION_REPEATS = 3
 """Timed runs of a candidate that comes close to the fastest when
