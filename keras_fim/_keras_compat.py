@@ -33,7 +33,9 @@ import tensorflow as tf
 #   must become a functional model as `keras.Model(inputs, outputs)` does;
 # * control_flow_util, summary_ops_v2, gen_summary_ops: whether a graph is
 #   compiled by XLA, a raw event written into a summary file, and a closed
-#   summary writer reopened on its resource.
+#   summary writer reopened on its resource;
+# * record: an identity whose gradient the tapes hand to a Python function
+#   (`tape_identity`), without `tf.custom_gradient`'s extra operations.
 from keras.src.backend import get_keras_mask
 from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 from keras.src.losses.loss import apply_mask, squeeze_or_expand_to_same_rank
@@ -41,6 +43,7 @@ from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 from keras.src.trainers.trainer import Trainer
+from tensorflow.python.eager import record
 from tensorflow.python.ops import (
     control_flow_util,
     gen_dataset_ops,
@@ -75,6 +78,7 @@ __all__ = [
     "set_keras_mask",
     "set_optimizer_learning_rate",
     "squeeze_or_expand_to_same_rank",
+    "tape_identity",
     "unset_instance_attribute",
     "update_progress_bar",
     "user_loss",
@@ -196,6 +200,21 @@ def set_optimizer_learning_rate(optimizer, value) -> None:
     """Replaces it while a step is traced (`DynamicSampling` multiplies it by
     the gain of the batch actually trained, and puts it back)."""
     optimizer._learning_rate = value
+
+
+def tape_identity(tensor, backward):
+    """`tensor` through one `Identity` operation that every active
+    `tf.GradientTape` differentiates with ``backward(upstream)`` (which
+    returns ``[gradient of tensor]``). The probes that collect a training
+    step's cotangents are one per layer output: `tf.custom_gradient` would
+    add an `IdentityN`, a `ZerosLike`, a registered gradient and a few
+    milliseconds of tracing to each (issue 15, the first `fit`). Only tapes
+    see it, not `tf.gradients`: the probes are placed only around Keras's
+    own train step, which differentiates with a tape."""
+    with record.stop_recording():
+        output = tf.identity(tensor)
+    record.record_operation("KerasFimProbe", [output], [tensor], backward)
+    return output
 
 
 # -- patches --------------------------------------------------------------------

@@ -280,6 +280,32 @@ def test_a_saved_fisher_model_loads_back_as_a_fisher_model(tmp_path):
     assert old is type(loaded)
 
 
+def test_a_tape_identity_hands_its_gradient_to_python_in_one_operation():
+    seen = []
+
+    def backward(upstream):
+        seen.append(upstream)
+        return [3.0 * upstream]
+
+    @tf.function(autograph=False)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            before = len(tf.compat.v1.get_default_graph().get_operations())
+            y = compat.tape_identity(tf.sin(x), backward)
+            added = len(tf.compat.v1.get_default_graph().get_operations()) - before
+            loss = tf.reduce_sum(2.0 * y)
+        return y, tape.gradient(loss, x), added
+
+    x = tf.constant([0.5, 1.0])
+    y, gradient, added = step(x)
+    # sin, then one Identity: no IdentityN, no ZerosLike
+    assert int(added) == 2
+    np.testing.assert_allclose(y, np.sin(x))
+    np.testing.assert_allclose(gradient, 6.0 * np.cos(x), rtol=1e-6)
+    assert len(seen) == 1 and seen[0].shape == (2,)
+
+
 @pytest.mark.parametrize("name", compat.__all__)
 def test_every_export_exists(name):
     assert getattr(compat, name) is not None

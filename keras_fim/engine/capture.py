@@ -29,12 +29,14 @@ from keras_fim._keras_compat import (
     set_instance_attribute,
     set_keras_logits,
     set_keras_mask,
+    tape_identity,
     unset_instance_attribute,
 )
 
 
 def first_rows(tensor: tf.Tensor, examples) -> tf.Tensor:
-    """``tensor[:examples]``, in one graph operation while tracing.
+    """``tensor[:examples]``, in one graph operation while tracing (`None`
+    stays `None`: an output without logits, `differentiable_outputs`).
 
     A Python slice by a tensor bound adds about ten operations (the packed
     begin, end and strides), and the rules slice every recorded input and
@@ -43,6 +45,8 @@ def first_rows(tensor: tf.Tensor, examples) -> tf.Tensor:
     `fit`). The bounds are made once per `examples` tensor and rank, in
     that tensor's graph, and kept on it.
     """
+    if tensor is None:
+        return None
     plain = isinstance(tensor, tf.Tensor) and isinstance(examples, tf.Tensor)
     rank = tensor.shape.rank if plain else None
     if not rank or tf.executing_eagerly():  # ragged, unknown rank, eager
@@ -83,24 +87,26 @@ class LayerCall:
             when the call began (BatchNorm statistics, seed state).
         weights: List of tensors, the values of `layer.trainable_variables`
             when the call began.
-        outputs: List of tensors, the call's floating outputs, flattened,
-            each followed by its logits (`differentiable_outputs`).
-        cotangents: List of tensors aligned with `outputs` or `None`: the
-            derivative of the summed per-example losses with respect to each
-            output (16-bit ones in float32), filled in after the backward
-            pass. Defaults to `None` (not yet known).
+        outputs: List, the call's floating outputs, flattened, each
+            followed by its logits or `None` (`differentiable_outputs`).
+        cotangents: List aligned with `outputs` or `None`: the derivative
+            of the summed per-example losses with respect to each output
+            (16-bit ones in float32; `None` where the output is), filled in
+            after the backward pass. Defaults to `None` (not yet known).
     """
 
     args: tuple
     kwargs: dict[str, Any]
     state: list[tf.Tensor]  # values of layer.non_trainable_variables at call entry
     weights: list[tf.Tensor]  # values of layer.trainable_variables at call entry
-    outputs: list[tf.Tensor]  # flat output tensors (see `differentiable_outputs`)
+    outputs: list  # flat output tensors and logits (see `differentiable_outputs`)
     cotangents: list | None = None  # aligned with `outputs`
 
 
 def differentiable_outputs(outputs) -> list:
-    """The floating tensors of a layer's output, each followed by its logits.
+    """The floating tensors of a layer's output, each followed by its logits
+    (`None` for one without: a placeholder of zeros would cost two graph
+    operations per output, its own and its cotangent's, for nothing).
 
     Keras's softmax and sigmoid attach their input as `_keras_logits`, and the
     cross-entropy losses differentiate through that tensor instead of the
@@ -112,8 +118,7 @@ def differentiable_outputs(outputs) -> list:
     for o in keras.tree.flatten(outputs):
         if tf.is_tensor(o) and o.dtype.is_floating:
             flat.append(o)
-            logits = keras_logits(o)
-            flat.append(tf.zeros_like(o) if logits is None else logits)
+            flat.append(keras_logits(o))
     return flat
 
 
@@ -142,15 +147,11 @@ def _cotangent_probe(tensor, sink: list, index: int):
     own `train_step`), it hands us the cotangent that pass computes anyway.
     """
 
-    @tf.custom_gradient
-    def identity(t):
-        def gradient(upstream):
-            sink[index] = upstream
-            return upstream
+    def gradient(upstream):
+        sink[index] = upstream
+        return [upstream]
 
-        return tf.identity(t), gradient
-
-    return identity(tensor)
+    return tape_identity(tensor, gradient)
 
 
 # Which recorders are active, per thread. Under `MirroredStrategy` the
@@ -236,8 +237,11 @@ class Recorder:
         for call, sink in self.sinks:
             cotangents = []
             for output, cotangent in zip(call.outputs, sink, strict=True):
-                if cotangent is None:
-                    cotangents.append(tf.zeros_like(_widened(output)))
+                if output is None or cotangent is None:
+                    # no logits; or an output the loss does not reach
+                    cotangents.append(
+                        None if output is None else tf.zeros_like(_widened(output))
+                    )
                     continue
                 cotangent = _widened(tf.convert_to_tensor(cotangent))
                 if scale is not None:
@@ -341,18 +345,18 @@ def record_batch_pass(
         total = tf.reduce_sum(losses)
         if loss_scale is not None:
             total = total * tf.cast(loss_scale, total.dtype)
-    outputs = [call.outputs for records in recorder.calls.values() for call in records]
-    flat_outputs = [o for group in outputs for o in group]
-    cotangents = tape.gradient(
-        total, flat_outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
+    records = [call for calls in recorder.calls.values() for call in calls]
+    flat_outputs = [o for call in records for o in call.outputs if o is not None]
+    cotangents = iter(
+        tape.gradient(
+            total, flat_outputs, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
     )
-    cotangents = [_unscaled(g, loss_scale) for g in cotangents]
-    position = 0
-    for records in recorder.calls.values():
-        for call in records:
-            n = len(call.outputs)
-            call.cotangents = cotangents[position : position + n]
-            position += n
+    for call in records:
+        call.cotangents = [
+            None if o is None else _unscaled(next(cotangents), loss_scale)
+            for o in call.outputs
+        ]
     return BatchPass(recorder.calls, (trainable, non_trainable), losses)
 
 

@@ -220,7 +220,7 @@ def per_example_loss_pass(
         for unit_calls in calls.values()
         for call in unit_calls
         for output in call.outputs
-        if output.shape.rank != 0
+        if output is not None and output.shape.rank != 0
     ]
     valid = tf.reduce_all([tf.equal(r, examples) for r in rows])
     if tf.executing_eagerly() and not bool(valid):

@@ -51,6 +51,8 @@ def _output_share(outputs, cotangents, examples):
     """Each example's <output rows, cotangent rows>, summed over outputs."""
     total = 0.0
     for out, cot in zip(outputs, cotangents, strict=True):
+        if out is None:  # an output without logits
+            continue
         product = tf.cast(first_rows(out, examples), cot.dtype) * first_rows(
             cot, examples
         )
@@ -131,24 +133,30 @@ def per_example_rule(
     """
     variables = call.weights
     inputs = first_rows(call.args[0], examples)
+    # vectorized_map takes tensors only: the `None`s are put back per example
     cotangents = [first_rows(c, examples) for c in call.cotangents]
+    present = [c for c in cotangents if c is not None]
 
     def one(example):
-        x_i, dy_i = example
+        x_i, given = example
+        given = iter(given)
+        dy_i = [None if c is None else next(given) for c in cotangents]
         with tf.GradientTape() as tape:
             tape.watch(variables)
             out, _ = layer.stateless_call(
                 variables, call.state, x_i[None], *call.args[1:], **call.kwargs
             )
             share = _output_share(
-                differentiable_outputs(out), [d[None] for d in dy_i], 1
+                differentiable_outputs(out),
+                [None if d is None else d[None] for d in dy_i],
+                1,
             )
         grads = tape.gradient(
             share, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
         return [dense_gradient(g, v) for g, v in zip(grads, variables, strict=True)]
 
-    return list(tf.vectorized_map(one, (inputs, cotangents)))
+    return list(tf.vectorized_map(one, (inputs, present)))
 
 
 def sequence_rule(layer, call: LayerCall, examples: int) -> list:
@@ -206,9 +214,13 @@ def preactivation_cotangent(layer, call: LayerCall, examples, pre_activation):
     cross-entropy reads through `_keras_logits`) is added.
     """
     dy, dlogits = (first_rows(c, examples) for c in call.cotangents[:2])
+
+    def with_logits(dz):
+        return dz if dlogits is None else dz + tf.cast(dlogits, dz.dtype)
+
     activation = getattr(layer, "activation", None)
     if activation is None or activation is keras.activations.linear:
-        return dy + tf.cast(dlogits, dy.dtype)
+        return with_logits(dy)
     if activation is keras.activations.softmax:
         # From the recorded output, as TensorFlow's own softmax gradient:
         # no softmax recomputed (grappler cannot cost one whose input rank
@@ -216,14 +228,12 @@ def preactivation_cotangent(layer, call: LayerCall, examples, pre_activation):
         # and logs an error line for it).
         y = first_rows(call.outputs[0], examples)
         dy = tf.cast(dy, y.dtype)
-        dz = (dy - tf.reduce_sum(dy * y, axis=-1, keepdims=True)) * y
-        return dz + tf.cast(dlogits, dz.dtype)
+        return with_logits((dy - tf.reduce_sum(dy * y, axis=-1, keepdims=True)) * y)
     with tf.GradientTape() as tape:
         z = first_rows(pre_activation(), examples)
         tape.watch(z)
         y = activation(z)
-    dz = tape.gradient(y, z, output_gradients=tf.cast(dy, y.dtype))
-    return dz + tf.cast(dlogits, dz.dtype)
+    return with_logits(tape.gradient(y, z, output_gradients=tf.cast(dy, y.dtype)))
 
 
 def dense_inputs_and_cotangents(layer, call: LayerCall, examples):
