@@ -267,14 +267,34 @@ def two_output_model():
 
 @pytest.mark.parametrize(
     "setup",
-    ["softmax_sgd", "weighted_sum_reduction", "two_outputs_loss_weights", "loss_scale"],
+    [
+        "softmax_sgd",
+        "weighted_sum_reduction",
+        "two_outputs_loss_weights",
+        "loss_scale",
+        "batchnorm",
+    ],
 )
 def test_probed_pass_equals_separate_pass(setup):
     keras.utils.set_random_seed(10)
     rng = np.random.default_rng(11)
     x = rng.normal(size=(6, 5)).astype("float32")
     y, weights = labels(6), None
-    if setup == "two_outputs_loss_weights":
+    if setup == "batchnorm":
+        # Both passes take the BatchNorm statistics the call computed.
+        x = rng.normal(size=(6, 4, 4, 2)).astype("float32")
+        model = keras.Sequential(
+            [
+                keras.Input((4, 4, 2)),
+                keras.layers.Conv2D(3, 3, padding="same"),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    elif setup == "two_outputs_loss_weights":
         model = two_output_model()
         model.compile(
             optimizer=keras.optimizers.SGD(0.1),

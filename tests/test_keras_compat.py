@@ -306,6 +306,26 @@ def test_a_tape_identity_hands_its_gradient_to_python_in_one_operation():
     assert len(seen) == 1 and seen[0].shape == (2,)
 
 
+def test_a_batch_norm_training_call_hands_over_its_moments():
+    norm = keras.layers.BatchNormalization(axis=1)
+    x = tf.random.stateless_normal((4, 3, 5), seed=[1, 2])
+    norm.build(x.shape)
+    seen = []
+    with compat.recording_moments(norm, seen):
+        norm(x, training=True)
+        norm(x, training=False)  # the moving statistics: nothing recorded
+    assert len(seen) == 1
+    mean, variance = tf.nn.moments(x, axes=[0, 2])
+    np.testing.assert_allclose(seen[0][0], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(seen[0][1], variance, rtol=1e-5, atol=1e-6)
+    # and the layer is itself again
+    assert "_moments" not in vars(norm)
+    dense, other = keras.layers.Dense(2), []
+    with compat.recording_moments(dense, other):
+        dense(x)
+    assert other == []
+
+
 @pytest.mark.parametrize("name", compat.__all__)
 def test_every_export_exists(name):
     assert getattr(compat, name) is not None

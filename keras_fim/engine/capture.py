@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras_fim._keras_compat import (
     get_keras_mask,
     keras_logits,
+    recording_moments,
     set_instance_attribute,
     set_keras_logits,
     set_keras_mask,
@@ -93,6 +94,9 @@ class LayerCall:
             of the summed per-example losses with respect to each output
             (16-bit ones in float32; `None` where the output is), filled in
             after the backward pass. Defaults to `None` (not yet known).
+        moments: ``(mean, variance)``, the batch statistics a
+            `BatchNormalization` normalised the call with in training
+            mode, reduced over every axis but its own; `None` otherwise.
     """
 
     args: tuple
@@ -101,6 +105,7 @@ class LayerCall:
     weights: list[tf.Tensor]  # values of layer.trainable_variables at call entry
     outputs: list  # flat output tensors and logits (see `differentiable_outputs`)
     cotangents: list | None = None  # aligned with `outputs`
+    moments: tuple | None = None  # a BatchNormalization's batch statistics
 
 
 def differentiable_outputs(outputs) -> list:
@@ -222,10 +227,19 @@ class Recorder:
         # itself, which the step's update would change under us.
         state = [tf.convert_to_tensor(v.value) for v in layer.non_trainable_variables]
         weights = [tf.convert_to_tensor(v.value) for v in layer.trainable_variables]
-        outputs = original(*args, **kwargs)
+        moments = []
+        with recording_moments(layer, moments):
+            outputs = original(*args, **kwargs)
         if not self.probe_cotangents:  # probes separate the logits themselves
             _separate_logits(outputs)
-        call = LayerCall(args, kwargs, state, weights, differentiable_outputs(outputs))
+        call = LayerCall(
+            args,
+            kwargs,
+            state,
+            weights,
+            differentiable_outputs(outputs),
+            moments=moments[0] if len(moments) == 1 else None,
+        )
         self.calls[id(layer)].append(call)
         if self.probe_cotangents:
             outputs = self._probe(outputs, call)

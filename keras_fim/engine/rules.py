@@ -47,6 +47,15 @@ from keras_fim.engine.gram import (
 Rule = Callable[[keras.layers.Layer, LayerCall, int], list]
 
 
+def per_example_shaped(gradients, shape) -> tf.Tensor:
+    """`gradients` as ``(examples, *shape)``: no graph operation where they
+    already are (a BatchNorm scale's, summed over positions), a reshape
+    otherwise."""
+    if gradients.shape[1:].as_list() == list(shape):
+        return gradients
+    return tf.reshape(gradients, [-1, *shape])
+
+
 def _output_share(outputs, cotangents, examples):
     """Each example's <output rows, cotangent rows>, summed over outputs."""
     total = 0.0
@@ -619,7 +628,7 @@ def convolution_rule(layer, call: LayerCall, examples: int) -> list:
         return per_example_rule(layer, call, examples)
     operands = convolution_operands(layer, call, examples)
     kernel = operands.kernel_gradients()
-    grads = {id(layer.kernel): tf.reshape(kernel, [-1, *layer.kernel.shape])}
+    grads = {id(layer.kernel): per_example_shaped(kernel, layer.kernel.shape)}
     if layer.use_bias:
         grads[id(layer.bias)] = tf.reduce_sum(operands.dz, axis=[1, 2])
     return [grads[id(v)] for v in layer.trainable_variables]
@@ -697,7 +706,7 @@ def depthwise_rule(layer, call: LayerCall, examples: int) -> list:
     if not operands.has_static_geometry():
         return per_example_rule(layer, call, examples)
     grads = operands.depthwise_gradients(layer.depth_multiplier)
-    grads = {id(layer.kernel): tf.reshape(grads, [-1, *layer.kernel.shape])}
+    grads = {id(layer.kernel): per_example_shaped(grads, layer.kernel.shape)}
     if layer.use_bias:
         grads[id(layer.bias)] = tf.reduce_sum(operands.dz, axis=[1, 2])
     return [grads[id(v)] for v in layer.trainable_variables]
@@ -787,12 +796,12 @@ def separable_rule(layer, call: LayerCall, examples: int) -> list:
         return per_example_rule(layer, call, examples)
     depthwise = operands.depthwise.depthwise_gradients(layer.depth_multiplier)
     grads = {
-        id(layer.depthwise_kernel): tf.reshape(
-            depthwise, [-1, *layer.depthwise_kernel.shape]
+        id(layer.depthwise_kernel): per_example_shaped(
+            depthwise, layer.depthwise_kernel.shape
         ),
-        id(layer.pointwise_kernel): tf.reshape(
+        id(layer.pointwise_kernel): per_example_shaped(
             tf.einsum("btu,btf->buf", operands.u, operands.dz),
-            [-1, *layer.pointwise_kernel.shape],
+            layer.pointwise_kernel.shape,
         ),
     }
     if layer.use_bias:
@@ -823,8 +832,14 @@ def _batch_norm_x_hat(layer, call: LayerCall, examples: int):
     rank = x.shape.rank
     axis = layer.axis % rank
     if training:
-        reduced = [a for a in range(rank) if a != axis]
-        mean, variance = tf.nn.moments(x, reduced, keepdims=True)
+        if call.moments is None:  # a call recorded some other way
+            reduced = [a for a in range(rank) if a != axis]
+            mean, variance = tf.nn.moments(x, reduced, keepdims=True)
+        else:  # the statistics the call normalised with
+            mean, variance = (
+                m if axis == rank - 1 else tf.reshape(m, [-1] + [1] * (rank - 1 - axis))
+                for m in call.moments
+            )
     else:
         state = {
             id(v): value
@@ -870,7 +885,7 @@ def affine_normalization_rule(layer, call: LayerCall, examples: int) -> list:
     for v in layer.trainable_variables:
         term = x_hat * dy if v is gamma else dy
         reduced = tf.reduce_sum(term, axis=summed) if summed else term
-        grads.append(tf.reshape(tf.cast(reduced, v.dtype), [-1, *v.shape]))
+        grads.append(per_example_shaped(tf.cast(reduced, v.dtype), v.shape))
     return grads
 
 
