@@ -13,21 +13,24 @@ optimisation, calibration where asked, the steps):
   measured, the others not (one function serves both on one device
   without XLA: the measurement is a condition inside it);
 
-each measured row three times, in order, with one new calibration store
-(`keras_fim.engine.calibration_store`) for the three:
+on a new machine: the default path choice (``"auto"``) and an empty
+calibration store (`keras_fim.engine.calibration_store`), so the cost model
+plans every kernel and nothing is timed. With `--calibration`, each measured
+row also runs twice more on one new store: ``calibrating``
+(``KERAS_FIM_PATH_CHOICE=calibrate``, the store still empty: the candidates
+are timed, what asking for calibration costs once) and ``calibrated`` (the
+default again, the store holding those timings: any later process on this
+machine).
 
-* ``new machine``: the default path choice (``"auto"``) and an empty store:
-  the cost model plans every kernel, nothing is timed;
-* ``calibrating``: ``KERAS_FIM_PATH_CHOICE=calibrate`` and the store still
-  empty: the candidates are timed (what asking for calibration costs once);
-* ``calibrated``: the default again, the store holding those timings (any
-  later process on this machine).
+This machine's speed drifts by a fifth from minute to minute, so a row's
+ratio to plain is taken within one round: each of `--repeats` rounds runs
+every row once (in an order that rotates from round to round), each measured
+process is divided by that round's plain one, and the table gives the median
+of those ratios with their range, beside the median seconds.
 
-Each row runs `--repeats` times (in rounds, so that a drift in the machine's
-load meets every row alike) and the fastest counts.
-
-    python benchmarks/first_fit.py                      # three networks (~15 min)
-    python benchmarks/first_fit.py --models MobileNetV2 --repeats 1
+    python benchmarks/first_fit.py                      # three networks (~8 min)
+    python benchmarks/first_fit.py --models MobileNetV2 --repeats 3
+    python benchmarks/first_fit.py --calibration        # and the calibration rows
 """
 
 from __future__ import annotations
@@ -36,12 +39,12 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROWS = (("new machine", "auto"), ("calibrating", "calibrate"), ("calibrated", "auto"))
 
 CHILD = r"""
 import json, os, sys, time
@@ -82,33 +85,58 @@ def run(name, mode, steps, cache, choice="auto"):
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
+def rounds(name, steps, repeats, calibration):
+    """``{row: [seconds per round]}``, the rows in a rotating order."""
+    rows = [("plain", "plain", None)]
+    for mode in ("every step", "default"):
+        rows.append((f"{mode}, new machine", mode, ("auto",)))
+        if calibration:
+            rows.append((f"{mode}, calibrating", mode, ("calibrate", "auto")))
+    seconds = collections.defaultdict(list)
+    for round_ in range(repeats):
+        order = rows[round_ % len(rows) :] + rows[: round_ % len(rows)]
+        for label, mode, choices in order:
+            if choices is None:
+                seconds[label].append(run(name, mode, steps, "off"))
+                continue
+            with tempfile.TemporaryDirectory() as folder:
+                cache = os.path.join(folder, "calibrations.json")
+                times = [run(name, mode, steps, cache, choice) for choice in choices]
+            seconds[label].append(times[0])
+            if len(times) > 1:
+                seconds[label.replace("calibrating", "calibrated")].append(times[1])
+    return seconds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="MobileNetV2,EfficientNetB0,ResNet50")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--calibration",
+        action="store_true",
+        help="also time asking for calibration, and a process after it",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
     import machine
 
     print(machine.describe())
-    print(f"fastest of {args.repeats} processes per row")
-    print(f"{'model':<15}{'fit':<26}{'s':>7}{'x plain':>9}")
+    print(
+        f"{args.repeats} rounds; seconds: the median; x plain: the median of each "
+        "round's ratio to that round's plain fit, and their range"
+    )
+    print(f"{'model':<15}{'fit':<26}{'s':>7}{'x plain':>9}{'range':>13}")
     for name in args.models.split(","):
-        seconds = collections.defaultdict(list)
-        for _ in range(args.repeats):  # rounds, so that load drifts alike
-            seconds["plain"].append(run(name, "plain", args.steps, "off"))
-            for mode in ("every step", "default"):
-                with tempfile.TemporaryDirectory() as folder:
-                    cache = os.path.join(folder, "calibrations.json")
-                    for label, choice in ROWS:
-                        seconds[f"{mode}, {label}"].append(
-                            run(name, mode, args.steps, cache, choice)
-                        )
-        plain = min(seconds["plain"])
+        seconds = rounds(name, args.steps, args.repeats, args.calibration)
+        plain = seconds["plain"]
         for row, times in seconds.items():
+            ratios = [t / p for t, p in zip(times, plain, strict=True)]
             print(
-                f"{name:<15}{row:<26}{min(times):>7.1f}{min(times) / plain:>9.2f}",
+                f"{name:<15}{row:<26}{statistics.median(times):>7.1f}"
+                f"{statistics.median(ratios):>9.2f}"
+                f"{min(ratios):>7.2f}-{max(ratios):.2f}",
                 flush=True,
             )
 

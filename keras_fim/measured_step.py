@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from keras_fim import summaries
+from keras_fim._keras_compat import unlowered_cond
 from keras_fim.engine.distribute import example_counts, gathered_grams
 from keras_fim.engine.noise import (
     gradient_noise_components,
@@ -311,7 +312,8 @@ class MeasuredStep:
 
     def _when_measured(self, build) -> None:
         """Runs `build()` at measured steps (in-graph where one function
-        serves every step: `in_graph_choice`)."""
+        serves every step: `in_graph_choice`, under a condition whose
+        measured branch stays a function of its own, `unlowered_cond`)."""
         if not self.in_graph_choice:
             build()
             return
@@ -321,7 +323,7 @@ class MeasuredStep:
             build()
             return tf.constant(True)
 
-        tf.cond(
+        unlowered_cond(
             self.is_measured(state.step, state.epoch),
             measured,
             lambda: tf.constant(False),

@@ -326,6 +326,24 @@ def test_a_batch_norm_training_call_hands_over_its_moments():
     assert other == []
 
 
+def test_an_unlowered_cond_keeps_its_branches_functions():
+    @tf.function(autograph=False)
+    def pick(flag, x):
+        result = compat.unlowered_cond(flag, lambda: x * 2.0, lambda: x - 1.0)
+        ifs = [
+            op
+            for op in tf.compat.v1.get_default_graph().get_operations()
+            if op.type in ("If", "StatelessIf")
+        ]
+        assert len(ifs) == 1
+        assert ifs[0].get_attr("_lower_using_switch_merge") is False
+        return result
+
+    x = tf.constant(3.0)
+    assert float(pick(tf.constant(True), x)) == 6.0
+    assert float(pick(tf.constant(False), x)) == 2.0
+
+
 @pytest.mark.parametrize("name", compat.__all__)
 def test_every_export_exists(name):
     assert getattr(compat, name) is not None
