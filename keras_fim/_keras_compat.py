@@ -128,10 +128,10 @@ def unlowered_cond(pred, true_fn, false_fn):
     branches are functions of their own, optimised and instantiated when
     first taken, instead of being lowered into the caller's graph as
     `Switch` and `Merge` operations. The measurement under the step's
-    measured condition is thousands of operations; lowered, the first call
-    of MobileNetV2's train function took about a second longer (graph
-    optimisation and instantiation of the whole step; issue 15, the first
-    `fit`), with no difference in the steps after it."""
+    measured condition is thousands of operations; lowered, they made the
+    first call of the train function longer (graph optimisation and
+    instantiation of the whole step; issue 15, the first `fit`:
+    benchmarks/first_fit.py), with no difference in the steps after it."""
     graph = tf.compat.v1.get_default_graph()
     before = len(graph.get_operations())
     result = tf.cond(pred, true_fn, false_fn)
