@@ -86,25 +86,33 @@ def run(name, mode, steps, cache, choice="auto"):
 
 
 def rounds(name, steps, repeats, calibration):
-    """``{row: [seconds per round]}``, the rows in a rotating order."""
-    rows = [("plain", "plain", None)]
+    """``{row: [seconds per round]}``. Each row is one process, or (asking
+    for calibration, then a process after it) two sharing one new store;
+    the rows run in an order that rotates from round to round."""
+    rows = [("plain", [("plain", None)])]
     for mode in ("every step", "default"):
-        rows.append((f"{mode}, new machine", mode, ("auto",)))
+        rows.append((mode, [(f"{mode}, new machine", "auto")]))
         if calibration:
-            rows.append((f"{mode}, calibrating", mode, ("calibrate", "auto")))
+            rows.append(
+                (
+                    mode,
+                    [
+                        (f"{mode}, calibrating", "calibrate"),
+                        (f"{mode}, calibrated", "auto"),
+                    ],
+                )
+            )
     seconds = collections.defaultdict(list)
     for round_ in range(repeats):
         order = rows[round_ % len(rows) :] + rows[: round_ % len(rows)]
-        for label, mode, choices in order:
-            if choices is None:
-                seconds[label].append(run(name, mode, steps, "off"))
-                continue
+        for mode, processes in order:
             with tempfile.TemporaryDirectory() as folder:
-                cache = os.path.join(folder, "calibrations.json")
-                times = [run(name, mode, steps, cache, choice) for choice in choices]
-            seconds[label].append(times[0])
-            if len(times) > 1:
-                seconds[label.replace("calibrating", "calibrated")].append(times[1])
+                store = os.path.join(folder, "calibrations.json")
+                for label, choice in processes:
+                    cache = store if choice else "off"
+                    seconds[label].append(
+                        run(name, mode, steps, cache, choice or "auto")
+                    )
     return seconds
 
 

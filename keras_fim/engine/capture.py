@@ -251,11 +251,11 @@ class Recorder:
         for call, sink in self.sinks:
             cotangents = []
             for output, cotangent in zip(call.outputs, sink, strict=True):
-                if output is None or cotangent is None:
-                    # no logits; or an output the loss does not reach
-                    cotangents.append(
-                        None if output is None else tf.zeros_like(_widened(output))
-                    )
+                if output is None:  # no logits
+                    cotangents.append(None)
+                    continue
+                if cotangent is None:  # an output the loss does not reach
+                    cotangents.append(tf.zeros_like(_widened(output)))
                     continue
                 cotangent = _widened(tf.convert_to_tensor(cotangent))
                 if scale is not None:
